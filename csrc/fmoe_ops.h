@@ -1,0 +1,71 @@
+// fastmoe_megatron native ops: the one place where their contracts are written down.
+//
+// Every op is registered in the `fmoe` torch library (csrc/registration.cpp holds the schemas and
+// the CPU kernels' registration; csrc/cuda/registration.cpp registers the CUDA kernels for the same
+// schemas). Python wraps them in fastmoe_megatron/ops/, which also holds a pure-PyTorch fallback
+// with the same contracts.
+//
+// Shapes: T tokens, K = top_k, S = T*K token slots (slot s = t*K + j), E experts, N buffer rows.
+// Index tensors are int64. An expert id of -1 marks a dropped slot.
+//
+//   expert_count(idx[any], E)              -> counts[E]          slots per expert, -1 skipped
+//   assign_pos(idx[S], counts[E])          -> (pos[S], inv[S])
+//       pos: the slots grouped by expert, experts in ascending order and, inside an expert, slots in
+//            ascending order (a stable counting sort: deterministic). pos[r] = slot placed at buffer
+//            row r, for r < sum(counts); pos[r] = -1 for the rows after that.
+//       inv: inv[s] = the buffer row of slot s, or -1 when the slot is dropped.
+//   scatter_rows(x[T,D], pos[N], K, w?[S]) -> buf[N,D]
+//       buf[r] = x[pos[r] / K] * (w ? w[pos[r]] : 1); a row with pos[r] < 0 is zero.
+//   gather_rows(buf[N,D], inv[S], K, w?[S])-> y[T,D]        T = S / K
+//       y[t] = sum_j (w ? w[t*K+j] : 1) * buf[inv[t*K+j]], skipping inv < 0; the sum runs over j in
+//       order with fp32 accumulation (deterministic).
+//   gather_weight_grad(gy[T,D], buf[N,D], inv[S], K) -> gw[S]
+//       gw[s] = dot(gy[s / K], buf[inv[s]]), 0 where inv[s] < 0 (fp32 accumulation).
+//   limit_by_capacity(gec[W*E], cap[E], E, W) -> new_gec[W*E]
+//       gec is laid out [W, E]: gec[w*E + e] rows that worker w sends to local expert e. Each expert
+//       grants its capacity to workers in rank order: new[w,e] = min(gec[w,e], cap[e] - granted so far).
+//   prune_gate_by_capacity(idx[T,K], keep[E]) -> new_idx[T,K]
+//       For each expert e keep the first keep[e] slots routed to e, in priority order: all first
+//       choices (j = 0) by token, then all second choices, and so on; later slots become -1.
+//   grouped_mm(x[N,I], w[E,O,I], counts[E] (CPU), bias?[E,O]) -> y[N,O]
+//       rows are grouped by expert, counts[e] rows each, in expert order: y_e = x_e @ w[e]^T + bias[e].
+//       Rows after sum(counts) are zero.
+//   grouped_mm_backward(gy[N,O], x[N,I], w[E,O,I], counts[E] (CPU), mask: bool[3])
+//       -> (gx[N,I], gw[E,O,I], gb[E,O]): gradients of grouped_mm; an output whose mask entry is
+//       false is not computed and comes back as an empty tensor (0 elements).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace fmoe {
+
+using at::Tensor;
+
+// Validation shared by the CPU and CUDA kernels.
+void check_index(const Tensor& t, const char* name);
+int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
+
+namespace cpu {
+Tensor expert_count(const Tensor& idx, int64_t num_expert);
+std::tuple<Tensor, Tensor> assign_pos(const Tensor& idx, const Tensor& counts);
+Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
+                    const c10::optional<Tensor>& weight);
+Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
+                   const c10::optional<Tensor>& weight);
+Tensor gather_weight_grad(const Tensor& grad_out, const Tensor& buf, const Tensor& inv,
+                          int64_t top_k);
+Tensor limit_by_capacity(const Tensor& gec, const Tensor& capacity, int64_t num_expert,
+                         int64_t world_size);
+Tensor prune_gate_by_capacity(const Tensor& idx, const Tensor& keep);
+Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
+                  const c10::optional<Tensor>& bias);
+std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, const Tensor& x,
+                                                       const Tensor& w, const Tensor& counts,
+                                                       std::array<bool, 3> mask);
+}  // namespace cpu
+
+}  // namespace fmoe
