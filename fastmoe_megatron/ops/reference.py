@@ -1,0 +1,113 @@
+"""Pure-PyTorch implementations of the dispatch ops: the fallback when the native ops are not
+built, and the second implementation that the tests hold the native one against.
+
+Same contracts as ``csrc/fmoe_ops.h``. Everything here is differentiable through ordinary torch
+ops and deterministic (no ``index_add_`` on CUDA, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def expert_count(idx: torch.Tensor, num_expert: int) -> torch.Tensor:
+    flat = idx.reshape(-1)
+    kept = flat[flat >= 0]
+    if kept.numel() and int(kept.max()) >= num_expert:
+        raise RuntimeError(f"expert_count: expert id {int(kept.max())} out of range [0, {num_expert})")
+    return torch.bincount(kept, minlength=num_expert).to(torch.int64).cpu()
+
+
+def assign_pos(idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = idx.reshape(-1)
+    n = flat.numel()
+    total = int(counts.sum())
+    # Dropped slots sort last; torch.sort(stable=True) keeps slot order inside each expert.
+    key = torch.where(flat < 0, torch.full_like(flat, counts.numel()), flat)
+    order = torch.sort(key, stable=True).indices
+    pos = torch.where(torch.arange(n, device=flat.device) < total, order, torch.full_like(order, -1))
+    inv = torch.full_like(flat, -1)
+    inv[order[:total]] = torch.arange(total, device=flat.device)
+    return pos, inv
+
+
+def scatter_rows(x: torch.Tensor, pos: torch.Tensor, top_k: int,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    valid = pos >= 0
+    src = torch.where(valid, pos, torch.zeros_like(pos))
+    rows = x.index_select(0, torch.div(src, top_k, rounding_mode="floor"))
+    if weight is not None:
+        rows = rows * weight.reshape(-1).to(x.dtype).index_select(0, src).unsqueeze(1)
+    return rows * valid.unsqueeze(1).to(x.dtype)
+
+
+def gather_rows(buf: torch.Tensor, inv: torch.Tensor, top_k: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    valid = inv >= 0
+    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).float()
+    scale = valid.float()
+    if weight is not None:
+        scale = scale * weight.reshape(-1).float()
+    rows = rows * scale.unsqueeze(1)
+    return rows.view(-1, top_k, buf.shape[1]).sum(1).to(buf.dtype)
+
+
+def gather_weight_grad(grad_out: torch.Tensor, buf: torch.Tensor, inv: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+    valid = inv >= 0
+    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).float()
+    g = grad_out.float().repeat_interleave(top_k, dim=0)
+    return ((rows * g).sum(1) * valid.float()).to(grad_out.dtype)
+
+
+def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int,
+                      world_size: int) -> torch.Tensor:
+    counts = gec.reshape(world_size, num_expert)
+    granted_before = torch.cumsum(counts, 0) - counts  # rows granted to lower ranks, uncapped
+    left = (capacity.to(counts).reshape(1, -1).clamp(min=0) - granted_before).clamp(min=0)
+    return torch.minimum(counts, left).reshape(-1)
+
+
+def prune_gate_by_capacity(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    T, K = idx.shape
+    prio = idx.t().reshape(-1)  # priority order: all j=0 slots by token, then j=1, ...
+    valid = prio >= 0
+    e = torch.where(valid, prio, torch.zeros_like(prio))
+    onehot = torch.nn.functional.one_hot(e, keep.numel()) * valid.unsqueeze(1).to(torch.int64)
+    rank = (torch.cumsum(onehot, 0) - onehot).gather(1, e.unsqueeze(1)).squeeze(1)
+    kept = valid & (rank < keep.to(prio.device).index_select(0, e))
+    out = torch.where(kept, prio, torch.full_like(prio, -1))
+    return out.view(K, T).t().contiguous()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    sizes = [int(c) for c in counts.tolist()]
+    total = sum(sizes)
+    outs = []
+    for e, (xe) in enumerate(torch.split(x[:total], sizes)):
+        y = xe @ weight[e].t()
+        outs.append(y + bias[e] if bias is not None else y)
+    pad = x.new_zeros(x.shape[0] - total, weight.shape[1])
+    return torch.cat(outs + [pad], 0) if outs else pad
+
+
+def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        counts: torch.Tensor, mask: list[bool]):
+    sizes = [int(c) for c in counts.tolist()]
+    total = sum(sizes)
+    none = x.new_empty(0)
+    gx = torch.zeros_like(x) if mask[0] else none
+    gw = torch.zeros_like(weight) if mask[1] else none
+    gb = weight.new_zeros(weight.shape[:2]) if mask[2] else none
+    start = 0
+    for e, n in enumerate(sizes):
+        g, xe = grad_out[start:start + n], x[start:start + n]
+        if mask[0]:
+            gx[start:start + n] = g @ weight[e]
+        if mask[1]:
+            gw[e] = g.t() @ xe
+        if mask[2]:
+            gb[e] = g.sum(0)
+        start += n
+    assert start == total
+    return gx, gw, gb
