@@ -1,0 +1,194 @@
+"""Expert-parallel exchange: counts, rows and slices between workers.
+
+Layouts (W workers in the MoE group, E local experts each, global expert g = w * E + e):
+
+- ``local_count`` [W*E]: rows this worker sends to each global expert, laid out [dest w, e];
+- ``global_count`` [W*E]: rows this worker's experts receive, laid out [source j, e];
+- the send buffer holds rows grouped by global expert (so by destination, then local expert);
+- the receive buffer holds rows grouped by (local expert e, source j), as in FastMoE, so each
+  local expert's rows are one contiguous block for the grouped GEMM.
+
+Back ends: the native NCCL communicator (``ops.nccl``) for CUDA tensors when it is built, else
+``torch.distributed.all_to_all_single`` with split sizes (gloo on the CPU, NCCL on GPUs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_native_comms: dict = {}
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _comm_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _native_comm(group, t: torch.Tensor):
+    """The native NCCL communicator for ``group`` when ``t`` is a CUDA tensor and it is built."""
+    if not t.is_cuda:
+        return None
+    from . import ops
+    from .ops import native
+
+    if ops._forced() == "torch" or not native.cuda_available():
+        return None
+    try:
+        from .ops.nccl import NcclCommunicator
+    except ImportError:
+        return None
+    key = id(group) if group is not None else 0
+    if key not in _native_comms:
+        try:
+            _native_comms[key] = NcclCommunicator(group)
+        except (RuntimeError, AttributeError):
+            _native_comms[key] = None  # NCCL ops not built: stay on torch.distributed
+    return _native_comms[key]
+
+
+def exchange_counts(local_count: torch.Tensor, num_expert: int, group=None) -> torch.Tensor:
+    """All-to-all of per-expert counts: [dest w, e] here -> [source j, e] there. CPU int64."""
+    local_count = local_count.to(torch.int64)
+    device = _comm_device(group)
+    comm = _native_comm(group, local_count.to(device)) if device.type == "cuda" else None
+    if comm is not None:
+        return comm.exchange_counts(local_count.to(device)).cpu()
+    send = local_count.to(device).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.cpu()
+
+
+def _block_perm(count: torch.Tensor, world_size: int, num_expert: int) -> torch.Tensor:
+    """Row permutation that turns a [j, e]-blocked buffer (block sizes ``count`` laid out [j, e])
+    into an [e, j]-blocked one: out[i] = in[perm[i]]."""
+    c = count.reshape(world_size, num_expert)
+    starts = (torch.cumsum(c.reshape(-1), 0) - c.reshape(-1)).reshape(world_size, num_expert)
+    sizes_ej = c.t().reshape(-1)
+    starts_ej = starts.t().reshape(-1)
+    total = int(sizes_ej.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    block_first = torch.repeat_interleave(starts_ej, sizes_ej)
+    block_begin = torch.repeat_interleave(torch.cumsum(sizes_ej, 0) - sizes_ej, sizes_ej)
+    return block_first + (torch.arange(total) - block_begin)
+
+
+def _all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                     group) -> torch.Tensor:
+    device = _comm_device(group)
+    send = rows.to(device).contiguous()
+    recv = send.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    return recv.to(rows.device)
+
+
+def _scatter_impl(buf, local_count, global_count, num_expert, group):
+    W = group_size(group)
+    comm = _native_comm(group, buf)
+    if comm is not None:
+        return comm.global_scatter(buf, local_count, global_count)
+    send_splits = local_count.reshape(W, num_expert).sum(1).tolist()
+    recv_splits = global_count.reshape(W, num_expert).sum(1).tolist()
+    recv = _all_to_all_rows(buf[: sum(send_splits)], send_splits, recv_splits, group)
+    return recv.index_select(0, _block_perm(global_count, W, num_expert).to(recv.device))
+
+
+def _gather_impl(buf, local_count, global_count, num_expert, group):
+    W = group_size(group)
+    comm = _native_comm(group, buf)
+    if comm is not None:
+        return comm.global_gather(buf, local_count, global_count)
+    perm = _block_perm(global_count, W, num_expert).to(buf.device)
+    src_major = torch.empty_like(buf)
+    src_major[perm] = buf  # undo the [e, j] ordering
+    send_splits = global_count.reshape(W, num_expert).sum(1).tolist()
+    recv_splits = local_count.reshape(W, num_expert).sum(1).tolist()
+    return _all_to_all_rows(src_major, send_splits, recv_splits, group)
+
+
+class _GlobalScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf, local_count, global_count, num_expert, group):
+        ctx.args = (local_count, global_count, num_expert, group)
+        ctx.rows = buf.shape[0]
+        return _scatter_impl(buf, local_count, global_count, num_expert, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = _gather_impl(grad.contiguous(), *ctx.args)
+        if g.shape[0] < ctx.rows:
+            g = torch.cat([g, g.new_zeros((ctx.rows - g.shape[0],) + g.shape[1:])])
+        return g, None, None, None, None
+
+
+class _GlobalGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf, local_count, global_count, num_expert, group, out_rows):
+        ctx.args = (local_count, global_count, num_expert, group)
+        out = _gather_impl(buf, local_count, global_count, num_expert, group)
+        if out.shape[0] < out_rows:  # pad back to the local buffer's size (dropped slots)
+            out = torch.cat([out, out.new_zeros((out_rows - out.shape[0],) + out.shape[1:])])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        local_count = ctx.args[0]
+        grad = grad[: int(local_count.sum())].contiguous()
+        return _scatter_impl(grad, *ctx.args), None, None, None, None, None
+
+
+def global_scatter(buf, local_count, global_count, num_expert, group=None):
+    """Rows grouped by global expert -> rows for this worker's experts, grouped (e, source)."""
+    return _GlobalScatter.apply(buf, local_count, global_count, num_expert, group)
+
+
+def global_gather(buf, local_count, global_count, num_expert, group=None, out_rows=None):
+    """Inverse of ``global_scatter``; the result is padded with zero rows to ``out_rows``."""
+    out_rows = int(local_count.sum()) if out_rows is None else out_rows
+    return _GlobalGather.apply(buf, local_count, global_count, num_expert, group, out_rows)
+
+
+# ---------------------------------------------------------------------------- slicing
+
+def slice_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Rows [start, end) of ``n`` that slice ``rank`` of ``size`` routes (sizes differ by <= 1)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _SliceGather(torch.autograd.Function):
+    """All-gather of the slices' outputs. Every worker of the slice group then holds the same full
+    output and runs the same computation on it, so the gradient of its own slice is its share."""
+
+    @staticmethod
+    def forward(ctx, part, n, group):
+        size, rank = group_size(group), group_rank(group)
+        ctx.bounds = slice_bounds(n, size, rank)
+        longest = slice_bounds(n, size, 0)[1]
+        device = _comm_device(group)
+        padded = part.new_zeros((longest,) + part.shape[1:]).to(device)
+        padded[: part.shape[0]] = part.to(device)
+        pieces = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(pieces, padded, group=group)
+        out = [p[: e - s] for p, (s, e) in zip(pieces, (slice_bounds(n, size, r) for r in range(size)))]
+        return torch.cat(out).to(part.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, end = ctx.bounds
+        return grad[start:end], None, None
+
+
+def slice_gather(part: torch.Tensor, n: int, group) -> torch.Tensor:
+    return _SliceGather.apply(part, n, group)

@@ -1,0 +1,190 @@
+"""Data parallelism around MoE layers: grouped gradient reduction, a gradient norm that counts
+every expert once, and aux-loss-free bias updates.
+
+Gradient scaling. Each rank's loss is the mean over its own batch, and the global loss is the mean
+over the ``data_parallel_size`` ranks that hold different batches. The true gradient of any
+parameter is then ``(sum over every copy's local gradient) / data_parallel_size``: dense and gate
+parameters sum over all ranks; an expert sharded over the MoE group already holds the sum over
+that group's ranks (its rows came through the all-to-all), so it sums over its replicas only (the
+expert-data-parallel group, or nothing) and is still divided by ``data_parallel_size``. FastMoE
+skipped that division for experts, so they trained with a gradient ``world_size`` times too big.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+_DEFAULT_TAGS = ("dp", "gate", "moe", "world")
+
+
+def _flat_reduce(tensors: list[torch.Tensor], group, scale: float, device=None):
+    """All-reduces (sum) ``tensors`` in place as one flat buffer per dtype, then scales them."""
+    by_dtype = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        if device is not None:
+            flat = flat.to(device)
+        if group is not False:
+            dist.all_reduce(flat, group=group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        offset = 0
+        for t in ts:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
+class DistributedGroupedDataParallel(nn.Module):
+    """FastMoE's data-parallel wrapper: every parameter is reduced over the group of its
+    ``dp_comm`` tag (untagged parameters count as ``dp``).
+
+    Groups come from ``<tag>_group`` keyword arguments; ``dp``, ``gate``, ``moe`` and ``world``
+    default to the whole world. Parameters tagged ``none`` (experts spread over the MoE group)
+    are never all-reduced. Any other tag needs its group, e.g. experts replicated over an
+    expert-data-parallel group: ``expert_dp_comm="edp"`` on the layer and ``edp_group=...`` here.
+    All gradients are divided by ``data_parallel_size`` (default: the size of the ``dp`` group),
+    see the module docstring. Call ``allreduce_gradients()`` after ``backward()``, or pass
+    ``auto_allreduce=True`` to have it run at the end of every backward pass.
+    """
+
+    def __init__(self, module, auto_allreduce=False, need_sync=True, data_parallel_size=None,
+                 **kwargs):
+        super().__init__()
+        self.module = module
+        self.comms: dict[str, object] = {tag: None for tag in _DEFAULT_TAGS}
+        for key, group in kwargs.items():
+            if not key.endswith("_group"):
+                raise TypeError(f"unexpected keyword argument {key!r} (groups are passed as <tag>_group)")
+            self.comms[key[: -len("_group")]] = group
+        self.data_parallel_size = (data_parallel_size if data_parallel_size is not None
+                                   else dist.get_world_size(self.comms["dp"]))
+        self._check_tags()
+        self.auto_allreduce = auto_allreduce
+        if need_sync:
+            self._sync_params()
+
+    def _tag(self, p) -> str:
+        return getattr(p, "dp_comm", "dp")
+
+    def _check_tags(self):
+        for name, p in self.module.named_parameters():
+            tag = self._tag(p)
+            if tag != "none" and tag not in self.comms:
+                raise ValueError(f"parameter {name} is tagged dp_comm={tag!r} but no {tag}_group "
+                                 f"was given; known tags: none, {', '.join(sorted(self.comms))}")
+
+    def _params_by_tag(self):
+        groups = defaultdict(list)
+        for p in self.module.parameters():
+            groups[self._tag(p)].append(p)
+        return groups
+
+    def _device_for(self, group):
+        return (torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+
+    @torch.no_grad()
+    def _sync_params(self):
+        for tag, params in self._params_by_tag().items():
+            if tag == "none":
+                continue
+            group = self.comms[tag]
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            for p in params:
+                buf = p.data.to(self._device_for(group))
+                dist.broadcast(buf, src, group=group)
+                p.data.copy_(buf)
+
+    @torch.no_grad()
+    def allreduce_gradients(self):
+        scale = 1.0 / self.data_parallel_size
+        for tag, params in self._params_by_tag().items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            group = False if tag == "none" else self.comms[tag]
+            device = None if group is False else self._device_for(group)
+            _flat_reduce(grads, group, scale, device)
+
+    allreduce_params = allreduce_gradients
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        if self.auto_allreduce and torch.is_grad_enabled():
+            queued = []
+
+            def queue(grad):
+                if not queued:  # once per backward, after all gradients are accumulated
+                    queued.append(True)
+                    torch.autograd.Variable._execution_engine.queue_callback(self.allreduce_gradients)
+                return grad
+
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if torch.is_tensor(t) and t.requires_grad:
+                    t.register_hook(queue)
+        return out
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Expert parameters sharded over an MoE group (tagged by ``mark_parallel_comm``)."""
+    return getattr(p, "allreduce", True) is False
+
+
+@torch.no_grad()
+def global_grad_norm(parameters, norm_type: float = 2.0, group=None, expert_dp_group=None) -> torch.Tensor:
+    """The gradient norm of the whole model across ``group`` (default: all ranks), counting every
+    parameter exactly once. Returns the same value on every rank.
+
+    Parameters that are not experts must be identical on every rank (as after data-parallel
+    reduction) and count once; expert parameters (``allreduce is False``) count once per distinct
+    expert: only the rank of index 0 in ``expert_dp_group`` (their replicas) adds them.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    dense = [p.grad for p in params if not is_expert_param(p)]
+    experts = [p.grad for p in params if is_expert_param(p)]
+    owner = expert_dp_group is None or dist.get_rank(expert_dp_group) == 0
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.is_initialized() and dist.get_backend(group) == "nccl" else torch.device("cpu"))
+
+    def part(grads):
+        if norm_type == float("inf"):
+            return max((g.detach().abs().max().float() for g in grads), default=torch.zeros(()))
+        return sum((g.detach().float().norm(norm_type) ** norm_type for g in grads), torch.zeros(()))
+
+    dense_part = part(dense).to(device)
+    expert_part = (part(experts) if owner else torch.zeros(())).to(device)
+    if dist.is_initialized():
+        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        dist.all_reduce(expert_part, op=op, group=group)
+    if norm_type == float("inf"):
+        return torch.maximum(dense_part, expert_part).cpu()
+    return ((dense_part + expert_part) ** (1.0 / norm_type)).cpu()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, group=None,
+                    expert_dp_group=None) -> torch.Tensor:
+    """Clips gradients by ``global_grad_norm``; returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    total = global_grad_norm(params, norm_type, group, expert_dp_group)
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
+def update_expert_biases(module: nn.Module, group=None) -> None:
+    """Applies the aux-loss-free bias update of every gate in ``module`` (call once per step)."""
+    from .gates import BaseGate
+
+    for m in module.modules():
+        if isinstance(m, BaseGate):
+            m.update_expert_bias(group)

@@ -1,0 +1,40 @@
+"""Switch gate (Fedus et al., 2021): top-1 of an fp32 softmax, multiplicative jitter while
+training, capacity per expert enforced over all workers, loss ``sum(frac * prob) * E``."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .naive_gate import NaiveGate
+from .utils import check_capacity, limit_by_capacity
+
+
+class SwitchGate(NaiveGate):
+    def __init__(self, d_model, num_expert, world_size, topk=1, switch_eps=0.1,
+                 capacity=(1.2, 2.4), gate_bias=True, **options):
+        if topk != 1:
+            raise ValueError(f"SwitchGate routes to one expert: topk must be 1, got {topk}")
+        super().__init__(d_model, num_expert, world_size, top_k=1, gate_bias=gate_bias, **options)
+        self.switch_eps = switch_eps
+        self.capacity = check_capacity(capacity)
+
+    def forward(self, inp):
+        logits = self.gate(inp)
+        if self.training and self.switch_eps > 0:
+            jitter = torch.empty_like(logits).uniform_(1.0 - self.switch_eps, 1.0 + self.switch_eps)
+            logits = logits * jitter
+        probs = F.softmax(logits.float(), dim=-1)  # fp32 for stability
+        idx = torch.topk(self.selection_logits(probs), k=1, dim=-1).indices
+        score = probs.gather(1, idx).to(inp.dtype)
+
+        cap_rate = self.capacity[0 if self.training else 1]
+        cap = math.ceil(cap_rate * inp.shape[0] / self.num_expert)
+        _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
+        self.record_load(idx)
+
+        kept = idx[idx >= 0]
+        n = max(1, kept.numel())
+        frac = torch.bincount(kept, minlength=self.tot_expert).float() / n
+        prob = probs.sum(0) / n
+        self.set_loss_with_z((frac * prob).sum() * self.tot_expert, logits)
+        return idx, score

@@ -1,0 +1,227 @@
+"""FMoE, FMoELinear and FMoETransformerMLP: the forward pass of an MoE layer, nothing else.
+
+    x [T, d] -> gate -> (idx [T, K], score [T, K])
+      -> count per expert -> positions (pos, inv)
+      -> scatter: buffer [T*K, d] with rows grouped by expert
+      -> (expert parallel) all-to-all of counts and rows
+      -> experts (grouped GEMM)
+      -> (expert parallel) all-to-all back
+      -> gather: each token's K rows combined with its scores -> [T, d]
+
+A dropped slot (expert id -1, from a capacity limit or random routing) contributes zero, so a
+token whose slots are all dropped gets a zero output (FastMoE's behaviour; add a residual around
+the layer to pass such tokens through).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import comm, ops
+from .gates import NaiveGate
+
+
+class FMoELinear(nn.Module):
+    """``num_expert`` linear layers applied to rows grouped by expert (one grouped GEMM)."""
+
+    def __init__(self, num_expert: int, in_feat: int, out_feat: int, bias: bool = True, rank: int = 0):
+        super().__init__()
+        self.num_expert, self.in_feat, self.out_feat, self.rank = num_expert, in_feat, out_feat, rank
+        self.weight = nn.Parameter(torch.empty(num_expert, out_feat, in_feat))
+        self.bias = nn.Parameter(torch.empty(num_expert, out_feat)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Each expert is initialised like an nn.Linear of the same shape.
+        bound = 1.0 / math.sqrt(self.in_feat) if self.in_feat > 0 else 0.0
+        for e in range(self.num_expert):
+            nn.init.kaiming_uniform_(self.weight.data[e], a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
+        return ops.grouped_linear(inp, self.weight, fwd_expert_count, self.bias)
+
+    def extra_repr(self):
+        return (f"num_expert={self.num_expert}, in_features={self.in_feat}, "
+                f"out_features={self.out_feat}, bias={self.bias is not None}, rank={self.rank}")
+
+
+def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
+    if isinstance(gate, nn.Module):
+        return gate
+    if "gate_bias" in inspect.signature(gate).parameters:
+        return gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
+    return gate(d_model, num_expert, world_size, top_k)
+
+
+class FMoE(nn.Module):
+    """A Mixture-of-Experts layer (FastMoE's constructor and forward contract).
+
+    ``num_expert`` experts live on each of ``world_size`` workers of ``moe_group``; the gate picks
+    among all ``num_expert * world_size``. Workers of ``slice_group`` (alias ``mp_group``) receive
+    the same batch and each route a slice of it. ``expert`` is a constructor (called with
+    ``d_model``) or a list of constructors; ``None`` means the subclass sets ``self.experts``, a
+    fused module called as ``experts(rows, fwd_expert_count)``. Tokens where ``mask`` is nonzero
+    skip the experts; their output is ``mask_dict[mask value]``.
+    """
+
+    def __init__(self, num_expert=32, d_model=1024, world_size=1, mp_group=None, slice_group=None,
+                 moe_group=None, top_k=2, gate=NaiveGate, expert=None, gate_hook=None, mask=None,
+                 mask_dict=None, gate_bias=True):
+        super().__init__()
+        if num_expert < 1:
+            raise ValueError(f"num_expert must be >= 1, got {num_expert}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if moe_group is not None and comm.group_size(moe_group) != world_size:
+            raise ValueError(f"world_size={world_size} but moe_group has "
+                             f"{comm.group_size(moe_group)} ranks")
+        if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(f"world_size={world_size} needs torch.distributed to be initialized")
+        self.num_expert = num_expert
+        self.d_model = d_model
+        self.world_size = world_size
+        if mp_group is not None:
+            if slice_group is not None:
+                raise ValueError("pass slice_group or its deprecated alias mp_group, not both")
+            warnings.warn("mp_group is deprecated; use slice_group", DeprecationWarning, stacklevel=2)
+            slice_group = mp_group
+        self.slice_group = slice_group
+        self.slice_size = comm.group_size(slice_group) if slice_group is not None else 1
+        self.slice_rank = comm.group_rank(slice_group) if slice_group is not None else 0
+        self.moe_group = moe_group
+        self.top_k = top_k
+
+        if isinstance(expert, (list, tuple)):
+            self.experts = nn.ModuleList([e(d_model) for e in expert])
+            self.experts_fused = False
+            self.num_expert = num_expert = len(expert)
+        elif expert is not None:
+            self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
+            self.experts_fused = False
+        else:
+            self.experts_fused = True
+
+        self.gate = _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias)
+        self.gate.moe_group = moe_group
+        self.gate_hook = gate_hook
+        self.mask = mask
+        self.mask_dict = mask_dict
+
+    # ------------------------------------------------------------------ experts
+
+    def expert_fn(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
+        """Runs the local experts on rows grouped by expert (``fwd_expert_count`` rows each)."""
+        if self.experts_fused:
+            return self.experts(inp, fwd_expert_count)
+        sizes = [int(c) for c in fwd_expert_count.tolist()]
+        total = sum(sizes)
+        outs = [expert(part) for expert, part in zip(self.experts, torch.split(inp[:total], sizes))]
+        pad = inp.new_zeros((inp.shape[0] - total,) + tuple(inp.shape[1:]))
+        return torch.cat(outs + [pad]) if outs else pad
+
+    def mark_parallel_comm(self, expert_dp_comm: str = "none"):
+        """Tags parameters for grouped data parallel: experts with ``expert_dp_comm``, the gate
+        with ``gate``. Expert parameters sharded over workers (``world_size > 1``) also get
+        ``allreduce = False``: megatron-core's DDP then reduces them over the expert-data-parallel
+        group only."""
+        if getattr(self, "experts", None) is not None:
+            for p in self.experts.parameters():
+                p.dp_comm = expert_dp_comm
+                if self.world_size > 1:
+                    p.allreduce = False
+        for p in self.gate.parameters():
+            p.dp_comm = "gate"
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, moe_inp: torch.Tensor) -> torch.Tensor:
+        if moe_inp.dim() != 2 or moe_inp.shape[1] != self.d_model:
+            raise ValueError(f"FMoE expects [tokens, d_model={self.d_model}] input, got "
+                             f"{tuple(moe_inp.shape)}")
+        n = moe_inp.shape[0]
+        x = moe_inp
+        if self.slice_size > 1:
+            start, end = comm.slice_bounds(n, self.slice_size, self.slice_rank)
+            x = x[start:end]
+        if self.mask is not None:
+            out = self._forward_masked(x)
+        else:
+            out = self._forward_tokens(x)
+        if self.slice_size > 1:
+            out = comm.slice_gather(out, n, self.slice_group)
+        return out
+
+    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.reshape(-1).to(x.device)
+        if mask.numel() != x.shape[0]:
+            raise ValueError(f"mask has {mask.numel()} entries for {x.shape[0]} tokens")
+        routed = mask == 0
+        out = x.new_zeros(x.shape)
+        out = out.index_put((routed.nonzero().squeeze(1),), self._forward_tokens(x[routed]))
+        for value, fill in (self.mask_dict or {}).items():
+            out[mask == value] = fill.to(out)
+        return out
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        idx, score = self.gate(x)
+        if idx.shape != (x.shape[0], self.top_k) or score.shape != idx.shape:
+            raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
+                               f"{tuple(score.shape)}; expected [{x.shape[0]}, {self.top_k}] each")
+        if self.gate_hook is not None:
+            self.gate_hook(idx, score, None)
+        return self.route(x, idx, score)
+
+    def route(self, x: torch.Tensor, idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Sends each token to its experts and combines their outputs with ``score``."""
+        tot_expert = self.num_expert * self.world_size
+        counts = ops.expert_count(idx, tot_expert)
+        pos, inv = ops.assign_pos(idx, counts)
+        buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
+        local_count = counts.cpu()  # the one host sync: the GEMMs need the block sizes
+        if self.world_size > 1:
+            global_count = comm.exchange_counts(local_count, self.num_expert, self.moe_group)
+            recv = comm.global_scatter(buf, local_count, global_count, self.num_expert, self.moe_group)
+            fwd_expert_count = global_count.view(self.world_size, self.num_expert).sum(0)
+            out = self.expert_fn(recv, fwd_expert_count)
+            buf = comm.global_gather(out, local_count, global_count, self.num_expert,
+                                     self.moe_group, out_rows=buf.shape[0])
+        else:
+            buf = self.expert_fn(buf, local_count)
+        return ops.gather_rows(buf, pos, inv, self.top_k, score)
+
+
+class _Expert(nn.Module):
+    """The fused experts of FMoETransformerMLP: htoh4 -> activation -> h4toh, all experts at once."""
+
+    def __init__(self, num_expert, d_model, d_hidden, activation, rank=0):
+        super().__init__()
+        self.htoh4 = FMoELinear(num_expert, d_model, d_hidden, bias=True, rank=rank)
+        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=True, rank=rank)
+        self.activation = activation
+
+    def forward(self, inp, fwd_expert_count):
+        x = self.htoh4(inp, fwd_expert_count)
+        x = self.activation(x)
+        return self.h4toh(x, fwd_expert_count)
+
+
+class FMoETransformerMLP(FMoE):
+    """The transformer feed-forward block as an MoE; input and output ``[..., d_model]``."""
+
+    def __init__(self, num_expert=32, d_model=1024, d_hidden=4096, activation=torch.nn.GELU(),
+                 expert_dp_comm="none", expert_rank=0, **kwargs):
+        super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
+        self.d_hidden = d_hidden
+        self.experts = _Expert(num_expert, d_model, d_hidden, activation, rank=expert_rank)
+        self.mark_parallel_comm(expert_dp_comm)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        shape = inp.shape
+        out = super().forward(inp.reshape(-1, self.d_model))
+        return out.reshape(shape)
