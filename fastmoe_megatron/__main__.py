@@ -1,0 +1,95 @@
+"""``python -m fastmoe_megatron <command>``: ``info`` (versions and which ops are in use),
+``build`` (compile the native ops ahead of time), ``demo`` (train a small MoE model on CPU)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _nccl_versions() -> tuple[str, str]:
+    import importlib.metadata as md
+
+    import torch
+
+    torch_nccl = "n/a (CPU build of torch)"
+    if torch.version.cuda:
+        try:
+            v = torch.cuda.nccl.version()
+            torch_nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception as exc:  # noqa: BLE001
+            torch_nccl = f"unknown ({exc})"
+    wheel = "not installed"
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-nccl"):
+            wheel = f"{dist.metadata['Name']} {dist.version}"
+    return torch_nccl, wheel
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__, _native, ops
+
+    cpu_ok = _native.load("cpu")
+    cuda_ok = _native.load("cuda")
+    torch_nccl, wheel = _nccl_versions()
+    status = _native.status()
+    print(f"fastmoe_megatron {__version__}")
+    print(f"python            {sys.version.split()[0]}")
+    print(f"torch             {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+          f"GPU available: {torch.cuda.is_available()})")
+    print(f"NCCL (torch)      {torch_nccl}")
+    print(f"NCCL wheel        {wheel}")
+    print(f"native CPU ops    {'built' if cpu_ok else 'not built'}"
+          f"{'' if cpu_ok else ' (' + str(status.get('cpu')) + ')'}")
+    print(f"native CUDA ops   {'built' if cuda_ok else 'not built'}"
+          f"{'' if cuda_ok else ' (' + str(status.get('cuda')) + ')'}")
+    print(f"path in use (CPU) {ops.backend_name('cpu')}")
+    if torch.cuda.is_available():
+        print(f"path in use (GPU) {ops.backend_name('cuda')}")
+    for kind in ("cpu", "cuda"):
+        if f"{kind}_path" in status:
+            print(f"{kind} library       {status[f'{kind}_path']}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    import os
+
+    from . import _native
+
+    os.environ["FMOE_NATIVE"] = "1"
+    if args.cuda:
+        os.environ["FMOE_CUDA_OPS"] = "1"
+    _native.load("cpu")
+    if args.cuda:
+        _native.load("cuda")
+    print("fastmoe_megatron: native ops ready:", ", ".join(
+        k for k, v in _native.status().items() if v is True))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmoe_megatron")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, and which native ops are built and in use")
+    b = sub.add_parser("build", help="compile the native ops now (they are cached)")
+    b.add_argument("--cuda", action="store_true",
+                   help="also compile the CUDA ops, even without a GPU (a compile check)")
+    d = sub.add_parser("demo", help="train a small FMoETransformerMLP model on CPU")
+    from .demo import add_args
+
+    add_args(d)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "build":
+        return cmd_build(args)
+    from .demo import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

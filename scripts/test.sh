@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh), compiles the CUDA ops when nvcc is present (a compile and
+# link check on machines without a GPU), and runs the test suite. Extra arguments go to pytest.
+#   FMOE_SKIP_CUDA_BUILD=1   skip the CUDA compile check
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${FMOE_VENV:-$ROOT/.venv}
+cd "$ROOT"
+bash scripts/setup.sh
+
+if [ "${FMOE_SKIP_CUDA_BUILD:-0}" != 1 ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+  start=$(date +%s)
+  "$VENV/bin/python" -m fastmoe_megatron build --cuda
+  echo "test: CUDA ops compiled and linked in $(( $(date +%s) - start )) s (cached builds load at once)"
+  export FMOE_TEST_CUDA_BUILD=1
+else
+  echo "test: no nvcc (or FMOE_SKIP_CUDA_BUILD=1): skipping the CUDA compile check"
+fi
+
+"$VENV/bin/python" -m fastmoe_megatron info
+exec "$VENV/bin/python" -m pytest tests -q -ra "$@"
