@@ -167,6 +167,25 @@ def slice_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+class _TakeSlice(torch.autograd.Function):
+    """This worker's slice of a batch that every worker of the slice group holds; the backward
+    all-gathers the slices' gradients, so every worker gets the whole input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.n, ctx.group = x.shape[0], group
+        start, end = slice_bounds(x.shape[0], group_size(group), group_rank(group))
+        return x[start:end]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SliceGather.apply(grad.contiguous(), ctx.n, ctx.group), None
+
+
+def take_slice(x: torch.Tensor, group) -> torch.Tensor:
+    return _TakeSlice.apply(x, group)
+
+
 class _SliceGather(torch.autograd.Function):
     """All-gather of the slices' outputs. Every worker of the slice group then holds the same full
     output and runs the same computation on it, so the gradient of its own slice is its share."""

@@ -144,41 +144,50 @@ class FMoE(nn.Module):
         if moe_inp.dim() != 2 or moe_inp.shape[1] != self.d_model:
             raise ValueError(f"FMoE expects [tokens, d_model={self.d_model}] input, got "
                              f"{tuple(moe_inp.shape)}")
-        n = moe_inp.shape[0]
-        x = moe_inp
-        if self.slice_size > 1:
-            start, end = comm.slice_bounds(n, self.slice_size, self.slice_rank)
-            x = x[start:end]
         if self.mask is not None:
-            out = self._forward_masked(x)
-        else:
-            out = self._forward_tokens(x)
+            if self.slice_size > 1:
+                raise NotImplementedError("mask cannot be combined with a slice group")
+            return self._forward_masked(moe_inp)
+        idx, score = self._gate(moe_inp)
         if self.slice_size > 1:
-            out = comm.slice_gather(out, n, self.slice_group)
-        return out
+            return self._forward_sliced(moe_inp, idx, score)
+        return self.route(moe_inp, idx, score)
 
-    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask.reshape(-1).to(x.device)
-        if mask.numel() != x.shape[0]:
-            raise ValueError(f"mask has {mask.numel()} entries for {x.shape[0]} tokens")
-        routed = mask == 0
-        out = x.new_zeros(x.shape)
-        out = out.index_put((routed.nonzero().squeeze(1),), self._forward_tokens(x[routed]))
-        for value, fill in (self.mask_dict or {}).items():
-            out[mask == value] = fill.to(out)
-        return out
-
-    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _gate(self, x: torch.Tensor):
         idx, score = self.gate(x)
         if idx.shape != (x.shape[0], self.top_k) or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
                                f"{tuple(score.shape)}; expected [{x.shape[0]}, {self.top_k}] each")
         if self.gate_hook is not None:
             self.gate_hook(idx, score, None)
-        return self.route(x, idx, score)
+        return idx, score
 
-    def route(self, x: torch.Tensor, idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """Sends each token to its experts and combines their outputs with ``score``."""
+    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.reshape(-1).to(x.device)
+        if mask.numel() != x.shape[0]:
+            raise ValueError(f"mask has {mask.numel()} entries for {x.shape[0]} tokens")
+        routed = mask == 0
+        xr = x[routed]
+        out = x.new_zeros(x.shape)
+        out = out.index_put((routed.nonzero().squeeze(1),), self.route(xr, *self._gate(xr)))
+        for value, fill in (self.mask_dict or {}).items():
+            out[mask == value] = fill.to(out)
+        return out
+
+    def _forward_sliced(self, x, idx, score):
+        """The workers of the slice group hold the same batch. Each runs the gate on all of it
+        (cheap, and the gate's gradients then agree across the group), sends only its slice
+        through the experts, and the slot outputs are all-gathered before the combine."""
+        n, K = x.shape[0], self.top_k
+        start, end = comm.slice_bounds(n, self.slice_size, self.slice_rank)
+        buf, pos, inv = self.expert_rows(comm.take_slice(x, self.slice_group), idx[start:end])
+        slots = ops.gather_rows(buf, pos, inv, 1)  # [slice tokens * K, d]: each slot's output
+        slots = comm.slice_gather(slots.reshape(end - start, K * self.d_model), n, self.slice_group)
+        return (slots.view(n, K, self.d_model) * score.unsqueeze(-1).to(slots.dtype)).sum(1)
+
+    def expert_rows(self, x: torch.Tensor, idx: torch.Tensor):
+        """Runs every slot of ``idx`` [T, K] through its expert. Returns ``(buf, pos, inv)``: the
+        outputs [T*K, d] grouped by expert (zero rows for dropped slots) and the positions."""
         tot_expert = self.num_expert * self.world_size
         counts = ops.expert_count(idx, tot_expert)
         pos, inv = ops.assign_pos(idx, counts)
@@ -193,6 +202,11 @@ class FMoE(nn.Module):
                                      self.moe_group, out_rows=buf.shape[0])
         else:
             buf = self.expert_fn(buf, local_count)
+        return buf, pos, inv
+
+    def route(self, x: torch.Tensor, idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Sends each token to its experts and combines their outputs with ``score``."""
+        buf, pos, inv = self.expert_rows(x, idx)
         return ops.gather_rows(buf, pos, inv, self.top_k, score)
 
 
