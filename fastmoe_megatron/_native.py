@@ -83,21 +83,87 @@ def nccl_paths() -> tuple[list[str], list[str]]:
     return incs, libs
 
 
-def _cuda_flags() -> tuple[list[str], list[str], list[str]]:
-    site_incs = []
-    for base in sys.path:
-        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cublas/include"):
-            p = Path(base) / sub
-            if p.is_dir():
-                site_incs.append(str(p))
+def _is_cuda_home(path) -> bool:
+    """A CUDA toolkit root: has ``bin/nvcc`` and the runtime headers."""
+    if not path:
+        return False
+    p = Path(path)
+    return (p / "bin" / "nvcc").is_file() and (p / "include" / "cuda_runtime_api.h").is_file()
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit to build with: ``CUDA_HOME`` / ``CUDA_PATH`` when set, else the toolkit of
+    the ``nvcc`` on PATH (following symlinks), else ``/usr/local/cuda`` or the newest
+    ``/usr/local/cuda-X.Y``. torch's own guess (the parent of the ``bin/`` that holds ``nvcc``) is
+    wrong when ``nvcc`` is a wrapper script, e.g. ``/usr/local/bin/nvcc``."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands += [Path(nvcc).parent.parent, Path(os.path.realpath(nvcc)).parent.parent]
+    cands.append(Path("/usr/local/cuda"))
+
+    def version(p: Path):
+        try:
+            return tuple(int(x) for x in p.name.split("-", 1)[1].split("."))
+        except ValueError:
+            return ()
+
+    cands += sorted(Path("/usr/local").glob("cuda-*"), key=version, reverse=True)
+    for cand in cands:
+        if _is_cuda_home(cand):
+            return str(cand)
+    return None
+
+
+def _ensure_cuda_home() -> None:
+    """Sets ``CUDA_HOME`` (when the user did not) before ``torch.utils.cpp_extension`` reads it,
+    and corrects the module's guess when it was imported earlier with a wrong one."""
+    found = _find_cuda_home()
+    if found is None:
+        return
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        os.environ["CUDA_HOME"] = found
+    mod = sys.modules.get("torch.utils.cpp_extension")
+    if mod is not None and getattr(mod, "CUDA_HOME", None) != found and _is_cuda_home(found):
+        mod.CUDA_HOME = found
+
+
+def _cuda_flags(cuda_home: str | None = None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``(include_dirs, cxx_flags, nvcc_flags, ldflags)`` for the cuda library.
+
+    - cuBLAS / cuSPARSE / cuSOLVER headers (pulled in by ATen's CUDA headers in the C++ sources)
+      come from the CUDA wheels that torch depends on (``nvidia/cu13/include``, or the cu12-era
+      ``nvidia/*/include`` folders) when the toolkit lacks them. They are added with
+      ``-idirafter`` for the C++ compiler only, so the toolkit's own headers always win and nvcc
+      never mixes two header versions (the .cu sources need only the CUDA runtime headers).
+    - NCCL: the ``nvidia/nccl`` wheel's header, and its ``libnccl.so.2`` linked by path with an
+      rpath; ``FMOE_WITH_NCCL`` is defined only when both are found.
+    """
+    cuda_home = cuda_home or _find_cuda_home()
+    toolkit_has_cublas = bool(cuda_home) and (Path(cuda_home) / "include" / "cublas_v2.h").is_file()
+    after_dirs: list[str] = []
+    if not toolkit_has_cublas:
+        for base in sys.path:
+            for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include",
+                        "nvidia/cublas/include", "nvidia/cusparse/include",
+                        "nvidia/cusolver/include"):
+                p = Path(base) / sub
+                if p.is_dir() and str(p) not in after_dirs:
+                    after_dirs.append(str(p))
     nccl_inc, nccl_lib = nccl_paths()
-    ldflags = []
+    ldflags: list[str] = []
     for lib in nccl_lib:
         so = sorted(glob.glob(os.path.join(lib, "libnccl.so*")))
         if so:
             ldflags += [so[0], f"-Wl,-rpath,{lib}"]
-    cflags = ["-O3", "-DFMOE_WITH_NCCL"] if ldflags else ["-O3"]
-    return site_incs + nccl_inc, cflags, ldflags
+            break
+    defines = ["-DFMOE_WITH_NCCL"] if ldflags and nccl_inc else []
+    cxx_flags = defines + [f for d in after_dirs for f in ("-idirafter", d)]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"] + defines
+    return (nccl_inc if defines else []), cxx_flags, nvcc_flags, ldflags
 
 
 def _build_key(kind: str, flags: list[str]) -> str:
@@ -117,6 +183,7 @@ def _compiler_available() -> bool:
 
 
 def _build(kind: str) -> None:
+    _ensure_cuda_home()  # torch reads CUDA_HOME once, when cpp_extension is first imported
     from torch.utils import cpp_extension
 
     sources = _sources(kind)
@@ -127,15 +194,17 @@ def _build(kind: str) -> None:
     cuda_cflags: list[str] = []
     ldflags: list[str] = []
     if kind == "cuda":
-        if cpp_extension.CUDA_HOME is None:
-            raise RuntimeError("CUDA_HOME is not set and nvcc was not found")
+        _ensure_cuda_home()  # in case cpp_extension was imported before with a wrong guess
+        if not _is_cuda_home(cpp_extension.CUDA_HOME):
+            raise RuntimeError(
+                f"no CUDA toolkit found (CUDA_HOME={cpp_extension.CUDA_HOME!r}); set CUDA_HOME to "
+                "the folder that holds bin/nvcc")
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             # Nothing to detect: build for Hopper only, to keep the compile-only check short.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        incs, cuda_only, ldflags = _cuda_flags()
+        incs, cxx_only, cuda_cflags, ldflags = _cuda_flags(cpp_extension.CUDA_HOME)
         extra_include += incs
-        cflags += [f for f in cuda_only if f != "-O3"]
-        cuda_cflags = cuda_only + ["--expt-relaxed-constexpr"]
+        cflags += cxx_only
     key = _build_key(kind, cflags + cuda_cflags + ldflags)
     name = f"fmoe_{kind}_{key}"
     build_dir = cache_dir() / name
@@ -144,7 +213,7 @@ def _build(kind: str) -> None:
         build_dir.mkdir(parents=True, exist_ok=True)
         print(
             f"fastmoe_megatron: building the native {kind} ops (first use; about "
-            f"{'1' if kind == 'cpu' else '5'}+ min on 2 cores), cached in {build_dir}",
+            f"{'15 s' if kind == 'cpu' else '2 min'} on 2 cores), cached in {build_dir}",
             file=sys.stderr,
             flush=True,
         )

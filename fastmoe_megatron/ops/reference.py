@@ -14,7 +14,7 @@ def expert_count(idx: torch.Tensor, num_expert: int) -> torch.Tensor:
     kept = flat[flat >= 0]
     if kept.numel() and int(kept.max()) >= num_expert:
         raise RuntimeError(f"expert_count: expert id {int(kept.max())} out of range [0, {num_expert})")
-    return torch.bincount(kept, minlength=num_expert).to(torch.int64).cpu()
+    return torch.bincount(kept, minlength=num_expert).to(torch.int64)
 
 
 def assign_pos(idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +43,11 @@ def scatter_rows(x: torch.Tensor, pos: torch.Tensor, top_k: int,
 def gather_rows(buf: torch.Tensor, inv: torch.Tensor, top_k: int,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
     valid = inv >= 0
-    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).float()
-    scale = valid.float()
+    acc = torch.promote_types(buf.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
+    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).to(acc)
+    scale = valid.to(acc)
     if weight is not None:
-        scale = scale * weight.reshape(-1).float()
+        scale = scale * weight.reshape(-1).to(acc)
     rows = rows * scale.unsqueeze(1)
     return rows.view(-1, top_k, buf.shape[1]).sum(1).to(buf.dtype)
 
@@ -54,9 +55,10 @@ def gather_rows(buf: torch.Tensor, inv: torch.Tensor, top_k: int,
 def gather_weight_grad(grad_out: torch.Tensor, buf: torch.Tensor, inv: torch.Tensor,
                        top_k: int) -> torch.Tensor:
     valid = inv >= 0
-    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).float()
-    g = grad_out.float().repeat_interleave(top_k, dim=0)
-    return ((rows * g).sum(1) * valid.float()).to(grad_out.dtype)
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).to(acc)
+    g = grad_out.to(acc).repeat_interleave(top_k, dim=0)
+    return ((rows * g).sum(1) * valid.to(acc)).to(grad_out.dtype)
 
 
 def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int,

@@ -1,0 +1,138 @@
+// CUDA grouped expert GEMM, forward and backward. Contracts in csrc/fmoe_ops.h; the same loop as
+// the CPU kernel (csrc/cpu/grouped_gemm.cpp), one cuBLAS product per non-empty expert through
+// at::mm_out / at::addmm_out on the current stream, each writing straight into its slice of the
+// output (an expert's block is a contiguous row range): no per-expert copies, no full-size
+// temporaries.
+//
+// The block sizes (counts) are needed on the host to slice. They are normally a CPU tensor; a CUDA
+// counts tensor is copied to the host once per call, the op's only host synchronization.
+#include "cuda_ops.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
+
+namespace fmoe {
+namespace cuda {
+
+namespace {
+
+struct Blocks {
+  std::vector<int64_t> start, rows;
+  int64_t total = 0;
+};
+
+Blocks blocks_of(const Tensor& counts, int64_t limit, const char* op) {
+  Blocks b;
+  // The one host sync of the op, and only when the counts live on the GPU.
+  const Tensor host = counts.device().is_cpu() ? counts : counts.to(at::kCPU);
+  b.rows = host_counts(host, limit, op, &b.total);
+  b.start.resize(b.rows.size());
+  int64_t off = 0;
+  for (size_t e = 0; e < b.rows.size(); ++e) {
+    b.start[e] = off;
+    off += b.rows[e];
+  }
+  return b;
+}
+
+void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, in_feat], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 3, op, ": weight must be [num_expert, out_feat, in_feat], got ", w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(2), op, ": x has ", x.size(1), " features but the weight expects ",
+              w.size(2));
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
+              w.scalar_type());
+  check_cuda(x, op, "x");
+  check_same_device(w, x.device(), op, "weight");
+}
+
+}  // namespace
+
+Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
+                  const c10::optional<Tensor>& bias) {
+  check_gemm_args(x, w, "grouped_mm");
+  TORCH_CHECK(counts.numel() == w.size(0), "grouped_mm: counts has ", counts.numel(),
+              " experts but weight has ", w.size(0));
+  c10::cuda::CUDAGuard guard(x.device());
+  const Blocks b = blocks_of(counts, x.size(0), "grouped_mm");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t E = w.size(0), O = w.size(1);
+  auto out = at::empty({x.size(0), O}, x.options());
+  if (b.total < x.size(0)) out.narrow(0, b.total, x.size(0) - b.total).zero_();
+  Tensor bc;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == O,
+                "grouped_mm: bias must be [num_expert, out_feat]");
+    check_same_device(*bias, x.device(), "grouped_mm", "bias");
+    bc = bias->to(x.scalar_type()).contiguous();
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    if (b.rows[e] == 0) continue;
+    auto dst = out.narrow(0, b.start[e], b.rows[e]);
+    auto src = xc.narrow(0, b.start[e], b.rows[e]);
+    if (bc.defined()) {
+      at::addmm_out(dst, bc.select(0, e).unsqueeze(0), src, wc.select(0, e).t());
+    } else {
+      at::mm_out(dst, src, wc.select(0, e).t());
+    }
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, const Tensor& x,
+                                                       const Tensor& w, const Tensor& counts,
+                                                       std::array<bool, 3> mask) {
+  check_gemm_args(x, w, "grouped_mm_backward");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(1),
+              "grouped_mm_backward: grad_out must be [N, out_feat]");
+  TORCH_CHECK(counts.numel() == w.size(0), "grouped_mm_backward: counts has ", counts.numel(),
+              " experts but weight has ", w.size(0));
+  check_same_device(grad_out, x.device(), "grouped_mm_backward", "grad_out");
+  c10::cuda::CUDAGuard guard(x.device());
+  const Blocks b = blocks_of(counts, x.size(0), "grouped_mm_backward");
+  auto gc = grad_out.to(x.scalar_type()).contiguous();
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t E = w.size(0), O = w.size(1);
+  // An output that the mask leaves out is returned empty (0 elements) and not computed.
+  Tensor gx, gw, gb;
+  if (mask[0]) {
+    gx = at::empty_like(xc);
+    if (b.total < x.size(0)) gx.narrow(0, b.total, x.size(0) - b.total).zero_();
+  }
+  if (mask[1]) gw = at::empty_like(wc);
+  if (mask[2]) gb = at::empty({E, O}, wc.options());
+  for (int64_t e = 0; e < E; ++e) {
+    if (b.rows[e] == 0) {
+      if (gw.defined()) gw.select(0, e).zero_();
+      if (gb.defined()) gb.select(0, e).zero_();
+      continue;
+    }
+    auto g = gc.narrow(0, b.start[e], b.rows[e]);
+    if (gx.defined()) {
+      auto dst = gx.narrow(0, b.start[e], b.rows[e]);
+      at::mm_out(dst, g, wc.select(0, e));
+    }
+    if (gw.defined()) {
+      auto dst = gw.select(0, e);
+      at::mm_out(dst, g.t(), xc.narrow(0, b.start[e], b.rows[e]));
+    }
+    if (gb.defined()) {
+      auto dst = gb.select(0, e);
+      at::sum_out(dst, g, {0});
+    }
+  }
+  auto none = at::empty({0}, x.options());
+  return {gx.defined() ? gx : none, gw.defined() ? gw : none, gb.defined() ? gb : none};
+}
+
+}  // namespace cuda
+}  // namespace fmoe
