@@ -241,6 +241,9 @@ def load(kind: str = "cpu") -> bool:
 
     With ``FMOE_NATIVE=auto`` a failure warns once and returns False; with ``1`` it raises.
     """
+    state = _state.get(kind)
+    if state is not None:  # fast path, lock-free, so that torch.compile can trace the op calls
+        return state is True
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
     with _lock:

@@ -19,6 +19,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+def check_top_k(top_k: int, tot_expert: int, name: str = "top_k") -> int:
+    if not 1 <= top_k <= tot_expert:
+        raise ValueError(f"{name}={top_k} must be between 1 and the number of experts "
+                         f"(num_expert * world_size = {tot_expert})")
+    return top_k
+
+
 class BaseGate(nn.Module):
     def __init__(self, num_expert, world_size, *, z_loss_weight: float = 0.0,
                  expert_bias_update_rate: float = 0.0):
@@ -42,11 +49,7 @@ class BaseGate(nn.Module):
             self.register_buffer("expert_load", torch.zeros(self.tot_expert))
 
     def _check_top_k(self, top_k: int, name: str = "top_k") -> int:
-        if not 1 <= top_k <= self.tot_expert:
-            raise ValueError(
-                f"{name}={top_k} must be between 1 and the number of experts "
-                f"(num_expert * world_size = {self.tot_expert})")
-        return top_k
+        return check_top_k(top_k, self.tot_expert, name)
 
     # ------------------------------------------------------------------ loss
 

@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .base_gate import check_top_k
 from .naive_gate import NaiveGate
 from .utils import check_capacity, prune_gate_by_capacity
 
@@ -21,6 +22,7 @@ def gshard_balance_loss(top1_idx, logits, tot_expert):
 class GShardGate(NaiveGate):
     def __init__(self, d_model, num_expert, world_size, topk=2, capacity=(1.2, 2.4),
                  random_routing=True, gate_bias=True, **options):
+        check_top_k(topk, num_expert * world_size, "topk")
         super().__init__(d_model, num_expert, world_size, top_k=topk, gate_bias=gate_bias, **options)
         self.capacity = check_capacity(capacity)
         self.random_routing = random_routing

@@ -71,6 +71,7 @@ class SwipeGate(NaiveGate):
     def forward(self, inp):
         logits = self.gate(inp)
         idx, top = self.route(logits, self.top_k)
+        self.record_load(idx)  # the demand, before rebalancing
         if self.training and self.world_size > 1:
             capacity = inp.shape[0] * self.top_k
             cols = []
@@ -79,6 +80,5 @@ class SwipeGate(NaiveGate):
                 cols.append(col)
             idx = torch.stack(cols, 1)
             top = logits.gather(1, idx)
-        self.record_load(idx)
         self.set_loss_with_z(None, logits)
         return idx, F.softmax(top, dim=-1)

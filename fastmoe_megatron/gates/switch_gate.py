@@ -27,10 +27,10 @@ class SwitchGate(NaiveGate):
         idx = torch.topk(self.selection_logits(probs), k=1, dim=-1).indices
         score = probs.gather(1, idx).to(inp.dtype)
 
+        self.record_load(idx)  # the demand, before the capacity cut (as every gate counts it)
         cap_rate = self.capacity[0 if self.training else 1]
         cap = math.ceil(cap_rate * inp.shape[0] / self.num_expert)
         _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
-        self.record_load(idx)
 
         kept = idx[idx >= 0]
         n = max(1, kept.numel())

@@ -10,6 +10,7 @@ import torch
 
 
 def expert_count(idx: torch.Tensor, num_expert: int) -> torch.Tensor:
+    _check_index(idx, "idx")
     flat = idx.reshape(-1)
     kept = flat[flat >= 0]
     if kept.numel() and int(kept.max()) >= num_expert:
@@ -17,10 +18,20 @@ def expert_count(idx: torch.Tensor, num_expert: int) -> torch.Tensor:
     return torch.bincount(kept, minlength=num_expert).to(torch.int64)
 
 
+def _check_index(t: torch.Tensor, name: str):
+    if t.dtype != torch.int64:
+        raise RuntimeError(f"{name} must be int64, got {t.dtype}")
+
+
 def assign_pos(idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_index(idx, "idx")
     flat = idx.reshape(-1)
     n = flat.numel()
     total = int(counts.sum())
+    actual = expert_count(flat, counts.numel()).to(counts.device)  # also checks the id range
+    if not torch.equal(actual, counts.to(torch.int64)):
+        raise RuntimeError(f"assign_pos: counts {counts.tolist()} do not match the slots routed "
+                           f"to each expert {actual.tolist()}")
     # Dropped slots sort last; torch.sort(stable=True) keeps slot order inside each expert.
     key = torch.where(flat < 0, torch.full_like(flat, counts.numel()), flat)
     order = torch.sort(key, stable=True).indices
@@ -81,9 +92,22 @@ def prune_gate_by_capacity(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     return out.view(K, T).t().contiguous()
 
 
+def _check_blocks(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, op: str) -> list[int]:
+    _check_index(counts, "counts")
+    if weight.dim() != 3 or counts.numel() != weight.shape[0]:
+        raise RuntimeError(f"{op}: counts has {counts.numel()} experts but weight has shape "
+                           f"{tuple(weight.shape)}")
+    if x.dim() != 2 or x.shape[1] != weight.shape[2]:
+        raise RuntimeError(f"{op}: x has shape {tuple(x.shape)}, weight expects {weight.shape[2]} features")
+    sizes = [int(c) for c in counts.tolist()]
+    if min(sizes, default=0) < 0 or sum(sizes) > x.shape[0]:
+        raise RuntimeError(f"{op}: counts {sizes} do not fit {x.shape[0]} rows")
+    return sizes
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    sizes = [int(c) for c in counts.tolist()]
+    sizes = _check_blocks(x, weight, counts, "grouped_mm")
     total = sum(sizes)
     outs = []
     for e, (xe) in enumerate(torch.split(x[:total], sizes)):
@@ -95,7 +119,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 
 def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         counts: torch.Tensor, mask: list[bool]):
-    sizes = [int(c) for c in counts.tolist()]
+    sizes = _check_blocks(x, weight, counts, "grouped_mm_backward")
     total = sum(sizes)
     none = x.new_empty(0)
     gx = torch.zeros_like(x) if mask[0] else none
