@@ -1,0 +1,417 @@
+"""The gates of fastmoe_megatron.gates: output contract, NaiveGate against the brute-force
+reference gate, balance losses against formulas written out here, capacities, the router z-loss,
+aux-loss-free bias balancing, and configuration errors. Single process (world_size 1 unless a
+gate needs no communication)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmoe_megatron
+from fastmoe_megatron import ops
+from fastmoe_megatron.gates import (BaseGate, DCGate, GShardGate, NaiveGate, NoisyGate, SwipeGate,
+                                    SwitchGate, ZeroGate)
+from tests import reference as ref
+
+D, E, T = 8, 4, 24
+
+ALL_GATES = [NaiveGate, NoisyGate, GShardGate, SwitchGate, DCGate, SwipeGate, ZeroGate]
+# Gates whose router is an nn.Linear called ``gate`` (FastMoE's layout).
+LINEAR_GATES = [NaiveGate, GShardGate, SwitchGate, DCGate, SwipeGate]
+
+
+def make_gate(cls, top_k=2, num_expert=E, world_size=1, seed=0, **kw):
+    torch.manual_seed(seed)
+    gate = cls(D, num_expert, world_size, top_k, **kw)
+    if isinstance(gate, NoisyGate):  # zero-initialised like FastMoE's: give it something to route
+        with torch.no_grad():
+            gate.w_gate.normal_()
+            gate.w_noise.normal_(0, 0.1)
+    return gate
+
+
+def x_of(n=T, seed=1, dtype=torch.float32):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def logits_of(gate, x):
+    """The router logits, computed token by token from the gate's weights."""
+    if isinstance(gate, NoisyGate):
+        return ref.logits_of(x, gate.w_gate.t(), None)
+    return ref.logits_of(x, gate.gate.weight, gate.gate.bias)
+
+
+def cases():
+    for cls in ALL_GATES:
+        for k in (1, 2, 3):
+            if cls is SwitchGate and k != 1:
+                continue
+            yield pytest.param(cls, k, id=f"{cls.__name__}-k{k}")
+
+
+# ---------------------------------------------------------------------------- output contract
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("n_tokens", [T, 1, 0])
+@pytest.mark.parametrize("cls,top_k", list(cases()))
+def test_output_contract(cls, top_k, n_tokens, training):
+    gate = make_gate(cls, top_k).train(training)
+    x = x_of(n_tokens)
+    idx, score = gate(x)
+    assert idx.dtype == torch.int64
+    assert idx.shape == (n_tokens, top_k), "idx must be [tokens, top_k] (FastMoE's 1-D idx bug)"
+    assert score.shape == (n_tokens, top_k)
+    assert score.dtype == x.dtype and torch.isfinite(score).all()
+    assert ((idx >= -1) & (idx < E)).all()
+    if cls in (NaiveGate, NoisyGate, SwipeGate):
+        # No capacity: nothing dropped, k distinct experts, scores a softmax over the k.
+        assert (idx >= 0).all()
+        assert all(len(set(row)) == top_k for row in idx.tolist())
+        torch.testing.assert_close(score.sum(1), torch.ones(n_tokens))
+    if cls is ZeroGate:
+        assert (idx == 0).all()
+        torch.testing.assert_close(score, torch.full((n_tokens, top_k), 1.0 / top_k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls", ALL_GATES, ids=lambda c: c.__name__)
+def test_score_dtype_follows_input(cls, dtype):
+    gate = make_gate(cls, 1).to(dtype).eval()
+    idx, score = gate(x_of(dtype=dtype))
+    assert idx.dtype == torch.int64 and score.dtype == dtype
+
+
+def test_zero_gate_top_k_may_exceed_experts():
+    idx, score = ZeroGate(D, 2, 1, top_k=3)(x_of(5))
+    assert idx.shape == (5, 3) and (idx == 0).all()
+
+
+@pytest.mark.parametrize("cls", [NaiveGate, NoisyGate, GShardGate])
+def test_world_size_gives_global_ids(cls):
+    # world_size only widens the router to num_expert * world_size global experts.
+    gate = make_gate(cls, 2, num_expert=3, world_size=2).eval()
+    idx, _ = gate(x_of(64))
+    assert idx.max() < 6 and (idx >= 3).any(), "experts of the second worker are never chosen"
+
+
+# ---------------------------------------------------------------------------- NaiveGate vs reference
+
+@pytest.mark.parametrize("gate_bias", [True, False])
+@pytest.mark.parametrize("num_expert,top_k", [(1, 1), (4, 1), (4, 2), (4, 4), (16, 3)])
+def test_naive_gate_matches_reference(num_expert, top_k, gate_bias):
+    gate = make_gate(NaiveGate, top_k, num_expert=num_expert, gate_bias=gate_bias)
+    assert (gate.gate.bias is not None) == gate_bias
+    x = x_of().requires_grad_(True)
+    idx, score = gate(x)
+    w, b = ref.leaf_copy(gate.gate.weight), ref.leaf_copy(gate.gate.bias)
+    xr = ref.leaf_copy(x)
+    ridx, rscore = ref.naive_gate(xr, w, b, top_k)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(score, rscore, rtol=1e-6, atol=1e-6)
+    gs = torch.randn(score.shape, generator=torch.Generator().manual_seed(2))
+    (score * gs).sum().backward()
+    (rscore * gs).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gate.gate.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+    if gate_bias:
+        torch.testing.assert_close(gate.gate.bias.grad, b.grad, rtol=1e-5, atol=1e-6)
+    # No balance loss (a zero is recorded, as in FastMoE).
+    assert gate.has_loss and float(gate.get_loss()) == 0.0 and not gate.has_loss
+
+
+# ---------------------------------------------------------------------------- balance losses
+
+def softmax_rows(logits):
+    return [torch.softmax(logits[t].double(), 0).tolist() for t in range(logits.shape[0])]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_gshard_loss_by_hand(top_k):
+    gate = make_gate(GShardGate, top_k, capacity=(100.0, 100.0)).eval()
+    x = x_of()
+    idx, _ = gate(x)
+    loss = gate.get_loss()
+    logits = logits_of(gate, x).detach()
+    probs = softmax_rows(logits)
+    first = [max(range(E), key=lambda e: logits[t, e].item()) for t in range(T)]
+    c = [sum(1 for t in range(T) if first[t] == e) / T for e in range(E)]
+    m = [sum(probs[t][e] for t in range(T)) / T for e in range(E)]
+    want = sum(c[e] * m[e] for e in range(E)) / E * E ** 2
+    assert idx[:, 0].tolist() == first
+    assert loss.requires_grad
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("factor", [100.0, 0.6])
+def test_switch_loss_by_hand(factor):
+    """sum_e(frac_e * prob_e) * E with frac_e the share of kept tokens routed to e and prob_e the
+    summed router probability of e, both divided by the number of kept tokens (FastMoE's
+    normalisation; with no drops it is the Switch paper's mean over tokens)."""
+    gate = make_gate(SwitchGate, 1, capacity=(factor, factor)).eval()
+    x = x_of()
+    idx, score = gate(x)
+    loss = gate.get_loss()
+    logits = logits_of(gate, x).detach()
+    probs = softmax_rows(logits)
+    top1 = [max(range(E), key=lambda e: probs[t][e]) for t in range(T)]
+    cap = math.ceil(factor * T / E)
+    kept = ref.prune_by_capacity(torch.tensor(top1).unsqueeze(1), [cap] * E).squeeze(1)
+    assert torch.equal(idx.squeeze(1), kept)
+    n = max(1, int((kept >= 0).sum()))
+    frac = [sum(1 for v in kept.tolist() if v == e) / n for e in range(E)]
+    prob = [sum(probs[t][e] for t in range(T)) / n for e in range(E)]
+    want = sum(frac[e] * prob[e] for e in range(E)) * E
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # The score is the full softmax's probability of the chosen expert (fp32 softmax).
+    for t in range(T):
+        assert score[t, 0].item() == pytest.approx(probs[t][top1[t]], rel=1e-6)
+    if factor < 1:
+        assert (idx < 0).any()
+
+
+def cv2(values):
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return var / (mean ** 2 + 1e-10)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_noisy_gate_eval_loss_by_hand(top_k):
+    """Without noise (eval): cv^2 of the importance (summed gate values) + cv^2 of the load
+    (tokens per expert)."""
+    gate = make_gate(NoisyGate, top_k).eval()
+    x = x_of()
+    idx, score = gate(x)
+    loss = gate.get_loss()
+    ridx, rscore = ref.naive_gate(x, gate.w_gate.t().detach(), None, top_k)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(score, rscore.detach(), rtol=1e-6, atol=1e-6)
+    importance = [0.0] * E
+    load = [0] * E
+    for t in range(T):
+        for j in range(top_k):
+            importance[int(idx[t, j])] += rscore[t, j].item()
+            load[int(idx[t, j])] += 1
+    assert loss.item() == pytest.approx(cv2(importance) + cv2(load), rel=1e-4)
+
+
+def test_noisy_gate_training_loss_differentiable():
+    gate = make_gate(NoisyGate, 2).train()
+    idx, score = gate(x_of())
+    loss = gate.get_loss()
+    assert torch.isfinite(loss)
+    (loss + score.sum()).backward()
+    assert torch.isfinite(gate.w_gate.grad).all() and gate.w_gate.grad.abs().sum() > 0
+    assert torch.isfinite(gate.w_noise.grad).all() and gate.w_noise.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- capacity
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cls,top_k", [(c, k) for c in (GShardGate, DCGate) for k in (1, 2, 3)]
+                         + [(SwitchGate, 1)])
+def test_capacity_respected(cls, top_k, training):
+    factors = (0.5, 0.8)
+    gate = make_gate(cls, top_k, capacity=factors).train(training)
+    if cls is not SwitchGate:
+        gate.random_routing = False
+    x = x_of()
+    idx, _ = gate(x)
+    f = factors[0 if training else 1]
+    cap = {GShardGate: math.ceil(f * T) * top_k // E,           # per expert, this worker
+           DCGate: math.ceil(f * T * top_k / E),                # per local expert, all workers
+           SwitchGate: math.ceil(f * T / E)}[cls]
+    counts = torch.bincount(idx[idx >= 0], minlength=E)
+    assert (counts <= cap).all(), f"counts {counts.tolist()} exceed capacity {cap}"
+    if cls is not SwitchGate or not training:
+        # Without jitter the choice is deterministic: the kept slots are exactly the first `cap`
+        # of each expert in priority order (all first choices, then second choices, ...).
+        raw = ref.naive_gate(x, gate.gate.weight.detach(), gate.gate.bias.detach(), top_k)[0]
+        assert torch.equal(idx, ref.prune_by_capacity(raw, [cap] * E))
+
+
+def test_gshard_random_routing():
+    """Training: the second choice is dropped where 2 * p2 < U(0, 1), and only then."""
+    gate = make_gate(GShardGate, 2, capacity=(100.0, 100.0), random_routing=True).train()
+    x = x_of(200)
+    torch.manual_seed(123)
+    idx, score = gate(x)
+    torch.manual_seed(123)
+    u = torch.rand(200)  # the gate's only random draw
+    dropped = idx[:, 1] < 0
+    assert torch.equal(dropped, 2 * score[:, 1].detach() < u)
+    assert dropped.any() and not dropped.all()
+    assert (idx[:, 0] >= 0).all()
+    gate.eval()
+    assert (gate(x)[0] >= 0).all(), "no random routing in eval mode"
+
+
+# ---------------------------------------------------------------------------- z-loss
+
+@pytest.mark.parametrize("cls", LINEAR_GATES + [NoisyGate])
+def test_z_loss(cls):
+    weight = 0.01
+    top_k = 1 if cls is SwitchGate else 2
+    base = make_gate(cls, top_k, seed=4).eval()
+    withz = make_gate(cls, top_k, seed=4, z_loss_weight=weight).eval()
+    x = x_of()
+    base(x)
+    withz(x)
+    logits = logits_of(withz, x).detach().double()
+    lse2 = [torch.logsumexp(logits[t], 0).item() ** 2 for t in range(T)]
+    want_z = weight * sum(lse2) / T
+    loss0, loss = base.get_loss(), withz.get_loss()
+    assert (loss - loss0).item() == pytest.approx(want_z, rel=1e-4)
+    assert not withz.has_loss, "get_loss() clears by default"
+    loss.backward()
+    w = withz.w_gate if cls is NoisyGate else withz.gate.weight
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_z_loss_gradient_by_autograd():
+    """NaiveGate has no other loss: the gradient of get_loss() is that of weight*mean(lse^2)."""
+    gate = make_gate(NaiveGate, 2, z_loss_weight=0.1)
+    x = x_of()
+    gate(x)
+    gate.get_loss().backward()
+    w, b = ref.leaf_copy(gate.gate.weight), ref.leaf_copy(gate.gate.bias)
+    logits = ref.logits_of(x, w, b)
+    z = 0.1 * torch.stack([torch.logsumexp(logits[t], 0) ** 2 for t in range(T)]).mean()
+    z.backward()
+    torch.testing.assert_close(gate.gate.weight.grad, w.grad)
+    torch.testing.assert_close(gate.gate.bias.grad, b.grad)
+
+
+def test_z_loss_empty_batch():
+    gate = make_gate(NaiveGate, 2, z_loss_weight=0.1)
+    gate(x_of(0))
+    loss = gate.get_loss()
+    assert loss is not None and loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------- aux-loss-free bias
+
+BIAS_GATES = [NaiveGate, GShardGate, SwitchGate, DCGate, SwipeGate, NoisyGate]
+
+
+@pytest.mark.parametrize("cls", BIAS_GATES)
+def test_expert_bias_affects_selection_only(cls):
+    top_k = 1 if cls is SwitchGate else 2
+    kw = {"capacity": (100.0, 100.0)} if cls in (GShardGate, DCGate, SwitchGate) else {}
+    gate = make_gate(cls, top_k, expert_bias_update_rate=0.1, **kw).eval()
+    assert "expert_bias" in dict(gate.named_buffers()) and "expert_bias" not in dict(gate.named_parameters())
+    x = x_of()
+    gate.expert_bias[2] = 100.0  # expert 2 wins every first choice
+    idx, score = gate(x)
+    assert (idx[:, 0] == 2).all()
+    logits = logits_of(gate, x).detach()
+    for t in range(T):
+        chosen = logits[t, idx[t]]
+        if cls is SwitchGate:  # the full softmax's probability, unbiased
+            want = torch.softmax(logits[t], 0)[idx[t]]
+        else:                  # softmax over the k chosen, unbiased
+            want = torch.softmax(chosen, 0)
+        torch.testing.assert_close(score[t].detach(), want, rtol=1e-5, atol=1e-6)
+    # The remaining choices still follow the unbiased logits.
+    if top_k > 1 and cls is not NoisyGate:
+        second = [max((e for e in range(E) if e != 2), key=lambda e: logits[t, e].item()) for t in range(T)]
+        assert idx[:, 1].tolist() == second
+
+
+def test_update_expert_bias_moves_toward_balance():
+    assert not torch.distributed.is_initialized()
+    rate = 0.05
+    gate = make_gate(NaiveGate, 1, expert_bias_update_rate=rate).train()
+    x = x_of(40)
+    gate.expert_bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # expert 0 takes everything
+    idx, _ = gate(x)
+    assert (idx == 0).all()
+    assert gate.expert_load.tolist() == [40, 0, 0, 0]
+    gate(x)  # loads accumulate until the update
+    assert gate.expert_load.tolist() == [80, 0, 0, 0]
+    fastmoe_megatron.update_expert_biases(torch.nn.Sequential(gate))
+    # Overloaded expert 0 goes down by the rate, the idle ones go up by it; the load resets.
+    torch.testing.assert_close(gate.expert_bias, torch.tensor([5.0 - rate, rate, rate, rate]))
+    assert gate.expert_load.tolist() == [0, 0, 0, 0]
+    # No load since the last update: nothing moves.
+    gate.update_expert_bias()
+    torch.testing.assert_close(gate.expert_bias, torch.tensor([5.0 - rate, rate, rate, rate]))
+
+
+@pytest.mark.parametrize("cls", BIAS_GATES)
+def test_expert_load_counted_in_training_only(cls):
+    # Large capacity (no drops): GShard/DC count the router's choices before the capacity cut and
+    # Switch after it, so only a drop-free case pins the same number for every gate.
+    top_k = 1 if cls is SwitchGate else 2
+    kw = {"capacity": (100.0, 100.0)} if cls in (GShardGate, DCGate, SwitchGate) else {}
+    gate = make_gate(cls, top_k, expert_bias_update_rate=0.1, **kw).train()
+    if hasattr(gate, "random_routing"):
+        gate.random_routing = False
+    idx, _ = gate(x_of())
+    assert (idx >= 0).all()
+    want = torch.bincount(idx.reshape(-1), minlength=E).float()
+    assert torch.equal(gate.expert_load, want)
+    gate.eval()
+    gate(x_of(seed=5))
+    assert torch.equal(gate.expert_load, want), "eval mode must not count load"
+
+
+def test_balanced_load_keeps_bias():
+    gate = make_gate(NaiveGate, 1, expert_bias_update_rate=0.1)
+    gate.expert_load.copy_(torch.tensor([3.0, 3.0, 3.0, 3.0]))
+    gate.update_expert_bias()
+    assert gate.expert_bias.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------- configuration errors
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: NaiveGate(D, 2, 1, top_k=3), "top_k"),
+    (lambda: NaiveGate(D, 2, 2, top_k=5), "top_k"),
+    (lambda: NaiveGate(D, 4, 1, top_k=0), "top_k"),
+    (lambda: NoisyGate(D, 2, 1, top_k=3), "top_k"),
+    (lambda: SwipeGate(D, 2, 1, top_k=3), "top_k"),
+    (lambda: GShardGate(D, 2, 1, topk=3), "top_?k"),
+    (lambda: DCGate(D, 1, 1, topk=2), "top_?k"),
+    (lambda: ZeroGate(D, 2, 1, top_k=0), "top_k"),
+    (lambda: SwitchGate(D, 4, 1, topk=2), "topk"),
+    (lambda: SwitchGate(D, 4, 1, topk=0), "topk"),
+    (lambda: GShardGate(D, 4, 1, capacity=(0.0, 1.0)), "capacity"),
+    (lambda: GShardGate(D, 4, 1, capacity=(1.0, -2.0)), "capacity"),
+    (lambda: SwitchGate(D, 4, 1, capacity=(-1.0, 1.0)), "capacity"),
+    (lambda: DCGate(D, 4, 1, capacity=(1.0, 0)), "capacity"),
+    (lambda: GShardGate(D, 4, 1, capacity=1.2), "capacity"),
+    (lambda: NaiveGate(D, 0, 1), "num_expert"),
+    (lambda: NaiveGate(D, 4, 0), "world_size"),
+    (lambda: NaiveGate(D, 4, 1, z_loss_weight=-1.0), "z_loss_weight"),
+    (lambda: NaiveGate(D, 4, 1, expert_bias_update_rate=-0.1), "expert_bias_update_rate"),
+    (lambda: fastmoe_megatron.FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=4, top_k=3), "top_k"),
+])
+def test_invalid_config(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_gate_interface():
+    gate = make_gate(NaiveGate)
+    assert isinstance(gate, BaseGate) and not gate.has_loss
+    gate.set_loss(torch.tensor(2.0))
+    assert gate.has_loss
+    assert float(gate.get_loss(clear=False)) == 2.0 and gate.has_loss
+    assert float(gate.get_loss()) == 2.0 and not gate.has_loss and gate.get_loss() is None
+
+
+@pytest.mark.parametrize("cls,top_k", [(GShardGate, 2), (DCGate, 3), (SwitchGate, 1)])
+def test_capacity_gates_same_on_both_backends(cls, top_k):
+    """Capacity gates call the index ops: both back ends give the same routing."""
+    x = x_of()
+    out = {}
+    for backend in ("native", "torch"):
+        with ops.use_backend(backend):
+            gate = make_gate(cls, top_k, capacity=(0.5, 0.5)).eval()
+            out[backend] = gate(x)[0]
+    assert (out["native"] < 0).any()
+    assert torch.equal(out["native"], out["torch"])
