@@ -1,0 +1,186 @@
+"""Worker bodies of the expert-parallel tests (run in gloo processes by tests/dist_utils.py).
+
+Every rank builds the same one-process reference model holding all global experts (same seed),
+and the expert-parallel model whose experts are its slice of them. The reference sees the tokens
+of all ranks at once; its loss is the mean of the ranks' losses, which is what data-parallel
+training optimises. Every comparison runs inside the worker; a mismatch raises there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastmoe_megatron import DistributedGroupedDataParallel, FMoETransformerMLP
+from fastmoe_megatron.distributed import global_grad_norm
+from fastmoe_megatron.gates import NaiveGate
+
+D_MODEL, D_HIDDEN, TOP_K = 16, 24, 2
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def layout(world, ep):
+    """(ep_group, edp_group, ep_rank, edp_rank) for ranks laid out [edp, ep]."""
+    rank = dist.get_rank()
+    ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
+    edp_groups = [dist.new_group(list(range(r, world, ep))) for r in range(ep)]
+    return ep_groups[rank // ep], edp_groups[rank % ep], rank % ep, rank // ep
+
+
+def tokens_per_rank(world, zero_rank):
+    counts = [5 + 3 * r for r in range(world)]
+    if zero_rank is not None:
+        counts[zero_rank] = 0
+    return counts
+
+
+def make_models(world, ep, e_local, ep_group, ep_rank, gate=NaiveGate, top_k=TOP_K):
+    torch.manual_seed(0)
+    ref = FMoETransformerMLP(num_expert=e_local * ep, d_model=D_MODEL, d_hidden=D_HIDDEN,
+                             top_k=top_k, gate=gate)
+    model = FMoETransformerMLP(num_expert=e_local, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=top_k,
+                               gate=gate, world_size=ep, moe_group=ep_group,
+                               expert_dp_comm="edp" if world > ep else "none")
+    sl = slice(ep_rank * e_local, (ep_rank + 1) * e_local)
+    with torch.no_grad():
+        model.gate.load_state_dict(ref.gate.state_dict())
+        for name, p in model.experts.named_parameters():
+            p.copy_(dict(ref.experts.named_parameters())[name][sl])
+    return ref, model
+
+
+def batch(world, counts, step):
+    """Every rank's tokens and loss weights; the same on all ranks (seeded by step)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    xs = [torch.randn(n, D_MODEL, generator=g) for n in counts]
+    ws = [torch.randn(n, D_MODEL, generator=g) for n in counts]
+    return xs, ws
+
+
+def reference_step(ref, xs, ws):
+    x_all = torch.cat(xs).requires_grad_(True)
+    y_all = ref(x_all)
+    world = len(xs)
+    loss = sum((y * w).sum() for y, w in zip(torch.split(y_all, [x.shape[0] for x in xs]), ws)) / world
+    loss.backward()
+    return y_all.detach(), x_all.grad
+
+
+def check(name, actual, expected, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def equal_on_all_ranks(value: torch.Tensor, name: str):
+    gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, value)
+    for r, v in enumerate(gathered):
+        assert torch.equal(v, gathered[0]), f"{name} differs between rank 0 and rank {r}: {gathered}"
+
+
+def forward_backward(rank, world, ep, e_local, zero_rank):
+    ep_group, edp_group, ep_rank, _ = layout(world, ep)
+    ref, model = make_models(world, ep, e_local, ep_group, ep_rank)
+    counts = tokens_per_rank(world, zero_rank)
+    xs, ws = batch(world, counts, 0)
+    ddp = DistributedGroupedDataParallel(model, edp_group=edp_group, data_parallel_size=world)
+
+    x = xs[rank].clone().requires_grad_(True)
+    y = ddp(x)
+    (y * ws[rank]).sum().backward()
+    ddp.allreduce_gradients()
+
+    y_ref, gx_ref = reference_step(ref, xs, ws)
+    start = sum(counts[:rank])
+    rows = slice(start, start + counts[rank])
+    check("output", y.detach(), y_ref[rows])
+    # The reference's input gradient carries the 1/world of the mean loss.
+    check("input grad", x.grad * (1.0 / world), gx_ref[rows])
+    for name, p in model.gate.named_parameters():
+        check(f"gate.{name} grad", p.grad, dict(ref.gate.named_parameters())[name].grad)
+    sl = slice(ep_rank * e_local, (ep_rank + 1) * e_local)
+    for name, p in model.experts.named_parameters():
+        check(f"experts.{name} grad", p.grad, dict(ref.experts.named_parameters())[name].grad[sl])
+
+    norm = global_grad_norm(model.parameters(), expert_dp_group=edp_group if world > ep else None)
+    ref_norm = torch.linalg.vector_norm(torch.stack(
+        [p.grad.float().norm() for p in ref.parameters() if p.grad is not None]))
+    check("grad norm", norm, ref_norm)
+    equal_on_all_ranks(norm.reshape(1), "grad norm")
+    return {"tokens": counts[rank], "norm": float(norm)}
+
+
+def sgd_steps(rank, world, ep, e_local, steps):
+    ep_group, edp_group, ep_rank, _ = layout(world, ep)
+    ref, model = make_models(world, ep, e_local, ep_group, ep_rank)
+    ddp = DistributedGroupedDataParallel(model, edp_group=edp_group, data_parallel_size=world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    counts = tokens_per_rank(world, None)
+    for step in range(steps):
+        xs, ws = batch(world, counts, step)
+        opt.zero_grad()
+        (ddp(xs[rank]) * ws[rank]).sum().backward()
+        ddp.allreduce_gradients()
+        opt.step()
+        ref_opt.zero_grad()
+        reference_step(ref, xs, ws)
+        ref_opt.step()
+    for name, p in model.gate.named_parameters():
+        check(f"gate.{name} after {steps} steps", p.detach(), dict(ref.gate.named_parameters())[name].detach(),
+              rtol=1e-4, atol=1e-4)
+    sl = slice(ep_rank * e_local, (ep_rank + 1) * e_local)
+    for name, p in model.experts.named_parameters():
+        check(f"experts.{name} after {steps} steps", p.detach(),
+              dict(ref.experts.named_parameters())[name].detach()[sl], rtol=1e-4, atol=1e-4)
+    return True
+
+
+def slice_group_matches_full(rank, world):
+    """Workers of a slice group share one batch and each send a slice through the experts. Every
+    worker must end with the unsliced model's output and input gradient; the gate's gradients
+    agree without any reduction, and the experts' sum over the group."""
+    torch.manual_seed(0)
+    model = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K,
+                               slice_group=dist.group.WORLD, expert_dp_comm="slice")
+    torch.manual_seed(0)
+    ref = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K)
+    solo = dist.new_group([rank], use_local_synchronization=True)
+    ddp = DistributedGroupedDataParallel(model, dp_group=solo, gate_group=solo,
+                                         slice_group=dist.group.WORLD, data_parallel_size=1)
+    x, w = batch(1, [11], 0)
+    xr = x[0].clone().requires_grad_(True)
+    y = ddp(xr)
+    (y * w[0]).sum().backward()
+    ddp.allreduce_gradients()
+    xf = x[0].clone().requires_grad_(True)
+    y_ref = ref(xf)
+    (y_ref * w[0]).sum().backward()
+    check("sliced output", y.detach(), y_ref.detach())
+    check("sliced input grad", xr.grad, xf.grad)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        check(f"sliced {name} grad", p.grad, q.grad)
+    return True
+
+
+def capacity_is_global(rank, world, e_local, cap):
+    """limit_by_capacity: each expert accepts at most `cap` rows over all ranks, granted in rank
+    order, each rank keeping its first choices first; all ranks agree."""
+    from fastmoe_megatron.gates.utils import limit_by_capacity
+
+    E = e_local * world
+    g = torch.Generator().manual_seed(7)
+    all_idx = [torch.randint(-1, E, (6 + 2 * r, 2), generator=g) for r in range(world)]
+    lec, gec, new_idx = limit_by_capacity(all_idx[rank].clone(), e_local, world, cap)
+    # Brute force over every rank's choices.
+    granted = torch.zeros(E, dtype=torch.int64)
+    expected = []
+    for r in range(world):
+        out = torch.full_like(all_idx[r], -1)
+        for j in range(all_idx[r].shape[1]):
+            for t in range(all_idx[r].shape[0]):
+                e = int(all_idx[r][t, j])
+                if e >= 0 and granted[e] < cap:
+                    granted[e] += 1
+                    out[t, j] = e
+        expected.append(out)
+    assert torch.equal(new_idx, expected[rank]), f"rank {rank}: {new_idx} != {expected[rank]}"
+    return True
