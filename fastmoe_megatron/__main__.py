@@ -41,16 +41,22 @@ def cmd_info(args) -> int:
           f"GPU available: {torch.cuda.is_available()})")
     print(f"NCCL (torch)      {torch_nccl}")
     print(f"NCCL wheel        {wheel}")
-    print(f"native CPU ops    {'built' if cpu_ok else 'not built'}"
-          f"{'' if cpu_ok else ' (' + str(status.get('cpu')) + ')'}")
-    print(f"native CUDA ops   {'built' if cuda_ok else 'not built'}"
-          f"{'' if cuda_ok else ' (' + str(status.get('cuda')) + ')'}")
+    for kind, ok in (("CPU", cpu_ok), ("CUDA", cuda_ok)):
+        cached = _native.cached_library(kind.lower())
+        if ok:
+            line = "built and loaded"
+        elif cached is not None:
+            line = f"built, not loaded ({status.get(kind.lower())})"
+        else:
+            line = f"not built ({status.get(kind.lower())})"
+        print(f"native {kind + ' ops':<11}{line}")
     print(f"path in use (CPU) {ops.backend_name('cpu')}")
     if torch.cuda.is_available():
         print(f"path in use (GPU) {ops.backend_name('cuda')}")
     for kind in ("cpu", "cuda"):
-        if f"{kind}_path" in status:
-            print(f"{kind} library       {status[f'{kind}_path']}")
+        path = status.get(f"{kind}_path") or _native.cached_library(kind)
+        if path:
+            print(f"{kind} library{' ' * (8 - len(kind))}{path}")
     return 0
 
 

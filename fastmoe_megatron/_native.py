@@ -182,7 +182,8 @@ def _compiler_available() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-def _build(kind: str) -> None:
+def _plan(kind: str) -> dict:
+    """Sources, flags and the cached library path of ``kind``'s build (nothing is compiled)."""
     _ensure_cuda_home()  # torch reads CUDA_HOME once, when cpp_extension is first imported
     from torch.utils import cpp_extension
 
@@ -205,10 +206,26 @@ def _build(kind: str) -> None:
         incs, cxx_only, cuda_cflags, ldflags = _cuda_flags(cpp_extension.CUDA_HOME)
         extra_include += incs
         cflags += cxx_only
-    key = _build_key(kind, cflags + cuda_cflags + ldflags)
-    name = f"fmoe_{kind}_{key}"
+    name = f"fmoe_{kind}_{_build_key(kind, cflags + cuda_cflags + ldflags)}"
     build_dir = cache_dir() / name
-    lib = build_dir / f"{name}.so"
+    return dict(name=name, build_dir=build_dir, lib=build_dir / f"{name}.so", sources=sources,
+                cflags=cflags, cuda_cflags=cuda_cflags, ldflags=ldflags, include=extra_include)
+
+
+def cached_library(kind: str) -> Path | None:
+    """The built library of ``kind`` for the current sources, if it is in the cache."""
+    try:
+        lib = _plan(kind)["lib"]
+    except (RuntimeError, FileNotFoundError):
+        return None
+    return lib if lib.is_file() else None
+
+
+def _build(kind: str) -> None:
+    from torch.utils import cpp_extension
+
+    plan = _plan(kind)
+    lib, build_dir = plan["lib"], plan["build_dir"]
     if not lib.is_file():
         build_dir.mkdir(parents=True, exist_ok=True)
         print(
@@ -219,12 +236,12 @@ def _build(kind: str) -> None:
         )
         t0 = time.time()
         cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=cflags,
-            extra_cuda_cflags=cuda_cflags,
-            extra_ldflags=ldflags,
-            extra_include_paths=extra_include,
+            name=plan["name"],
+            sources=[str(s) for s in plan["sources"]],
+            extra_cflags=plan["cflags"],
+            extra_cuda_cflags=plan["cuda_cflags"],
+            extra_ldflags=plan["ldflags"],
+            extra_include_paths=plan["include"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=os.environ.get("FMOE_BUILD_VERBOSE") == "1",
@@ -261,7 +278,7 @@ def _load_locked(kind: str) -> bool:
     if kind == "cuda":
         cuda_mode = _env("FMOE_CUDA_OPS")
         if cuda_mode == "0" or (cuda_mode == "auto" and not torch.cuda.is_available()):
-            _state[kind] = "not built: " + (
+            _state[kind] = "skipped: " + (
                 "FMOE_CUDA_OPS=0" if cuda_mode == "0" else "CUDA is not available")
             return False
         required = required or cuda_mode == "1"
