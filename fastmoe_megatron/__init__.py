@@ -4,10 +4,11 @@ from there."""
 from . import gates
 from .distributed import DistributedGroupedDataParallel, update_expert_biases
 from .layers import FMoE, FMoELinear, FMoETransformerMLP
+from .moefy import moefy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FMoE", "FMoELinear", "FMoETransformerMLP", "DistributedGroupedDataParallel",
-    "update_expert_biases", "gates",
+    "update_expert_biases", "moefy", "gates",
 ]
