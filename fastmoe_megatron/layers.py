@@ -110,6 +110,7 @@ class FMoE(nn.Module):
         self.gate = _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias)
         self.gate.moe_group = moe_group
         self.gate_hook = gate_hook
+        self.last_expert_count = None
         self.mask = mask
         self.mask_dict = mask_dict
 
@@ -193,6 +194,7 @@ class FMoE(nn.Module):
         pos, inv = ops.assign_pos(idx, counts)
         buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
         local_count = counts.cpu()  # the one host sync: the GEMMs need the block sizes
+        self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
             global_count = comm.exchange_counts(local_count, self.num_expert, self.moe_group)
             recv = comm.global_scatter(buf, local_count, global_count, self.num_expert, self.moe_group)

@@ -1,0 +1,67 @@
+"""The ``--fmoefy`` flags, for our ``pretrain_gpt`` and for Megatron-LM's own parser.
+
+FastMoE's flags keep their names, except one: FastMoE's ``--num-experts`` is Megatron's flag for
+its own MoE (``TransformerConfig.num_moe_experts``), so the expert count is
+``--fmoe-num-experts`` only (FastMoE accepted both).
+
+| flag | default | meaning |
+|---|---|---|
+| ``--fmoefy`` | off | replace every transformer layer's MLP with an MoE layer |
+| ``--fmoe-num-experts N`` | required with --fmoefy | experts per layer, over all expert-parallel ranks |
+| ``--top-k K`` | 2 | experts per token |
+| ``--balance-strategy S`` | naive | gate: naive, noisy, gshard, switch, dc, swipe |
+| ``--balance-loss-weight W`` | 1.0 | weight of the gates' balance loss in the training loss |
+| ``--hidden-hidden-size H`` | ffn hidden size | width of each expert's hidden layer |
+| ``--fmoe-capacity-factor F`` | the gate's | capacity factor (gshard, switch, dc): (train, eval) = (F, 2F) |
+| ``--fmoe-z-loss-weight W`` | 0 | router z-loss weight |
+| ``--fmoe-expert-bias-update-rate R`` | 0 | aux-loss-free balancing: expert bias step per iteration |
+
+Experts are spread over ``--expert-model-parallel-size`` ranks (default with --fmoefy: the whole
+data-parallel group, as FastMoE does), with expert-data-parallel replicas over the rest.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .layer import CAPACITY_GATES, GATES, FMoEConfig
+
+
+def add_fmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("fastmoe-megatron (MoE through --fmoefy)")
+    g.add_argument("--fmoefy", action="store_true",
+                   help="replace every transformer layer's MLP with a fastmoe_megatron MoE layer")
+    g.add_argument("--fmoe-num-experts", type=int, default=None,
+                   help="experts per layer over all expert-parallel ranks (FastMoE's --num-experts; "
+                        "renamed because Megatron's --num-experts is its own MoE)")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    g.add_argument("--balance-strategy", default="naive", choices=sorted(GATES),
+                   help="the gate (default naive: top-k softmax, no balance loss)")
+    g.add_argument("--balance-loss-weight", type=float, default=1.0,
+                   help="weight of the balance loss added to the training loss (default 1)")
+    g.add_argument("--hidden-hidden-size", type=int, default=None,
+                   help="hidden width of each expert (default: --ffn-hidden-size)")
+    g.add_argument("--fmoe-capacity-factor", type=float, default=None,
+                   help=f"capacity factor for the {', '.join(CAPACITY_GATES)} gates "
+                        "(train F, eval 2F; default: the gate's own)")
+    g.add_argument("--fmoe-z-loss-weight", type=float, default=0.0, help="router z-loss weight")
+    g.add_argument("--fmoe-expert-bias-update-rate", type=float, default=0.0,
+                   help="aux-loss-free balancing: per-iteration step of the expert bias (0: off)")
+    return parser
+
+
+def fmoe_config_from_args(args) -> FMoEConfig:
+    """FMoEConfig from parsed flags; raises ValueError naming the flag on a bad combination."""
+    if not args.fmoefy:
+        raise ValueError("fmoe_config_from_args needs --fmoefy")
+    if args.fmoe_num_experts is None:
+        raise ValueError("--fmoefy needs --fmoe-num-experts N (the number of experts per layer)")
+    return FMoEConfig(
+        num_experts=args.fmoe_num_experts,
+        top_k=args.top_k,
+        gate=args.balance_strategy,
+        hidden_size=args.hidden_hidden_size,
+        capacity_factor=args.fmoe_capacity_factor,
+        z_loss_weight=args.fmoe_z_loss_weight,
+        expert_bias_update_rate=args.fmoe_expert_bias_update_rate,
+        balance_loss_weight=args.balance_loss_weight,
+    ).validate()

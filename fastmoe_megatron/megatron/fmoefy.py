@@ -1,0 +1,157 @@
+"""fmoefy: turn a Megatron GPT's dense MLPs into MegatronMLP (FastMoE's entry point), and a
+layer spec that builds the model with the MoE in place.
+
+Model families:
+
+- megatron-core ``GPTModel``: ``model.decoder.layers[i].mlp``;
+- Megatron-LM's legacy ``GPTModel`` (``--use-legacy-models``, up to core_v0.17.1):
+  ``model.language_model.encoder.layers[i].mlp`` (a ``ParallelMLP``).
+
+Both MLPs return ``(output, bias)`` from ``[s, b, h]``, as MegatronMLP does. Wrappers (DDP,
+``Float16Module``, anything with ``.module``) are looked through, and a list of model chunks
+(virtual pipeline) is handled chunk by chunk. Call it before the model is wrapped in DDP, so that
+DDP sees the expert parameters (and their ``allreduce = False``).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Iterable
+
+import torch.nn as nn
+
+from .layer import FMoEConfig, MegatronMLP
+
+#: megatron-core releases fmoefy was checked against. Others raise unless megatron_version names
+#: one of these explicitly (FastMoE's way to force a version).
+SUPPORTED_VERSIONS = ("0.16",)
+
+
+def megatron_core_version() -> str:
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", None) or megatron.core.package_info.__version__
+
+
+def check_version(megatron_version: str | None = None) -> str:
+    found = megatron_core_version()
+    wanted = megatron_version or found
+    if not any(wanted == v or wanted.startswith(v + ".") for v in SUPPORTED_VERSIONS):
+        raise RuntimeError(
+            f"fmoefy was checked against megatron-core {', '.join(SUPPORTED_VERSIONS)}.x, found "
+            f"{found}; pass megatron_version='0.16' to try anyway")
+    return wanted
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / Float16Module / other ``.module`` wrappers."""
+    while not (hasattr(model, "decoder") or hasattr(model, "language_model")) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a (possibly wrapped) megatron-core or legacy GPT model."""
+    inner = unwrap(model)
+    decoder = getattr(inner, "decoder", None)
+    if decoder is not None and hasattr(decoder, "layers"):
+        return list(decoder.layers)
+    encoder = getattr(getattr(inner, "language_model", None), "encoder", None)
+    if encoder is not None and hasattr(encoder, "layers"):
+        return list(encoder.layers)
+    raise TypeError(f"{type(inner).__name__} has neither decoder.layers (megatron-core GPT) nor "
+                    "language_model.encoder.layers (legacy GPT)")
+
+
+def _args_default(name: str):
+    """A value from Megatron-LM's parsed arguments, when a training script set them up."""
+    try:
+        from megatron.training import get_args
+
+        return getattr(get_args(), name, None)
+    except Exception:  # noqa: BLE001 - no Megatron-LM, or arguments not parsed
+        return None
+
+
+def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden_size=None,
+           top_k=None, gate=None, megatron_version=None, **options):
+    """Replaces every transformer layer's MLP with MegatronMLP; returns the model.
+
+    ``fmoe_num_experts`` counts experts over all expert-parallel ranks (the global count), spread
+    over megatron-core's expert-model-parallel group; ``distributed_experts=False`` requires that
+    group to have one rank. Unset arguments come from Megatron-LM's parsed arguments
+    (``--fmoe-num-experts``, ``--top-k``, ``--balance-strategy``, ``--hidden-hidden-size``) when
+    there are any. ``gate`` is a ``--balance-strategy`` name. ``options`` go to FMoEConfig
+    (capacity_factor, z_loss_weight, expert_bias_update_rate, balance_loss_weight).
+    """
+    from megatron.core import parallel_state
+
+    check_version(megatron_version)
+    num = fmoe_num_experts or _args_default("fmoe_num_experts")
+    if not num:
+        raise ValueError("fmoefy needs the number of experts: fmoe_num_experts= or --fmoe-num-experts")
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if not distributed_experts and ep != 1:
+        raise ValueError(f"distributed_experts=False but the expert-model-parallel size is {ep}")
+    defaults = {
+        "capacity_factor": _args_default("fmoe_capacity_factor"),
+        "z_loss_weight": _args_default("fmoe_z_loss_weight") or 0.0,
+        "expert_bias_update_rate": _args_default("fmoe_expert_bias_update_rate") or 0.0,
+        "balance_loss_weight": _args_default("balance_loss_weight"),
+    }
+    defaults.update(options)
+    if defaults["balance_loss_weight"] is None:
+        defaults["balance_loss_weight"] = 1.0
+    cfg = FMoEConfig(
+        num_experts=int(num),
+        top_k=top_k or _args_default("top_k") or 2,
+        gate=gate or _args_default("balance_strategy") or "naive",
+        hidden_size=hidden_hidden_size or _args_default("hidden_hidden_size"),
+        **defaults,
+    ).validate(ep)
+    chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for layer in transformer_layers(chunk):
+            config = layer.config
+            number = getattr(layer, "layer_number", 0)
+            layer.mlp = MegatronMLP(config, cfg, layer_number=number)
+            if hasattr(layer, "is_moe_layer"):
+                layer.is_moe_layer = False  # megatron's own MoE code paths must not engage
+    return model
+
+
+_spec_counter = itertools.count(1)
+
+
+def get_gpt_layer_with_fmoe_spec(fmoe: FMoEConfig, base_spec=None):
+    """A megatron-core GPT layer spec whose MLP is MegatronMLP (the model is built with the MoE in
+    place). ``base_spec`` defaults to megatron-core's local (non-Transformer-Engine) spec.
+
+    Layers built from a spec do not learn their layer number; each MegatronMLP takes the next
+    number of a process-wide counter for its weight seeds, and ``number_moe_layers(model)`` sets
+    the real layer numbers (used in logs) after the model is built."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = copy.deepcopy(base_spec) if base_spec is not None else get_gpt_layer_local_spec()
+    spec.submodules.mlp = ModuleSpec(module=_SpecMegatronMLP, params={"fmoe": fmoe})
+    return spec
+
+
+class _SpecMegatronMLP(MegatronMLP):
+    def __init__(self, config, fmoe=None, **kwargs):
+        kwargs.setdefault("layer_number", 10_000 + next(_spec_counter))
+        super().__init__(config, fmoe, **kwargs)
+
+
+def number_moe_layers(model) -> None:
+    """Gives every MegatronMLP its transformer layer's number (for logs and stats)."""
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        for layer in transformer_layers(chunk):
+            if isinstance(layer.mlp, MegatronMLP):
+                layer.mlp.layer_number = getattr(layer, "layer_number", layer.mlp.layer_number)
+
+
+def moe_modules(model) -> list[MegatronMLP]:
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for c in chunks for m in c.modules() if isinstance(m, MegatronMLP)]

@@ -1,0 +1,115 @@
+"""Text or jsonl in, Megatron ``.bin``/``.idx`` out (megatron-core's indexed dataset format).
+
+    python -m fastmoe_megatron.megatron.preprocess_data --input stdlib --output-prefix data/stdlib
+    python -m fastmoe_megatron.megatron.preprocess_data --input corpus.jsonl --json-key text \\
+        --output-prefix data/corpus --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt
+
+``--input`` is a .jsonl file (one document per line, text under ``--json-key``), a text file
+(one document), a folder (every .py/.txt/.md file under it is a document), or ``stdlib``: the
+Python standard library's own source, present on every machine. Every document ends with the
+tokenizer's end-of-document token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy
+import torch
+
+from .tokenizer import build_tokenizer
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def iter_documents(source: str, json_key: str = "text", limit_bytes: int | None = None) -> Iterator[str]:
+    """Documents of ``source`` in a fixed order, up to about ``limit_bytes`` of text."""
+    path = stdlib_root() if source == "stdlib" else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"--input {source}: no such file or folder")
+    seen = 0
+
+    def files():
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.suffix in TEXT_SUFFIXES and p.is_file() and "site-packages" not in p.parts:
+                    yield p
+        else:
+            yield path
+
+    for f in files():
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)[json_key]
+                    except (json.JSONDecodeError, KeyError) as exc:
+                        raise ValueError(f"{f}:{n}: not a JSON object with key {json_key!r} ({exc})") from None
+                    seen += len(doc)
+                    yield doc
+                    if limit_bytes and seen >= limit_bytes:
+                        return
+        else:
+            doc = f.read_text(encoding="utf-8", errors="replace")
+            seen += len(doc)
+            yield doc
+        if limit_bytes and seen >= limit_bytes:
+            return
+
+
+def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None,
+               json_key="text", limit_bytes=None, log=print) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    tokenizer = build_tokenizer(vocab_file, merge_file)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    dtype = numpy.uint16 if tokenizer.vocab_size < 65500 else numpy.int32
+    bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
+    tmp_bin = bin_path + ".tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    t0, docs, tokens = time.time(), 0, 0
+    for doc in iter_documents(source, json_key, limit_bytes):
+        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        docs += 1
+        tokens += len(ids)
+        if docs % 200 == 0:
+            log(f"preprocess: {docs} documents, {tokens} tokens, {time.time() - t0:.0f} s")
+    if docs == 0:
+        raise ValueError(f"--input {source}: no documents found")
+    builder.finalize(idx_path + ".tmp")
+    # Rename last, so an interrupted run never leaves a half-written dataset under the real name.
+    Path(tmp_bin).replace(bin_path)
+    Path(idx_path + ".tmp").replace(idx_path)
+    log(f"preprocess: wrote {bin_path} and {idx_path}: {docs} documents, {tokens} tokens "
+        f"(vocab {tokenizer.vocab_size}) in {time.time() - t0:.1f} s")
+    return {"documents": docs, "tokens": tokens, "vocab_size": tokenizer.vocab_size}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmoe_megatron.megatron.preprocess_data",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a .jsonl or text file, a folder, or 'stdlib'")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--json-key", default="text", help="the text field of each jsonl line")
+    p.add_argument("--vocab-file", help="GPT-2 vocab.json (with --merge-file; default: byte-level)")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt")
+    p.add_argument("--limit-bytes", type=int, help="stop after about this much text")
+    a = p.parse_args(argv)
+    preprocess(a.input, a.output_prefix, a.vocab_file, a.merge_file, a.json_key, a.limit_bytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""pretrain_gpt: train a megatron-core GPT, with ``--fmoefy`` an expert-parallel MoE GPT.
+
+    torchrun --nproc-per-node 2 -m fastmoe_megatron.megatron.pretrain_gpt \\
+        @configs/tiny-cpu.args --fmoefy --fmoe-num-experts 4 --expert-model-parallel-size 2
+
+Built from megatron-core's parts: ``GPTModel``, ``parallel_state``, the forward-backward schedules
+(pipeline parallel included), ``DistributedDataParallel``, ``get_megatron_optimizer`` (with the
+distributed optimizer on request), ``OptimizerParamScheduler``, ``dist_checkpointing`` and the
+indexed-dataset ``GPTDataset``. Flags keep Megatron-LM's names; ``@FILE`` reads flags from a file
+(one or more per line, ``#`` starts a comment). One code path: on GPUs it runs with NCCL, on CPUs
+with gloo and the CPU compatibility layer (``cpu_compat``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .arguments import add_fmoe_args, fmoe_config_from_args
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, line):
+        return shlex.split(line, comments=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="pretrain_gpt", fromfile_prefix_chars="@", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=int, default=2)
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--seq-length", type=int, default=64)
+    m.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq length")
+    m.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope"])
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m.add_argument("--hidden-dropout", type=float, default=0.0)
+    m.add_argument("--attention-dropout", type=float, default=0.0)
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    m.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--expert-model-parallel-size", type=int, default=None,
+                     help="ranks the experts are spread over (default with --fmoefy: the whole "
+                          "data-parallel group; must divide tensor x data parallel size)")
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--distributed-timeout-minutes", type=float, default=10)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=4)
+    t.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch size x data-parallel size")
+    t.add_argument("--train-iters", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine"])
+    t.add_argument("--lr-warmup-iters", type=int, default=0)
+    t.add_argument("--lr-decay-iters", type=int, default=None, help="default: train iters")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.95)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: cores / local processes)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", default=None,
+                   help="prefix of a .bin/.idx dataset (default: the Python standard library's "
+                        "source, tokenized on first use)")
+    d.add_argument("--split", default="98,2,0")
+    d.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (with --merge-file)")
+    d.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (with --vocab-file)")
+    d.add_argument("--default-corpus-bytes", type=int, default=4_000_000,
+                   help="how much stdlib source the default corpus holds")
+    d.add_argument("--cache-dir", default=None,
+                   help="tokenized default corpus and dataset indices (default ~/.cache/fastmoe_megatron)")
+
+    c = p.add_argument_group("checkpoints and logging")
+    c.add_argument("--save", default=None, help="checkpoint folder")
+    c.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    c.add_argument("--load", default=None, help="resume from the latest checkpoint in this folder")
+    c.add_argument("--log-interval", type=int, default=10)
+    c.add_argument("--tensorboard-dir", default=None)
+    add_fmoe_args(p)
+    return p
+
+
+def validate_args(args, world_size: int):
+    """Derives defaults and rejects bad combinations with the flag to fix."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                         f"{tp} x --pipeline-model-parallel-size {pp}")
+    args.data_parallel_size = dp = world_size // (tp * pp)
+    if args.expert_model_parallel_size is None:
+        args.expert_model_parallel_size = dp if args.fmoefy else 1
+    ep = args.expert_model_parallel_size
+    if ep > 1 and not args.fmoefy:
+        raise ValueError("--expert-model-parallel-size > 1 needs --fmoefy (fastmoe experts)")
+    if (tp * dp) % ep:
+        raise ValueError(f"--expert-model-parallel-size {ep} must divide tensor x data parallel "
+                         f"size {tp * dp} (experts are spread over data-parallel ranks)")
+    if args.sequence_parallel and tp == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
+                         f"--num-attention-heads {args.num_attention_heads}")
+    if args.num_layers % pp:
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by "
+                         f"--pipeline-model-parallel-size {pp}")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if pp > 1 and args.num_microbatches < pp:
+        print(f"warning: {args.num_microbatches} microbatches for {pp} pipeline stages leaves "
+              "stages idle; raise --global-batch-size", file=sys.stderr)
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.fmoefy:
+        args.fmoe = fmoe_config_from_args(args)
+        args.fmoe.validate(ep)
+    if args.save_interval is not None and args.save_interval <= 0:
+        raise ValueError("--save-interval must be > 0")
+    cache = Path(args.cache_dir) if args.cache_dir else Path(
+        os.environ.get("FMOE_CACHE_DIR", Path.home() / ".cache" / "fastmoe_megatron"))
+    args.cache_dir = cache
+    return args
+
+
+def log0(*msg):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*msg, flush=True)
+
+
+def initialize(args, use_cuda: bool):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
+    )
+    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(args, use_cuda: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        # The expert-parallel size lives in parallel_state only: TransformerConfig ties it to
+        # megatron-core's own MoE (num_moe_experts), which --fmoefy does not use.
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not use_cuda,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=use_cuda,
+        bias_dropout_fusion=use_cuda,
+        masked_softmax_fusion=use_cuda,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_model(args, config, vocab_size: int):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from .fmoefy import fmoefy
+
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )
+    if args.fmoefy:
+        cfg = args.fmoe
+        fmoefy(model, cfg.num_experts, top_k=cfg.top_k, gate=cfg.gate,
+               hidden_hidden_size=cfg.hidden_size, capacity_factor=cfg.capacity_factor,
+               z_loss_weight=cfg.z_loss_weight, expert_bias_update_rate=cfg.expert_bias_update_rate,
+               balance_loss_weight=cfg.balance_loss_weight)
+    return model
+
+
+def padded_vocab_size(vocab: int, args) -> int:
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), mask.sum().detach()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    validate_args(args, world_size)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    try:
+        return train(args, use_cuda)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(args, use_cuda: bool) -> int:
+    if not use_cuda:
+        from . import cpu_compat
+
+        cpu_compat.apply()
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from . import checkpointing, stats
+    from .data import BatchIterator, build_datasets, default_data_prefix
+    from .fmoefy import moe_modules
+    from .layer import set_balance_loss_scale
+    from .tokenizer import build_tokenizer
+
+    t_start = time.time()
+    initialize(args, use_cuda)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    config = transformer_config(args, use_cuda)
+    tokenizer = build_tokenizer(args.vocab_file, args.merge_file)
+    vocab = padded_vocab_size(tokenizer.vocab_size, args)
+    model = build_model(args, config, vocab)
+    moes = moe_modules(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for m in moes for p in m.moe.experts.parameters())
+    if use_cuda:
+        model.cuda(device)
+    if args.bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr,
+                        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                        adam_beta2=args.adam_beta2, clip_grad=args.clip_grad, bf16=args.bf16,
+                        params_dtype=config.params_dtype,
+                        use_distributed_optimizer=args.use_distributed_optimizer),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
+        lr_decay_steps=args.lr_decay_iters * args.global_batch_size,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant")
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model.no_sync
+
+    iteration = 0
+    if args.load:
+        iteration = checkpointing.load(args.load, model, optimizer, scheduler, args)
+
+    data_prefix = args.data_path or default_data_prefix(
+        args.cache_dir, "bytes" if args.vocab_file is None else "gpt2", args.default_corpus_bytes)
+    train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed, args.split,
+                                    [args.train_iters * args.global_batch_size, 0, 0], args.cache_dir)
+    data = BatchIterator(train_ds, args.global_batch_size, args.micro_batch_size,
+                         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
+                         start_iteration=iteration, device=device)
+
+    ep, dp = args.expert_model_parallel_size, args.data_parallel_size
+    log0(f"pretrain_gpt: {dist.get_world_size()} processes ({'NCCL' if use_cuda else 'gloo, CPU'}): "
+         f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} DP={dp}"
+         + (f" EP={ep}, {args.fmoe.num_experts} experts top-{args.fmoe.top_k} "
+            f"({args.fmoe.gate} gate)" if args.fmoefy else " (dense)")
+         + f"; {n_params / 1e6:.2f}M parameters on rank 0 ({n_expert / 1e6:.2f}M in experts); "
+         f"global batch {args.global_batch_size} x {args.seq_length} tokens")
+
+    writer = None
+    if args.tensorboard_dir and dist.get_rank() == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(args.tensorboard_dir)
+        except ImportError:
+            print("warning: tensorboard is not installed; --tensorboard-dir ignored", file=sys.stderr)
+
+    forward_backward = get_forward_backward_func()
+    set_balance_loss_scale(1.0 / args.num_microbatches)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    first_loss = last_loss = None
+    window_t, window_iters = time.time(), 0
+    history = []
+    while iteration < args.train_iters:
+        optimizer.zero_grad()
+        model.zero_grad_buffer()
+        reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+                                   num_microbatches=args.num_microbatches,
+                                   seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                                   forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=args.global_batch_size)
+        for m in moes:
+            m.moe.gate.update_expert_bias(parallel_state.get_tensor_and_data_parallel_group())
+        iteration += 1
+        window_iters += 1
+
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for r in reports:
+            total += r["lm loss"].to(total)
+        # Each model replica's loss lives on its last stage; count it once (TP rank 0).
+        if not (parallel_state.is_pipeline_last_stage()
+                and parallel_state.get_tensor_model_parallel_rank() == 0):
+            total.zero_()
+        dist.all_reduce(total)
+        loss = float(total[0] / total[1].clamp(min=1))
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+        history.append(loss)
+
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or iteration == 1:
+            elapsed = time.time() - window_t
+            tps = tokens_per_iter * window_iters / max(elapsed, 1e-9)
+            layer_stats = stats.collect(args.num_layers, args.fmoe.num_experts, device=device) \
+                if args.fmoefy else {}
+            balance = (sum(s["balance_loss"] for s in layer_stats.values()) / len(layer_stats)
+                       if layer_stats else 0.0)
+            norm = float(grad_norm) if grad_norm is not None else float("nan")
+            log0(f"iter {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | "
+                 f"balance loss {balance:.4f} | grad norm {norm:.3f} | "
+                 f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {tps:8.0f} tokens/s | "
+                 f"{elapsed / window_iters * 1000:6.0f} ms/iter")
+            for layer, s in sorted(layer_stats.items()):
+                load = " ".join(f"{x:.2f}" for x in s["load"])
+                log0(f"    layer {layer:3d} expert load [{load}]  balance {s['balance_loss']:.4f}")
+            if writer is not None:
+                writer.add_scalar("lm loss", loss, iteration)
+                writer.add_scalar("balance loss", balance, iteration)
+                writer.add_scalar("grad norm", norm, iteration)
+                writer.add_scalar("tokens per second", tps, iteration)
+                for layer, s in layer_stats.items():
+                    writer.add_scalar(f"layer {layer}/balance loss", s["balance_loss"], iteration)
+                    for e, x in enumerate(s["load"]):
+                        writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
+            window_t, window_iters = time.time(), 0
+
+        if args.save and args.save_interval and iteration % args.save_interval == 0 \
+                and iteration < args.train_iters:
+            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
+    if args.save:
+        checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
+    if writer is not None:
+        writer.close()
+    if first_loss is not None:
+        log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} "
+             f"({(1 - last_loss / first_loss) * 100:.1f}% lower) in {time.time() - t_start:.0f} s")
+    args.loss_history = history
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
