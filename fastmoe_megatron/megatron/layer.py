@@ -7,7 +7,8 @@ Parallelism, read from megatron-core's ``parallel_state`` (initialised with
 
 - experts are spread over the expert-model-parallel group (EP ranks); their parameters carry
   ``allreduce = False``, so megatron-core's DDP and distributed optimizer reduce them over the
-  expert-data-parallel group (which, with expert TP 1, also spans the tensor-parallel ranks);
+  expert-data-parallel group (which, with expert TP 1, also spans the tensor-parallel ranks), and
+  ``tensor_model_parallel = True``, so the gradient norm counts them on every TP rank;
 - tensor parallel without sequence parallel: the TP ranks hold the same tokens and slice them
   (``FMoE``'s slice group): each routes a slice, the gate runs on all tokens;
 - tensor parallel with sequence parallel: each TP rank routes its own sequence shard, and the gate
@@ -165,6 +166,13 @@ class MegatronMLP(MegatronModule):
         self._init_weights()
         for p in self.moe.experts.parameters():
             p.allreduce = False  # reduced over the expert-data-parallel group by megatron's DDP
+            # No other rank of the tensor-parallel group holds these experts. megatron-core's
+            # optimizer drops "tensor-parallel duplicates" (params without this flag, on TP ranks
+            # other than 0) from the gradient norm, using the dense TP group even for its expert
+            # optimizer: untagged, the experts of TP rank 1 would be missing from the norm.
+            p.tensor_model_parallel = True
+            p.partition_dim = 0
+            p.partition_stride = 1
         if config.sequence_parallel:
             for p in self.moe.gate.parameters():
                 p.sequence_parallel = True  # all-reduced over TP by finalize_model_grads
