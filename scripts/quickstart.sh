@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh) and runs the main job: a small MoE model trained on the CPU.
-# Extra arguments go to the trainer.
+# Sets everything up (scripts/setup.sh) and runs the main job: pretrain_gpt --fmoefy on the tiny
+# CPU config, 2 processes over gloo with the experts spread over both (EP=2). It prints the loss
+# and the expert load as it trains and saves a checkpoint in runs/quickstart. Extra arguments go
+# to pretrain_gpt (e.g. --train-iters 400).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${FMOE_VENV:-$ROOT/.venv}
 cd "$ROOT"
 bash scripts/setup.sh
-exec "$VENV/bin/python" -m fastmoe_megatron demo "$@"
+NPROC=2 exec bash scripts/pretrain_gpt.sh @configs/tiny-cpu.args --expert-model-parallel-size 2 \
+  --save runs/quickstart "$@"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .fmoefy import unwrap
+
 LATEST = "latest_checkpointed_iteration.txt"
 
 
@@ -43,7 +45,7 @@ def latest_iteration(root) -> int | None:
 
 
 def _state(model, optimizer, loading: bool):
-    model_sd = model.sharded_state_dict()
+    model_sd = unwrap(model).sharded_state_dict()
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
@@ -94,7 +96,7 @@ def load(root, model, optimizer, scheduler, args=None) -> int:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as exc:
         raise RuntimeError(f"could not load the checkpoint {path}: {exc}") from exc
-    model.load_state_dict(loaded["model"])
+    unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     if loaded.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -13,6 +13,7 @@ with gloo and the CPU compatibility layer (``cpu_compat``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-path", default=None,
                    help="prefix of a .bin/.idx dataset (default: the Python standard library's "
                         "source, tokenized on first use)")
-    d.add_argument("--split", default="98,2,0")
+    d.add_argument("--split", default="100,0,0",
+                   help="train,valid,test shares of the documents (only train is used: there is no "
+                        "evaluation loop yet)")
     d.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (with --merge-file)")
     d.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (with --vocab-file)")
     d.add_argument("--default-corpus-bytes", type=int, default=4_000_000,
@@ -158,6 +161,8 @@ def initialize(args, use_cuda: bool):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    if parallel_state.model_parallel_is_initialized():  # a second run in the same process
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -248,6 +253,33 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
+@dataclasses.dataclass
+class TrainResult:
+    """What a run leaves behind (for tests and callers that train in-process)."""
+
+    model: object
+    optimizer: object
+    args: argparse.Namespace
+    losses: list  # lm loss of every iteration (the same on every rank)
+    grad_norms: list  # gradient norm used for clipping, every iteration
+
+
+def run(argv=None) -> TrainResult:
+    """Parses ``argv`` and trains, in a process where torch.distributed is initialised (or a
+    single process: it is initialised here)."""
+    args = build_parser().parse_args(argv)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun: env:// rendezvous
+            dist.init_process_group(backend)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group(backend, rank=0, world_size=1)
+    validate_args(args, dist.get_world_size())
+    return train(args, torch.cuda.is_available())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -258,14 +290,16 @@ def main(argv=None) -> int:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    else:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    elif args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // local_world)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     try:
-        return train(args, use_cuda)
+        result = train(args, use_cuda)
+        ok = result.losses and result.losses[-1] == result.losses[-1]  # not NaN
+        return 0 if ok else 1
     finally:
         if dist.is_initialized():
             dist.barrier()
@@ -300,6 +334,8 @@ def train(args, use_cuda: bool) -> int:
     from .tokenizer import build_tokenizer
 
     t_start = time.time()
+    if not use_cuda and args.threads:
+        torch.set_num_threads(args.threads)
     initialize(args, use_cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     config = transformer_config(args, use_cuda)
@@ -368,7 +404,7 @@ def train(args, use_cuda: bool) -> int:
     tokens_per_iter = args.global_batch_size * args.seq_length
     first_loss = last_loss = None
     window_t, window_iters = time.time(), 0
-    history = []
+    history, norms = [], []
     while iteration < args.train_iters:
         optimizer.zero_grad()
         model.zero_grad_buffer()
@@ -396,6 +432,7 @@ def train(args, use_cuda: bool) -> int:
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         history.append(loss)
+        norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters or iteration == 1:
             elapsed = time.time() - window_t
@@ -433,8 +470,7 @@ def train(args, use_cuda: bool) -> int:
     if first_loss is not None:
         log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} "
              f"({(1 - last_loss / first_loss) * 100:.1f}% lower) in {time.time() - t_start:.0f} s")
-    args.loss_history = history
-    return 0
+    return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms)
 
 
 if __name__ == "__main__":
