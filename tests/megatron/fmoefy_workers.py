@@ -1,0 +1,155 @@
+"""Worker bodies of the fmoefy / checkpoint tests (gloo processes, see tests/dist_utils.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from tests.megatron.ptg_workers import TINY, _gather, _inner
+
+
+def _megatron_setup(seed=123):
+    from fastmoe_megatron.megatron import cpu_compat
+
+    cpu_compat.apply()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1,
+                                             expert_tensor_parallel_size=1)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _config(**moe):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+        use_cpu_initialization=True, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, **moe)
+
+
+def _batch(seq=16, vocab=128):
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, vocab, (2, seq), generator=g)
+    position = torch.arange(seq).unsqueeze(0).expand(2, -1)
+    mask = torch.triu(torch.ones(1, 1, seq, seq), 1).bool()
+    return tokens, position, mask
+
+
+def matches_megatron_moelayer(rank, world):
+    """A GPT fmoefy'd with the naive (top-k softmax) gate equals megatron-core's own MoELayer GPT
+    (top-k softmax router, no capacity, no aux loss) loaded with the same router and expert
+    weights: logits and the gradients of the router and experts."""
+    _megatron_setup()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from fastmoe_megatron.megatron.fmoefy import fmoefy
+
+    cfg = _config(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                  moe_grouped_gemm=False, moe_router_load_balancing_type="none",
+                  moe_aux_loss_coeff=0.0)
+    theirs = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+        num_experts=4, moe_grouped_gemm=False), vocab_size=128, max_sequence_length=16)
+    dense = dataclasses.replace(cfg, num_moe_experts=None, moe_ffn_hidden_size=None)
+    ours = GPTModel(config=dense, transformer_layer_spec=get_gpt_layer_local_spec(),
+                    vocab_size=128, max_sequence_length=16)
+    assert type(theirs.decoder.layers[0].mlp).__name__ == "MoELayer"
+    fmoefy(ours, fmoe_num_experts=4, top_k=2, gate="naive", balance_loss_weight=0.0)
+    named = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".mlp." not in name:
+                p.copy_(named[name])
+        for la, lb in zip(theirs.decoder.layers, ours.decoder.layers):
+            moe = lb.mlp.moe
+            moe.gate.gate.weight.copy_(la.mlp.router.weight)
+            moe.gate.gate.bias.zero_()
+            for e, expert in enumerate(la.mlp.experts.local_experts):
+                moe.experts.htoh4.weight[e].copy_(expert.linear_fc1.weight)
+                moe.experts.h4toh.weight[e].copy_(expert.linear_fc2.weight)
+                moe.experts.htoh4.bias[e].zero_()
+                moe.experts.h4toh.bias[e].zero_()
+    tokens, position, mask = _batch()
+    ya, yb = theirs(tokens, position, mask), ours(tokens, position, mask)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    for la, lb in zip(theirs.decoder.layers, ours.decoder.layers):
+        torch.testing.assert_close(lb.mlp.moe.gate.gate.weight.grad, la.mlp.router.weight.grad,
+                                   rtol=1e-5, atol=1e-7)
+        for e, expert in enumerate(la.mlp.experts.local_experts):
+            torch.testing.assert_close(lb.mlp.moe.experts.htoh4.weight.grad[e],
+                                       expert.linear_fc1.weight.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(lb.mlp.moe.experts.h4toh.weight.grad[e],
+                                       expert.linear_fc2.weight.grad, rtol=1e-5, atol=1e-7)
+    return float((ya - yb).abs().max())
+
+
+def fmoefy_wrappers_and_spec(rank, world):
+    """fmoefy looks through Float16Module/DDP-style wrappers and lists of chunks and tags the
+    experts; the layer-spec entry point builds the same structure."""
+    _megatron_setup()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+
+    from fastmoe_megatron.megatron.fmoefy import (fmoefy, get_gpt_layer_with_fmoe_spec,
+                                                  moe_modules, number_moe_layers)
+    from fastmoe_megatron.megatron.layer import FMoEConfig, MegatronMLP
+
+    cfg = _config(bf16=True, params_dtype=torch.bfloat16)
+    chunks = [Float16Module(cfg, GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+                                          vocab_size=128, max_sequence_length=16)) for _ in range(2)]
+    fmoefy(chunks, fmoe_num_experts=4, top_k=2, gate="gshard")
+    for chunk in chunks:
+        layers = chunk.module.decoder.layers
+        assert all(isinstance(layer.mlp, MegatronMLP) for layer in layers)
+        for m in moe_modules(chunk):
+            for p in m.moe.experts.parameters():
+                assert p.allreduce is False and p.tensor_model_parallel is True
+            for p in m.moe.gate.parameters():
+                assert getattr(p, "allreduce", True) is True
+    # Same seeds, same layer numbers: the two chunks got identical MoE weights.
+    a, b = (moe_modules(c)[0].moe.experts.htoh4.weight for c in chunks)
+    assert torch.equal(a, b)
+    spec_model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_with_fmoe_spec(
+        FMoEConfig(num_experts=4, top_k=2)), vocab_size=128, max_sequence_length=16)
+    number_moe_layers(spec_model)
+    mods = moe_modules(spec_model)
+    assert [m.layer_number for m in mods] == [1, 2]
+    tokens, position, mask = _batch()
+    out = spec_model(tokens, position, mask)
+    assert out.shape == (2, 16, 128) and torch.isfinite(out).all()
+    return True
+
+
+def checkpoint_restores_experts(rank, world, folder):
+    """dist_checkpointing save at EP=2, then load into a fresh model: every rank gets its own
+    experts back, bitwise."""
+    from fastmoe_megatron.megatron.fmoefy import moe_modules
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    base = TINY + ["--seed", "7", "--threads", "1", "--expert-model-parallel-size", "2"]
+    first = run(base + ["--train-iters", "3", "--save", folder])
+    saved = {f"{i}.{n}": p.detach().clone()
+             for i, m in enumerate(moe_modules(_inner(first.model)))
+             for n, p in m.moe.state_dict().items()}
+    # A fresh model with another seed (different initial weights), resumed from the checkpoint:
+    # it is at iteration 3 of 3, so it trains no further.
+    second = run(TINY + ["--seed", "99", "--threads", "1", "--expert-model-parallel-size", "2",
+                         "--train-iters", "3", "--load", folder])
+    assert second.losses == [], second.losses
+    loaded = {f"{i}.{n}": p.detach()
+              for i, m in enumerate(moe_modules(_inner(second.model)))
+              for n, p in m.moe.state_dict().items()}
+    assert saved.keys() == loaded.keys()
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), f"{k} differs after loading"
+    w = saved["0.experts.htoh4.weight"]
+    pieces = _gather(w, None)
+    assert not torch.equal(pieces[0], pieces[1]), "the EP ranks saved the same experts"
+    return True

@@ -1,0 +1,101 @@
+"""Worker bodies of the pretrain_gpt layout tests (gloo processes, see tests/dist_utils.py).
+
+Each trains a few iterations of a tiny GPT-MoE with real megatron-core through
+``fastmoe_megatron.megatron.pretrain_gpt.run`` and then checks the result across ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2",
+        "--lr", "5e-3", "--lr-decay-style", "constant", "--log-interval", "100",
+        "--default-corpus-bytes", "300000", "--fmoefy", "--fmoe-num-experts", "4",
+        "--balance-strategy", "gshard", "--balance-loss-weight", "0.01", "--clip-grad", "1e9"]
+
+
+def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _inner(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _manual_grad_norm(model) -> float:
+    """The gradient norm counting every parameter once over all ranks, from the reduced grads."""
+    from megatron.core import parallel_state as ps
+
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is None or getattr(p, "shared", False):
+            continue
+        if getattr(p, "allreduce", True) is False:  # an expert: count one replica
+            owner = ps.get_expert_data_parallel_rank() == 0
+        else:
+            owner = ps.get_data_parallel_rank() == 0 and (
+                getattr(p, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_rank() == 0)
+        if owner:
+            sq += g.double().pow(2).sum()
+    dist.all_reduce(sq)
+    return math.sqrt(float(sq))
+
+
+def train_and_check(rank, world, extra, iters):
+    from megatron.core import parallel_state as ps
+
+    from fastmoe_megatron.megatron.fmoefy import moe_modules
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    argv = TINY + ["--train-iters", str(iters), "--seed", "7", "--threads", "1"] + list(extra)
+    res = run(argv)
+    model = _inner(res.model)
+    losses = res.losses
+    assert len(losses) == iters
+    first, last = losses[0], sum(losses[-3:]) / 3
+    assert last < first, f"loss did not decrease: {losses}"
+
+    # The gradient norm used for clipping is the same on every rank, and counts each parameter
+    # (each expert) exactly once.
+    norms = torch.tensor(res.grad_norms, dtype=torch.float64)
+    for r, other in enumerate(_gather(norms, None)):
+        assert torch.equal(other, norms), f"grad norms differ between rank {rank} and {r}"
+    if "--use-distributed-optimizer" not in extra:
+        # Without the distributed optimizer every rank still holds the fully reduced gradients
+        # of the last step (clipping is off: --clip-grad 1e9), so the norm can be recounted.
+        manual = _manual_grad_norm(res.model)
+        assert math.isclose(manual, res.grad_norms[-1], rel_tol=1e-5), (manual, res.grad_norms[-1])
+
+    moes = moe_modules(model)
+    assert moes, "no MoE layer in the model"
+    ep_group, edp_group = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+    for m in moes:
+        for name, p in m.moe.experts.named_parameters():
+            assert getattr(p, "allreduce", True) is False, name
+            # Expert replicas (expert-data-parallel) are identical after the steps...
+            for r, other in enumerate(_gather(p.detach(), edp_group)):
+                assert torch.equal(other, p.detach()), f"expert {name}: replica {r} differs"
+            # ...and the expert-parallel ranks hold different experts.
+            if dist.get_world_size(ep_group) > 1 and name.endswith("weight"):
+                pieces = _gather(p.detach(), ep_group)
+                assert not torch.equal(pieces[0], pieces[1]), f"EP ranks hold the same {name}"
+    # Dense weights are identical over data parallel, and over tensor parallel unless TP-sharded.
+    for name, p in model.named_parameters():
+        if getattr(p, "allreduce", True) is False:
+            continue
+        groups = [ps.get_data_parallel_group()]
+        if not getattr(p, "tensor_model_parallel", False):
+            groups.append(ps.get_tensor_model_parallel_group())
+        for g in groups:
+            for r, other in enumerate(_gather(p.detach(), g)):
+                assert torch.equal(other, p.detach()), f"dense {name} differs from group rank {r}"
+    return {"losses": losses, "norm": res.grad_norms[-1]}

@@ -1,0 +1,81 @@
+"""fmoefy against megatron-core: equality with megatron-core's own MoELayer, wrappers, tags, the
+layer spec, EP-aware dist_checkpointing, flag validation, and the multi-node launch script."""
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+
+from tests.dist_utils import run_workers  # noqa: E402
+from tests.megatron import fmoefy_workers as w  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_matches_megatron_core_moelayer():
+    (diff,) = run_workers(w.matches_megatron_moelayer, 1, timeout=240)
+    assert diff < 1e-5
+
+
+def test_wrappers_tags_and_layer_spec():
+    run_workers(w.fmoefy_wrappers_and_spec, 1, timeout=240)
+
+
+def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
+    run_workers(w.checkpoint_restores_experts, 2, timeout=420, args=(str(tmp_path / "ckpt"),),
+                threads_per_worker=1)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--fmoefy"], "--fmoe-num-experts"),
+    (["--fmoefy", "--fmoe-num-experts", "3", "--expert-model-parallel-size", "2"], "--fmoe-num-experts"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "switch"], "--top-k 1"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--top-k", "5"], "--top-k"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "gshard",
+      "--fmoe-capacity-factor", "0"], "--fmoe-capacity-factor"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-capacity-factor", "1.0"], "--balance-strategy"),
+    (["--expert-model-parallel-size", "2"], "--fmoefy"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--expert-model-parallel-size", "3"],
+     "--expert-model-parallel-size"),
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size"),
+    (["--sequence-parallel"], "--sequence-parallel"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        validate_args(args, 2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multinode_script_two_nodes_on_localhost(tmp_path):
+    """scripts/pretrain_gpt_multinode.sh as 2 nodes x 1 process on 127.0.0.1 (static rendezvous)."""
+    env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), FMOE_VENV=sys.prefix, PYTHONPATH=str(ROOT))
+    args = w.TINY + ["--train-iters", "4", "--threads", "1", "--log-interval", "2"]
+    procs = [subprocess.Popen(["bash", str(ROOT / "scripts" / "pretrain_gpt_multinode.sh"), *args],
+                              env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {r} exited with {p.returncode}:\n{out[-3000:]}"
+    assert "2 processes" in outs[0] and "EP=2" in outs[0], outs[0][-2000:]
+    assert re.search(r"lm loss [0-9.]+ -> [0-9.]+", outs[0]), outs[0][-2000:]
