@@ -111,6 +111,8 @@ class FMoE(nn.Module):
         self.gate.moe_group = moe_group
         self.gate_hook = gate_hook
         self.last_expert_count = None
+        # Raise on NaN/Inf input instead of routing garbage (no extra host synchronisation).
+        self.check_finite = True
         self.mask = mask
         self.mask_dict = mask_dict
 
@@ -155,6 +157,8 @@ class FMoE(nn.Module):
         return self.route(moe_inp, idx, score)
 
     def _gate(self, x: torch.Tensor):
+        # Checked with the counts' host copy in expert_rows: no extra synchronisation.
+        self._input_finite = torch.isfinite(x).all() if self.check_finite else None
         idx, score = self.gate(x)
         if idx.shape != (x.shape[0], self.top_k) or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
@@ -193,7 +197,22 @@ class FMoE(nn.Module):
         counts = ops.expert_count(idx, tot_expert)
         pos, inv = ops.assign_pos(idx, counts)
         buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
-        local_count = counts.cpu()  # the one host sync: the GEMMs need the block sizes
+        finite = getattr(self, "_input_finite", None)
+        if finite is not None and torch.compiler.is_compiling():
+            # A traced graph cannot branch on the flag; assert on it inside the graph instead.
+            torch._assert_async(finite, "fastmoe_megatron: the MoE layer's input holds NaN or Inf")
+            finite = None
+        if finite is not None:
+            # The one host sync (the GEMMs need the block sizes) also brings the finiteness flag.
+            both = torch.cat([counts, finite.to(counts.dtype).reshape(1)]).cpu()
+            local_count, self._input_finite = both[:-1], None
+            if not bool(both[-1]):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the MoE layer's input holds NaN or Inf values, so the "
+                    "gate cannot route it (the model has diverged: lower the learning rate, or "
+                    "restart from the last checkpoint); set check_finite=False to skip this check")
+        else:
+            local_count = counts.cpu()  # the one host sync: the GEMMs need the block sizes
         self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
             global_count = comm.exchange_counts(local_count, self.num_expert, self.moe_group)
