@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with torch, this package (editable, with its megatron, test and transformerxl
-# extras), and builds
-# the native CPU ops. Safe to re-run: it reinstalls only when the requirements changed.
+# extras), and builds the native CPU ops. Safe to re-run: it reinstalls only when the requirements changed.
 #   FMOE_VENV     where the virtual environment goes (default: .venv in the checkout)
 #   FMOE_TORCH    the torch requirement (default: torch==2.14.1, the CUDA 13.0 build, which also
 #                 runs on CPUs and lets CI compile the CUDA ops; on a CPU-only machine
