@@ -10,7 +10,8 @@ worker's traceback; for a hung worker it carries the Python stacks of all its th
 Rendezvous uses a ``TCPStore`` hosted by the calling process on a port the OS picks, so there is no
 window in which another process can take a "free" port. Every worker that returns from ``fn`` ends
 with ``barrier()`` and ``destroy_process_group()`` (a gloo worker that exits without them was seen
-to abort now and then).
+to abort now and then). Each worker runs in its own process group; whatever it started and left
+behind (a checkpoint writer, a multiprocessing manager) is killed with it at the end.
 
 ``fn`` must be importable by the workers (a module-level function); ``args`` and the return value
 must be picklable.
@@ -44,6 +45,9 @@ class WorkerFailure(RuntimeError):
 
 def _worker_main(fn, rank, world_size, store_port, timeout, args, result_q, stack_file,
                  threads, init_process_group):
+    # Own process group, so that the parent can also end what this worker starts (checkpoint
+    # writers, multiprocessing managers) when it fails or hangs.
+    os.setpgid(0, 0)
     # Stack dump on SIGUSR1: the parent sends it to a hung worker before killing it.
     dump = open(stack_file, "w")
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
@@ -80,6 +84,16 @@ def _worker_main(fn, rank, world_size, store_port, timeout, args, result_q, stac
     result_q.put((rank, True, result))
     result_q.close()
     result_q.join_thread()
+
+
+def _kill_process_group(pgid: Optional[int]) -> None:
+    """SIGKILL whatever is left in a worker's process group (its own children)."""
+    if pgid is None:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _read(path: str) -> str:
@@ -152,8 +166,10 @@ def run_workers(
                         except queue.Empty:
                             pass
                         if rank not in results and rank not in errors:
-                            errors[rank] = f"worker died with exit code {p.exitcode} " \
-                                           "without reporting (killed by a signal if negative)"
+                            errors[rank] = (
+                                f"worker died with exit code {p.exitcode} without reporting "
+                                "(negative: killed by that signal; 1 before any report: see its "
+                                "stderr, e.g. fn or args could not be unpickled in the worker)")
                             if failed_at is None:
                                 failed_at = time.monotonic()
                 continue
@@ -203,6 +219,7 @@ def run_workers(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5.0)
+            _kill_process_group(p.pid)
         result_q.close()
         result_q.cancel_join_thread()
         tmpdir.cleanup()
