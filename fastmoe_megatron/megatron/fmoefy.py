@@ -18,6 +18,7 @@ import copy
 import itertools
 from typing import Iterable
 
+import torch
 import torch.nn as nn
 
 from .layer import FMoEConfig, MegatronMLP
@@ -80,8 +81,8 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
     ``fmoe_num_experts`` counts experts over all expert-parallel ranks (the global count), spread
     over megatron-core's expert-model-parallel group; ``distributed_experts=False`` requires that
     group to have one rank. Unset arguments come from Megatron-LM's parsed arguments
-    (``--fmoe-num-experts``, ``--top-k``, ``--balance-strategy``, ``--hidden-hidden-size``) when
-    there are any. ``gate`` is a ``--balance-strategy`` name. ``options`` go to FMoEConfig
+    (``--fmoe-num-experts``, ``--fmoe-top-k``, ``--balance-strategy``,
+    ``--hidden-hidden-size``) when there are any. ``gate`` is a ``--balance-strategy`` name. ``options`` go to FMoEConfig
     (capacity_factor, z_loss_weight, expert_bias_update_rate, balance_loss_weight).
     """
     from megatron.core import parallel_state
@@ -104,7 +105,7 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
         defaults["balance_loss_weight"] = 1.0
     cfg = FMoEConfig(
         num_experts=int(num),
-        top_k=top_k or _args_default("top_k") or 2,
+        top_k=top_k or _args_default("fmoe_top_k") or 2,
         gate=gate or _args_default("balance_strategy") or "naive",
         hidden_size=hidden_hidden_size or _args_default("hidden_hidden_size"),
         **defaults,
@@ -112,12 +113,47 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
     chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
         for layer in transformer_layers(chunk):
-            config = layer.config
+            # Legacy ParallelTransformerLayer keeps no config (its MegatronModule gets none): use
+            # the model's, which legacy GPTModel holds.
+            config = getattr(layer, "config", None) or getattr(unwrap(chunk), "config", None)
             number = getattr(layer, "layer_number", 0)
+            _keep_fused_pre_mlp_norm(layer, config)
             layer.mlp = MegatronMLP(config, cfg, layer_number=number)
             if hasattr(layer, "is_moe_layer"):
                 layer.is_moe_layer = False  # megatron's own MoE code paths must not engage
     return model
+
+
+def _standalone_norm(config):
+    """The pre-MLP norm megatron-core's Transformer Engine spec builds for an MoE layer."""
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.transformer.spec_utils import build_module
+
+    return build_module(TENorm, config=config, hidden_size=config.hidden_size,
+                        eps=config.layernorm_epsilon)
+
+
+def _keep_fused_pre_mlp_norm(layer, config) -> None:
+    """megatron-core's Transformer Engine layer spec (Megatron-LM's default
+    ``--transformer-impl transformer_engine``) fuses the pre-MLP norm into the dense MLP's first
+    linear (``linear_fc1.layer_norm_weight``, with ``pre_mlp_layernorm`` an IdentityOp).
+    Replacing the MLP would silently drop that norm: put a standalone norm (TENorm, as the spec
+    does for MoE layers) with the fused norm's weights in ``pre_mlp_layernorm``."""
+    fc1 = getattr(getattr(layer, "mlp", None), "linear_fc1", None)
+    weight = getattr(fc1, "layer_norm_weight", None)
+    if weight is None:
+        return
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    if not isinstance(getattr(layer, "pre_mlp_layernorm", None), IdentityOp):
+        return  # a separate pre-MLP norm is there already
+    norm = _standalone_norm(config)
+    bias = getattr(fc1, "layer_norm_bias", None)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        if bias is not None and getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(bias)
+    layer.pre_mlp_layernorm = norm
 
 
 _spec_counter = itertools.count(1)

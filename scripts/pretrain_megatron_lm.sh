@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A Megatron-LM checkout's own pretrain_gpt.py with --fmoefy, through the launcher
+# (python -m fastmoe_megatron.launch: runtime patches, the checkout stays unmodified), under torchrun.
+#
+#   scripts/pretrain_megatron_lm.sh CHECKOUT [Megatron-LM flags] --fmoefy --fmoe-num-experts N ...
+#
+#   CHECKOUT        a Megatron-LM checkout at a checked tag (core_v0.16.1), or its pretrain_*.py
+#   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1)
+#   NNODES          nodes (default 1: --standalone); with NNODES > 1 also NODE_RANK, MASTER_ADDR,
+#                   MASTER_PORT (default 29500), or RDZV_ENDPOINT (c10d rendezvous)
+#   FMOE_VENV       the virtual environment with torch and fastmoe_megatron (default .venv)
+# Megatron-LM's launch scripts set CUDA_DEVICE_MAX_CONNECTIONS=1 (needed with tensor or
+# context parallelism before Blackwell); it is set here too unless already set.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${FMOE_VENV:-$ROOT/.venv}
+if [ $# -lt 1 ]; then
+  echo "usage: $0 CHECKOUT|SCRIPT [flags ...]   (see python -m fastmoe_megatron.launch --help)" >&2
+  exit 2
+fi
+TARGET=$1; shift
+if [ -d "$TARGET" ]; then SCRIPT=$TARGET/pretrain_gpt.py; else SCRIPT=$TARGET; fi
+if [ ! -f "$SCRIPT" ]; then
+  echo "pretrain_megatron_lm.sh: no such script: $SCRIPT" >&2
+  exit 2
+fi
+SCRIPT=$(cd "$(dirname "$SCRIPT")" && pwd)/$(basename "$SCRIPT")
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+NNODES=${NNODES:-1}
+if [ "$NNODES" = 1 ]; then
+  launch=(--standalone)
+elif [ -n "${RDZV_ENDPOINT:-}" ]; then
+  launch=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-fmoe}")
+else
+  if [ -z "${NODE_RANK:-}" ]; then
+    echo "pretrain_megatron_lm.sh: with NNODES=$NNODES set NODE_RANK (0..$((NNODES - 1))) or RDZV_ENDPOINT" >&2
+    exit 2
+  fi
+  launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
+          --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
+fi
+exec "$VENV/bin/torchrun" "${launch[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+  -m fastmoe_megatron.launch "$SCRIPT" "$@"
