@@ -1,33 +1,187 @@
-"""Checkpoints of pretrain_gpt in megatron-core's dist_checkpointing format.
+"""Checkpoints for pretrain_gpt and for fmoefy'd models in a user's own training loop.
 
-Layout: ``<save>/iter_0000100/`` (one dist_checkpointing folder: model, optimizer, scheduler,
-iteration) and ``<save>/latest_checkpointed_iteration.txt``. A checkpoint is written into
-``iter_XXXXXXX.tmp`` and renamed only after every rank finished, and the ``latest`` file is
-replaced atomically after that, so a run killed while saving leaves the previous checkpoint as
-the latest one. Expert tensors carry a global expert axis (MegatronMLP.sharded_state_dict), so
-every rank's experts are saved and restored, and a checkpoint can be loaded at another
-expert-parallel size.
+Layout under a checkpoint root (``--save`` / ``--load``)::
+
+    <root>/latest_checkpointed_iteration.txt     the iteration of the newest complete checkpoint
+    <root>/iter_0000100/                          one checkpoint
+        fmoe_checkpoint.json                      manifest: format, layout, model shapes, files
+        ...                                       the format's own files (below)
+
+Two formats (``--ckpt-format``):
+
+- ``torch_dist`` (default): megatron-core's ``dist_checkpointing`` (PyTorch distributed
+  checkpoint files, ``common.pt``, ``metadata.json``). Every tensor is stored by its global
+  key and offset: expert tensors carry a global expert axis (``MegatronMLP.sharded_state_dict``),
+  so the checkpoint loads at any expert-parallel size (and any data-parallel size), the optimizer
+  state included, except the distributed optimizer's, which megatron-core reshards over data
+  parallel only (at another TP, PP or EP size, load the model with ``--no-load-optim``).
+- ``torch``: one ``torch.save`` file per rank,
+  ``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt`` (Megatron-LM's folder names;
+  further data-parallel replicas of the same folder write ``model_optim_rng_dp{i:03d}.pt``). A
+  file holds the rank's own (main-replica) shards of the same sharded state dict, each with its
+  global key and offset, so this format also reshards when the layout changes.
+
+What a checkpoint holds: the model, the optimizer state (megatron-core's, or a torch optimizer's
+per rank), the lr scheduler, the iteration (which is also the data position: pretrain_gpt's
+``BatchIterator`` resumes at any iteration), every rank's RNG states (Python, NumPy, torch CPU
+and CUDA generators, megatron-core's tensor-parallel RNG tracker) and the aux-loss-free balancing
+state (the gates' ``expert_bias`` buffers, part of the model). Resuming at the same layout
+continues bitwise as if the run had not stopped. At another layout the RNG states are not
+restored (they belong to ranks that no longer exist); a warning says so.
+
+Failure handling:
+
+- Atomic saves: a checkpoint is written into ``iter_XXXXXXX.tmp``; after every rank has written
+  its part, rank 0 writes the manifest (size and CRC32 of every file), renames the folder and
+  then replaces the ``latest`` file (write + ``os.replace``). A process killed at any point
+  leaves the previous checkpoint as the latest one; leftover ``.tmp`` folders are removed by the
+  next save. Saving an iteration that already has a checkpoint moves the old folder to
+  ``iter_XXXXXXX.old`` until the new one is committed (a load falls back to it if killed in
+  between).
+- Loads check the manifest first: a missing, truncated or altered file raises
+  ``CheckpointError`` naming the file. Nothing is unpickled without an allowlist: torch files
+  (``common.pt``, the per-rank files, the objects inside the distributed checkpoint files) are
+  read with ``torch.load(weights_only=True)``; PyTorch's ``.metadata`` file (a plain pickle) is
+  read with an unpickler that accepts only the checkpoint metadata classes.
+- A model whose shapes differ from the checkpoint's raises ``CheckpointError`` listing the
+  differing tensors (and the differing flags, when both sides come from pretrain_gpt) before
+  anything is loaded.
+
+Fault injection (tests and ``scripts/soak_test.py``): ``FMOE_FAULT_INJECT`` holds comma-separated
+``point:iteration[:rank[:action]]`` entries; ``point`` is ``step`` (pretrain_gpt, between the
+backward pass and the optimizer step), ``save`` (after this rank wrote its files, before the
+checkpoint is committed) or ``commit`` (rank 0, after the folder rename, before ``latest`` is
+updated); ``action`` is ``kill`` (SIGKILL itself, the default), ``exit`` (``os._exit(17)``) or
+``sleepN`` (sleep N seconds).
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+import math
 import os
+import pickle
+import random
+import re
 import shutil
+import signal
+import sys
+import time
+import zlib
 from pathlib import Path
+from typing import Any, Optional
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
-from .fmoefy import unwrap
+from .fmoefy import moe_modules, unwrap
 
 LATEST = "latest_checkpointed_iteration.txt"
+MANIFEST = "fmoe_checkpoint.json"
+FORMATS = ("torch_dist", "torch")
+TORCH_FILE = "model_optim_rng.pt"
+VERSION = 1
+FAULT_ENV = "FMOE_FAULT_INJECT"
+#: How megatron-core's distributed optimizer lays out its state in checkpoints: in canonical
+#: per-parameter tensors, which load at any data-parallel size (megatron-core's
+#: default in 0.16, "fully_sharded_model_space", saves flattened tensors that 0.16 itself
+#: rejects). The price: the save gathers each parameter's optimizer state on its data-parallel
+#: rank 0. Other megatron-core optimizers ignore it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+#: pretrain_gpt flags that decide the shapes of the model's tensors (named in mismatch errors).
+SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "max_position_embeddings", "make_vocab_size_divisible_by", "fmoefy",
+               "fmoe_num_experts", "hidden_hidden_size", "balance_strategy",
+               "fmoe_expert_bias_update_rate", "untie_embeddings_and_output_weights",
+               "position_embedding_type", "vocab_file")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: missing, partial, corrupt, unsafe, or for another
+    model. The message names the file or the tensors concerned."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return _rank() == 0
 
 
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_gather_object(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _warn0(msg: str):
+    if _rank0():
+        print(f"checkpoint: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def fault_point(point: str, iteration: int) -> None:
+    """Fault injection for tests (see the module doc, ``FMOE_FAULT_INJECT``)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank = _rank()
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) < 2 or parts[0] != point or int(parts[1]) != iteration:
+            continue
+        if len(parts) > 2 and parts[2] not in ("", "*") and int(parts[2]) != rank:
+            continue
+        action = parts[3] if len(parts) > 3 else "kill"
+        print(f"fault injection: {action} on rank {rank} at '{point}' of iteration {iteration}",
+              file=sys.stderr, flush=True)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "exit":
+            os._exit(17)
+        elif action.startswith("sleep"):
+            time.sleep(float(action[5:] or 3600))
+        else:
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
 
 def checkpoint_dir(root, iteration: int) -> Path:
@@ -40,66 +194,757 @@ def latest_iteration(root) -> int | None:
         return None
     text = path.read_text().strip()
     if not text.isdigit():
-        raise RuntimeError(f"{path} is corrupt: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{path} is corrupt: expected an iteration number, found {text!r}")
     return int(text)
 
 
-def _state(model, optimizer, loading: bool):
+def resolve(path) -> Path:
+    """The checkpoint folder for ``path``: itself when it is one (it holds a manifest), else the
+    latest checkpoint under the root ``path``."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or path.name.startswith("iter_"):
+        return path
+    iteration = latest_iteration(path)
+    if iteration is None:
+        raise CheckpointError(f"{path} holds no checkpoint ({path / LATEST} is missing)")
+    found = checkpoint_dir(path, iteration)
+    if not found.is_dir():
+        old = found.with_name(found.name + ".old")
+        if (old / MANIFEST).is_file():  # a re-save of this iteration was killed mid-swap
+            return old
+        raise CheckpointError(f"{path / LATEST} names iteration {iteration}, but {found} is missing")
+    return found
+
+
+# ----------------------------------------------------------------------------------- RNG state
+
+def get_rng_state() -> dict:
+    """This process's RNG states, as plain types and tensors (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "random": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    tracker = _rng_tracker()
+    if tracker is not None:
+        state["tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["random"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tracker = _rng_tracker()
+    if tracker is not None and state.get("tracker"):
+        tracker.set_states({k: v.clone() for k, v in state["tracker"].items()})
+
+
+def _rng_tracker():
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    except ImportError:
+        return None
+    tracker = get_cuda_rng_tracker()
+    return tracker if hasattr(tracker, "get_states") else None
+
+
+# ------------------------------------------------------------------------------- layout, state
+
+def current_layout() -> dict:
+    """World size and parallel sizes; a checkpoint's RNG states (and the torch format's per-rank
+    optimizer state of a torch optimizer) are restored only at the same layout."""
+    layout = {"world_size": _world()}
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            layout.update(tp=ps.get_tensor_model_parallel_world_size(),
+                          pp=ps.get_pipeline_model_parallel_world_size(),
+                          ep=ps.get_expert_model_parallel_world_size(),
+                          dp=ps.get_data_parallel_world_size())
+    except ImportError:
+        pass
+    return layout
+
+
+def describe_layout(layout: Optional[dict]) -> str:
+    if not layout:
+        return "an unknown layout"
+    parts = " ".join(f"{k.upper()}={layout[k]}" for k in ("tp", "pp", "ep", "dp") if k in layout)
+    return f"{layout.get('world_size', '?')} processes" + (f" ({parts})" if parts else "")
+
+
+def _coords() -> tuple[int, int, int, int, int]:
+    """(tp rank, pp rank, ep rank, pp size, ep size) of this process."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                    ps.get_expert_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+                    ps.get_expert_model_parallel_world_size())
+    except ImportError:
+        pass
+    return _rank(), 0, 0, 1, 1
+
+
+def _sharded_state(model, optimizer, scheduler, iteration, loading: bool, rng: bool,
+                   with_optimizer: bool = True):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     model_sd = unwrap(model).sharded_state_dict()
-    return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+    state: dict = {"model": model_sd, "iteration": iteration, "fmoe_checkpoint_version": VERSION}
+    if optimizer is not None and with_optimizer:
+        if hasattr(optimizer, "sharded_state_dict"):
+            with _cpu_scope():
+                state["optimizer"] = optimizer.sharded_state_dict(
+                    model_sd, is_loading=loading, metadata=OPTIMIZER_METADATA)
+        else:  # a torch optimizer: its state, per rank
+            state["optimizer_torch"] = ShardedObject(
+                "optimizer_torch", None if loading else optimizer.state_dict(), (_world(),),
+                (_rank(),), replica_id=0)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = None if loading else scheduler.state_dict()
+    if rng:
+        state["rng_state"] = ShardedObject("rng_state", None if loading else get_rng_state(),
+                                           (_world(),), (_rank(),), replica_id=0)
+    return state
 
 
-def save(root, iteration: int, model, optimizer, scheduler, args=None) -> Path:
+def _cpu_scope():
+    """On a machine without CUDA (cpu_compat applied): megatron-core's distributed optimizer
+    gathers and scatters its checkpoint state in tensors on torch.cuda.current_device()
+    (DistributedOptimizer.get_parameter_state_dp_zero / load_parameter_state_from_dp_zero);
+    cpu_compat's scope makes those CPU tensors."""
+    import contextlib
+
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from . import cpu_compat
+
+    return cpu_compat.cuda_means_cpu() if cpu_compat.is_applied() else contextlib.nullcontext()
+
+
+def _model_meta(model_sd) -> dict:
+    """{global key: {shape, dtype}} of the model's sharded tensors."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    meta = {}
+    for sh in nested_values(model_sd):
+        if isinstance(sh, ShardedTensor):
+            meta[sh.key] = {"shape": list(sh.global_shape), "dtype": str(sh.dtype).replace("torch.", "")}
+    return meta
+
+
+def _fmoe_meta(model) -> Optional[dict]:
+    mods = moe_modules(unwrap(model))
+    if not mods:
+        return None
+    m = mods[0]
+    act = getattr(m.config, "activation_func", None)
+    cfg = dataclasses.asdict(m.fmoe_config)
+    cfg["activation"] = getattr(act, "__name__", type(act).__name__)
+    return cfg
+
+
+def _jsonable_args(args) -> Optional[dict]:
+    if args is None:
+        return None
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------- save
+
+def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
+         fmt: Optional[str] = None, rng: bool = True) -> Path:
+    """Saves ``<root>/iter_<iteration>`` atomically (see the module doc) and points ``latest``
+    at it. Collective: every rank calls it. ``fmt``: ``torch_dist`` (default, or
+    ``args.ckpt_format``) or ``torch``."""
     from megatron.core import dist_checkpointing
 
+    fmt = fmt or getattr(args, "ckpt_format", None) or "torch_dist"
+    if fmt not in FORMATS:
+        raise ValueError(f"--ckpt-format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
     root = Path(root)
-    final, tmp = checkpoint_dir(root, iteration), Path(str(checkpoint_dir(root, iteration)) + ".tmp")
+    final = checkpoint_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
     if _rank0():
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("iter_*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob("iter_*.old"):  # replaced by a re-save that was not cleaned up
+            if old.with_suffix("").is_dir():
+                shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = _state(model, optimizer, loading=False)
-    state["iteration"] = iteration
-    state["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
+    state = _sharded_state(model, optimizer, scheduler, iteration, loading=False, rng=rng)
+    meta = _model_meta(state["model"])
+    if fmt == "torch_dist":
+        _in_process_results_queue()
+        dist_checkpointing.save(state, str(tmp))
+        mine = None
+    else:
+        mine = _save_torch(state, tmp)
+    fault_point("save", iteration)
     _barrier()
+    files = _checksums(tmp)
+    gathered = _all_gather_object({"model": meta, "torch": mine, "fmoe": _fmoe_meta(model)})
     if _rank0():
-        if final.exists():
-            shutil.rmtree(final)
+        model_meta: dict = {}
+        for g in gathered:
+            model_meta.update(g["model"])
+        manifest = {
+            "format": fmt, "version": VERSION, "iteration": iteration,
+            "layout": current_layout(), "saved_at": time.time(),
+            "contents": {"optimizer": optimizer is not None, "scheduler": scheduler is not None,
+                         "rng": rng, "distributed_optimizer": _is_distributed(optimizer)},
+            "model": model_meta,
+            "fmoe": next((g["fmoe"] for g in gathered if g["fmoe"]), None),
+            "args": _jsonable_args(args),
+            "files": files,
+        }
+        if fmt == "torch":
+            manifest["ranks"] = [g["torch"] for g in gathered]
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # an earlier save of the same iteration: set aside until committed
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        latest_tmp = root / (LATEST + ".tmp")
-        latest_tmp.write_text(str(iteration))
-        os.replace(latest_tmp, root / LATEST)
-        print(f"checkpoint: saved iteration {iteration} to {final}", flush=True)
+        _fsync_dir(root)
+        fault_point("commit", iteration)
+        _write_atomic(root / LATEST, str(iteration))
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"checkpoint: saved iteration {iteration} to {final} ({fmt})", flush=True)
     _barrier()
     return final
 
 
-def load(root, model, optimizer, scheduler, args=None) -> int:
-    """Loads the latest checkpoint under ``root``; returns its iteration (0 if there is none)."""
+def _in_process_results_queue():
+    """megatron-core's torch_dist writer reports its results through a queue of a spawned
+    multiprocessing Manager (made for asynchronous saves, started at the first save). Our saves
+    are synchronous, so an ordinary queue does; and a Manager process outlives a rank that is
+    killed (SIGKILL, OOM killer), holding its stdout open and its memory until someone kills it.
+    Sets megatron's cached queue (``filesystem_async._results_queue``) before the first save."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        import multiprocessing
+
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+
+
+def _is_distributed(optimizer) -> bool:
+    try:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    except ImportError:
+        return False
+    return any(isinstance(o, DistributedOptimizer)
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _short(exc: BaseException, limit: int = 800) -> str:
+    """A one-line account of an error (PyTorch's CheckpointException carries every rank's
+    traceback: keep the last error line)."""
+    text = str(exc)
+    lines = [l.strip() for l in text.splitlines()
+             if re.match(r"^[\w.]+(Error|Exception): ", l.strip())]
+    msg = lines[-1] if lines else text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:limit]
+
+
+def _checksums(folder: Path) -> dict:
+    """{relative path: {size, crc32}} of every file under ``folder``; the ranks share the work
+    (and fsync what they read)."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    mine = {}
+    for i, name in enumerate(names):
+        if i % _world() == _rank():
+            mine[name] = _file_info(folder / name, sync=True)
+    out: dict = {}
+    for part in _all_gather_object(mine):
+        out.update(part)
+    return out
+
+
+def _file_info(path: Path, sync: bool = False) -> dict:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+        if sync:
+            try:
+                os.fsync(f.fileno())
+            except OSError:
+                pass
+    return {"size": size, "crc32": crc}
+
+
+# ----------------------------------------------------------------------- the per-rank torch format
+
+def _torch_file_name(tp_rank, pp_rank, ep_rank, pp, ep, replica) -> str:
+    folder = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") \
+        + (f"_{ep_rank:03d}" if ep > 1 else "")
+    return f"{folder}/{TORCH_FILE if replica == 0 else f'model_optim_rng_dp{replica:03d}.pt'}"
+
+
+def _my_torch_file() -> str:
+    tp_rank, pp_rank, ep_rank, pp, ep = _coords()
+    folder = _torch_file_name(tp_rank, pp_rank, ep_rank, pp, ep, 0).split("/")[0]
+    folders = _all_gather_object(folder)
+    replica = sum(1 for r in range(_rank()) if folders[r] == folder)
+    return _torch_file_name(tp_rank, pp_rank, ep_rank, pp, ep, replica)
+
+
+def _save_torch(state, folder: Path) -> dict:
+    """Writes this rank's file; returns its index entry for the manifest."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    sharded, common = save_preprocess(state, validate_access_integrity=False)
+    tensors, objects, index_t, index_o = [], [], [], []
+    for sh in nested_values(sharded):
+        if not is_main_replica(sh.replica_id):
+            continue
+        if isinstance(sh, ShardedTensor):
+            frange = None if sh.flattened_range is None else [sh.flattened_range.start,
+                                                               sh.flattened_range.stop]
+            entry = [sh.key, list(sh.global_offset), list(sh.local_shape), frange,
+                     sh.prepend_axis_num]
+            # clone: parameters are views of one flat buffer, which torch.save would store whole
+            tensors.append(entry + [sh.data.detach().cpu().clone()])
+            index_t.append(entry)
+        elif isinstance(sh, ShardedObject):
+            objects.append([sh.unique_key, sh.data])
+            index_o.append(sh.unique_key)
+        else:
+            raise TypeError(f"cannot save {type(sh).__name__} {getattr(sh, 'key', '')} in the torch format")
+    name = _my_torch_file()
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "fastmoe_megatron.torch", "version": VERSION, "rank": _rank(),
+                "common": common, "tensors": tensors, "objects": objects}, path)
+    return {"file": name, "rank": _rank(), "tensors": index_t, "objects": index_o}
+
+
+def _torch_load(path: Path, mmap: bool = True):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: the checkpoint is partial") from exc
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds objects outside the weights_only allowlist, or is "
+                              f"corrupt; refusing to load it: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad header, ...
+        raise CheckpointError(f"{path} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+
+
+class _ShardReader:
+    """Finds shards of the torch format by global key and offset, across the rank files."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder = folder
+        self.files: dict[str, Any] = {}
+        self.tensors: dict[str, list] = {}
+        self.objects: dict[str, str] = {}
+        for entry in manifest["ranks"]:
+            for i, (key, offset, shape, frange, prepend) in enumerate(entry["tensors"]):
+                self.tensors.setdefault(key, []).append(
+                    (tuple(offset), tuple(shape), None if frange is None else tuple(frange),
+                     prepend, entry["file"], i))
+            for i, ukey in enumerate(entry["objects"]):
+                self.objects[ukey] = (entry["file"], i)
+
+    def _file(self, name):
+        if name not in self.files:
+            self.files[name] = _torch_load(self.folder / name)
+        return self.files[name]
+
+    def _data(self, name, i, kind):
+        return self._file(name)[kind][i][-1]
+
+    def common(self, name):
+        return self._file(name)["common"]
+
+    def obj(self, sh):
+        if sh.unique_key not in self.objects:
+            raise CheckpointError(f"{self.folder}: object {sh.unique_key} is not in the checkpoint")
+        name, i = self.objects[sh.unique_key]
+        return self._data(name, i, "objects")
+
+    def tensor(self, sh):
+        pieces = self.tensors.get(sh.key)
+        if not pieces:
+            raise CheckpointError(f"{self.folder}: tensor {sh.key} is not in the checkpoint")
+        offset, shape = tuple(sh.global_offset), tuple(sh.local_shape)
+        frange = None if sh.flattened_range is None else (sh.flattened_range.start,
+                                                          sh.flattened_range.stop)
+        dtype = sh.data.dtype if sh.data is not None else None
+        for off, shp, fr, _, name, i in pieces:
+            if off == offset and shp == shape and fr == frange:  # same layout: the very shard
+                data = self._data(name, i, "tensors")  # (memory-mapped: copy it out)
+                return data.to(dtype=dtype or data.dtype, copy=True)
+        # Another layout: assemble the region from the saved chunks.
+        region = self._region(sh.key, offset, shape, sh.prepend_axis_num, dtype)
+        if frange is not None:
+            region = region.reshape(-1)[frange[0]:frange[1]]
+        return region
+
+    def _chunks(self, key):
+        """(offset, full chunk tensor) of every saved chunk of ``key``, flattened pieces joined."""
+        chunks: dict = {}
+        for off, shp, fr, prepend, name, i in self.tensors[key]:
+            data = self._data(name, i, "tensors")
+            if fr is None:
+                chunks[off] = (shp, prepend, data)
+                continue
+            if off not in chunks:
+                chunks[off] = (shp, prepend, torch.empty(math.prod(shp), dtype=data.dtype))
+            chunks[off][2][fr[0]:fr[1]] = data
+        return [(off, shp, prepend, t.reshape(shp)) for off, (shp, prepend, t) in chunks.items()]
+
+    def _region(self, key, offset, shape, prepend, dtype):
+        out, filled = None, 0
+        for c_off, c_shape, c_prepend, data in self._chunks(key):
+            # Offsets cover the prepended axes (size 1 each) and then the tensor's own axes.
+            full_c = (1,) * c_prepend + tuple(c_shape)
+            full_t = (1,) * prepend + tuple(shape)
+            lo = [max(a, b) for a, b in zip(offset, c_off)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offset, full_t, c_off, full_c)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            if out is None:
+                out = torch.empty(full_t, dtype=dtype or data.dtype)
+            src = data.reshape(full_c)[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, c_off))]
+            out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, offset))] = src
+            filled += src.numel()
+        if out is None or filled != out.numel():
+            raise CheckpointError(f"{self.folder}: the saved shards of {key} do not cover the "
+                                  f"region at offset {list(offset)} of shape {list(shape)}")
+        return out.reshape(shape)
+
+
+def _load_torch(state, folder: Path, manifest: dict, own_file: Optional[str]):
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    reader = _ShardReader(folder, manifest)
+    sharded, nonpersistent, factories = load_preprocess(state)
+    common = reader.common(own_file or manifest["ranks"][0]["file"])
+    merge(common, nonpersistent)
+    sharded, _ = extract_sharded_base(sharded)
+    loaded = dict_list_map_inplace(
+        lambda sh: reader.obj(sh) if isinstance(sh, ShardedObject) else reader.tensor(sh), sharded)
+    merge(common, loaded)
+    return apply_factory_merges(common, factories)
+
+
+# ------------------------------------------------------------------------------ verification
+
+#: Globals PyTorch's distributed-checkpoint ``.metadata`` pickle may name (everything else is
+#: refused: the file is a plain pickle, which could otherwise run arbitrary code).
+_METADATA_ALLOWLIST = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to the layout
+    ("torch", "Size"), ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_ALLOWLIST:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def read_manifest(folder) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {folder} is a partial checkpoint, or was not "
+                              "written by fastmoe_megatron")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["format"], manifest["files"], manifest["model"]  # noqa: B018 - required keys
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    if manifest["format"] not in FORMATS:
+        raise CheckpointError(f"{path}: unknown checkpoint format {manifest['format']!r}")
+    return manifest
+
+
+def verify(path, distributed: bool = True) -> dict:
+    """Checks a checkpoint before anything is unpickled: every file of the manifest is present
+    with its size and CRC32, and every pickle in it passes its allowlist. Returns the manifest;
+    raises CheckpointError naming the first bad file. With ``distributed`` (and torch.distributed
+    initialised) the ranks share the CRC work; every rank gets the same verdict."""
+    folder = resolve(path)
+    manifest = read_manifest(folder)
+    share = distributed and dist.is_initialized()
+    rank, world = (_rank(), _world()) if share else (0, 1)
+    problems = []
+    for i, (name, want) in enumerate(sorted(manifest["files"].items())):
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+            continue
+        size = file.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{file} is truncated or altered: {size} bytes, the manifest says "
+                            f"{want['size']}")
+            continue
+        if i % world == rank and _file_info(file)["crc32"] != want["crc32"]:
+            problems.append(f"{file} is corrupt: its CRC32 differs from the manifest's")
+    if not problems:
+        try:
+            if manifest["format"] == "torch_dist":
+                _check_dist_pickles(folder, rank, world)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+            problems.append(str(exc) if isinstance(exc, CheckpointError)
+                            else f"{folder}: {type(exc).__name__}: {exc}")
+    if share:
+        problems = sorted({p for part in _all_gather_object(problems) for p in part})
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {folder} cannot be loaded: {problems[0]}{more}")
+    return manifest
+
+
+def _check_dist_pickles(folder: Path, rank: int = 0, world: int = 1):
+    """Allowlist checks of a torch_dist checkpoint's pickles (see _METADATA_ALLOWLIST)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    meta_path = folder / ".metadata"
+    try:
+        with open(meta_path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{meta_path} is missing: the checkpoint is partial") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path} is corrupt or not allowed: {exc}") from exc
+    if rank == 0:
+        _torch_load(folder / "common.pt", mmap=False)
+    # Objects stored inside the .distcp files (RNG states, torch optimizer states) are unpickled
+    # by PyTorch without weights_only: check each with weights_only first.
+    byte_keys = {k for k, v in metadata.state_dict_metadata.items()
+                 if isinstance(v, BytesStorageMetadata)}
+    items = [(idx, info) for idx, info in metadata.storage_data.items() if idx.fqn in byte_keys]
+    for i, (idx, info) in enumerate(sorted(items, key=lambda x: x[0].fqn)):
+        if i % world != rank:
+            continue
+        path = folder / info.relative_path
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        if len(blob) != info.length:
+            raise CheckpointError(f"{path} is truncated: object {idx.fqn} is cut short")
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: object {idx.fqn} is corrupt or holds objects "
+                                  f"outside the weights_only allowlist: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------- load
+
+def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
+    """Raises CheckpointError when the model's tensors differ from the checkpoint's."""
+    mine = _model_meta(model_sd)
+    saved = manifest["model"]
+    problems = []
+    for key, m in sorted(mine.items()):
+        s = saved.get(key)
+        if s is None:
+            problems.append(f"{key} is not in the checkpoint")
+        elif s["shape"] != m["shape"]:
+            problems.append(f"{key} is {s['shape']} in the checkpoint, {m['shape']} in this model")
+    present = set()
+    for part in _all_gather_object(sorted(mine)):
+        present.update(part)
+    problems += [f"{key} is in the checkpoint but not in this model"
+                 for key in sorted(set(saved) - present)]
+    problems = sorted({p for part in _all_gather_object(problems) for p in part})
+    if not problems:
+        return
+    flags = []
+    saved_args, now = manifest.get("args") or {}, vars(args) if args is not None else {}
+    for name in SHAPE_FLAGS:
+        if name in saved_args and name in now and saved_args[name] != now[name]:
+            flags.append(f"--{name.replace('_', '-')} {saved_args[name]} in the checkpoint, "
+                         f"{now[name]} now")
+    raise CheckpointError(
+        f"checkpoint {folder} is from another model shape"
+        + (f" ({'; '.join(flags)})" if flags else "") + ": "
+        + "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+
+
+def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: bool = True,
+         load_rng: bool = True) -> int:
+    """Loads the latest checkpoint under ``root`` (or the checkpoint folder ``root``) into the
+    model, optimizer and scheduler and restores the RNG states; returns its iteration (0 when
+    there is none). Collective. Works at any expert-parallel size (see the module doc);
+    ``load_optim=False`` (``--no-load-optim``) loads the model and scheduler only."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
-    if iteration is None:
+    root = Path(root)
+    if not (root / MANIFEST).is_file() and latest_iteration(root) is None:
         if _rank0():
             print(f"checkpoint: nothing to load in {root}; starting from scratch", flush=True)
         return 0
-    path = checkpoint_dir(root, iteration)
-    if not path.is_dir():
-        raise RuntimeError(f"{Path(root) / LATEST} names iteration {iteration}, but {path} is missing")
-    state = _state(model, optimizer, loading=True)
-    state["iteration"] = None
-    state["opt_param_scheduler"] = None
+    folder = resolve(root)
+    manifest = verify(folder)
+    contents = manifest.get("contents", {})
+    layout = current_layout()
+    same_layout = manifest.get("layout") == layout
+    with_optim = optimizer is not None and load_optim
+    if with_optim and not contents.get("optimizer", True):
+        _warn0(f"{folder} holds no optimizer state; the optimizer starts fresh")
+        with_optim = False
+    if with_optim and not hasattr(optimizer, "sharded_state_dict") and not same_layout:
+        raise CheckpointError(
+            f"{folder} holds a torch optimizer's per-rank state saved at "
+            f"{describe_layout(manifest.get('layout'))}, which cannot be resharded to "
+            f"{describe_layout(layout)}: load with load_optim=False (--no-load-optim)")
+    saved_layout = manifest.get("layout") or {}
+    moved = [k for k in ("tp", "pp", "ep") if saved_layout.get(k) != layout.get(k)]
+    if with_optim and contents.get("distributed_optimizer") and moved:
+        raise CheckpointError(
+            f"{folder}: the distributed optimizer's state was saved at "
+            f"{describe_layout(saved_layout)}; megatron-core reshards it over data parallel only, "
+            f"not to {describe_layout(layout)} ({', '.join(m.upper() for m in moved)} changed): "
+            "load the model only with --no-load-optim (load_optim=False)")
+    rng = load_rng and contents.get("rng", False)
+    if rng and not same_layout:
+        _warn0(f"{folder} was saved at {describe_layout(manifest.get('layout'))}, this run has "
+               f"{describe_layout(layout)}: RNG states are not restored")
+        rng = False
+    state = _sharded_state(model, optimizer, scheduler if contents.get("scheduler", True) else None,
+                           None, loading=True, rng=rng, with_optimizer=with_optim)
+    _check_model(folder, manifest, state["model"], args)
     try:
-        loaded = dist_checkpointing.load(state, str(path))
-    except Exception as exc:
-        raise RuntimeError(f"could not load the checkpoint {path}: {exc}") from exc
+        if manifest["format"] == "torch_dist":
+            loaded = dist_checkpointing.load(state, str(folder))
+        else:
+            own = None
+            if same_layout:
+                own = manifest["ranks"][_rank()]["file"]
+            loaded = _load_torch(state, folder, manifest, own)
+    except CheckpointError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - PyTorch's CheckpointException is a BaseException
+        hint = ("; the layout changed since the save: retry with --no-load-optim (load_optim=False)"
+                if with_optim and not same_layout else "")
+        raise CheckpointError(f"could not load the checkpoint {folder}: {_short(exc)}{hint}") from exc
     unwrap(model).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    if loaded.get("opt_param_scheduler") is not None:
+    if with_optim:
+        if "optimizer" in loaded:
+            # no_grad: the distributed optimizer copies into its leaf main params
+            # (load_parameter_state_from_dp_reshardable has no no_grad of its own)
+            with torch.no_grad(), _cpu_scope():
+                optimizer.load_state_dict(loaded["optimizer"])
+        else:
+            optimizer.load_state_dict(loaded["optimizer_torch"])
+    elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        with torch.no_grad(), _cpu_scope():
+            optimizer.reload_model_params()  # fp32 main copies (bf16, distributed) from the weights
+    if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if rng:
+        set_rng_state(loaded["rng_state"])
     if _rank0():
-        print(f"checkpoint: resumed from {path} (iteration {iteration})", flush=True)
+        print(f"checkpoint: resumed from {folder} (iteration {manifest['iteration']}, "
+              f"{manifest['format']}" + ("" if same_layout else f", resharded from "
+                                         f"{describe_layout(manifest.get('layout'))} to "
+                                         f"{describe_layout(layout)}") + ")", flush=True)
     return int(loaded["iteration"])
+
+
+# ------------------------------------------------------------------- the fmoefy API (own loop)
+
+def save_fmoe(root, iteration: int, model, optimizer=None, scheduler=None,
+              fmt: str = "torch_dist") -> Path:
+    """Checkpoints an fmoefy'd megatron-core model in your own training loop: the model (experts
+    with their global expert axis), the optimizer (megatron-core's, or any torch optimizer, per
+    rank), an optional scheduler with ``state_dict``, every rank's RNG states and ``iteration``.
+    Collective; atomic like pretrain_gpt's saves. Load with :func:`load_fmoe`."""
+    return save(root, iteration, model, optimizer, scheduler, fmt=fmt)
+
+
+def load_fmoe(root, model, optimizer=None, scheduler=None, load_optim: bool = True,
+              load_rng: bool = True) -> int:
+    """Loads the latest checkpoint written by :func:`save_fmoe` (at any expert-parallel size with
+    megatron-core optimizers; a torch optimizer's state needs the same layout); returns the
+    iteration, 0 when there is none."""
+    return load(root, model, optimizer, scheduler, load_optim=load_optim, load_rng=load_rng)
+
+
+# ------------------------------------------------------------------------- offline (one process)
+
+def load_model_tensors(path) -> tuple[dict, dict]:
+    """Every model tensor of a checkpoint, whole (experts over the global expert axis):
+    ``({key: tensor}, manifest)``. For offline tools; runs in one process (it initialises a
+    one-process gloo group for the torch_dist format when torch.distributed is not set up)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    folder = resolve(path)
+    manifest = verify(folder, distributed=False)
+    template = {key: ShardedTensor.from_rank_offsets(
+        key, torch.empty(m["shape"], dtype=getattr(torch, m["dtype"])), replica_id=0)
+        for key, m in manifest["model"].items()}
+    if manifest["format"] == "torch":
+        reader = _ShardReader(folder, manifest)
+        return {key: reader.tensor(sh) for key, sh in template.items()}, manifest
+    if not dist.is_initialized():
+        import datetime
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, 1, is_master=True,
+                              timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("load_model_tensors runs in one process")
+    try:
+        loaded = dist_checkpointing.load({"model": template}, str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"could not read {folder}: {type(exc).__name__}: {exc}") from exc
+    return loaded["model"], manifest

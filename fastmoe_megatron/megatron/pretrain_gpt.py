@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None, help="checkpoint folder")
     c.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
     c.add_argument("--load", default=None, help="resume from the latest checkpoint in this folder")
+    c.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist", "torch"],
+                   help="torch_dist: megatron-core dist_checkpointing (default; loads at any "
+                        "expert-parallel size); torch: one torch file per rank")
+    c.add_argument("--no-load-optim", action="store_true",
+                   help="load the model (and lr scheduler) only, not the optimizer state")
+    c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after a checkpoint, with --save) when the iteration is a multiple "
+                        "of this")
+    c.add_argument("--skip-train", action="store_true",
+                   help="load (--load), save (--save) and exit without training: converts a "
+                        "checkpoint to this run's layout and --ckpt-format")
     c.add_argument("--log-interval", type=int, default=10)
     c.add_argument("--tensorboard-dir", default=None)
     add_fmoe_args(p)
@@ -109,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args, world_size: int):
     """Derives defaults and rejects bad combinations with the flag to fix."""
+    for flag in ("hidden_size", "ffn_hidden_size", "hidden_hidden_size", "num_layers",
+                 "num_attention_heads", "seq_length", "micro_batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
@@ -146,6 +163,8 @@ def validate_args(args, world_size: int):
         args.fmoe.validate(ep)
     if args.save_interval is not None and args.save_interval <= 0:
         raise ValueError("--save-interval must be > 0")
+    if args.exit_interval is not None and args.exit_interval <= 0:
+        raise ValueError("--exit-interval must be > 0")
     cache = Path(args.cache_dir) if args.cache_dir else Path(
         os.environ.get("FMOE_CACHE_DIR", Path.home() / ".cache" / "fastmoe_megatron"))
     args.cache_dir = cache
@@ -168,6 +187,8 @@ def initialize(args, use_cuda: bool):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=1,
+        # megatron's groups carry the training collectives: they get the same timeout
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
@@ -296,14 +317,35 @@ def main(argv=None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    result = train(args, use_cuda)  # on failure: no barrier (a dead peer would make it wait)
+    ok = not result.losses or result.losses[-1] == result.losses[-1]  # not NaN
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def _entry() -> None:
+    """``python -m``/torchrun entry: a failing rank prints what failed and exits at once (no
+    interpreter teardown, which can hang on a process group with a dead peer). The other ranks'
+    next collective then fails (gloo: the peer closed the connection; NCCL: its watchdog, within
+    --distributed-timeout-minutes), and torchrun ends the job."""
     try:
-        result = train(args, use_cuda)
-        ok = result.losses and result.losses[-1] == result.losses[-1]  # not NaN
-        return 0 if ok else 1
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        code = main()
+    except Exception as exc:  # noqa: BLE001 - report, then end the process
+        import traceback
+
+        import multiprocessing
+
+        rank = os.environ.get("RANK", "0")
+        traceback.print_exc()
+        print(f"pretrain_gpt: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        for child in multiprocessing.active_children():  # e.g. checkpoint writer processes
+            child.kill()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 def _free_port() -> int:
@@ -370,17 +412,23 @@ def train(args, use_cuda: bool) -> int:
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
 
+    train_ds = None
+    if not args.skip_train:
+        data_prefix = args.data_path or default_data_prefix(
+            args.cache_dir, "bytes" if args.vocab_file is None else "gpt2", args.default_corpus_bytes)
+        train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
+                                        args.split, [args.train_iters * args.global_batch_size, 0, 0],
+                                        args.cache_dir)
     iteration = 0
-    if args.load:
-        iteration = checkpointing.load(args.load, model, optimizer, scheduler, args)
-
-    data_prefix = args.data_path or default_data_prefix(
-        args.cache_dir, "bytes" if args.vocab_file is None else "gpt2", args.default_corpus_bytes)
-    train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed, args.split,
-                                    [args.train_iters * args.global_batch_size, 0, 0], args.cache_dir)
-    data = BatchIterator(train_ds, args.global_batch_size, args.micro_batch_size,
-                         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-                         start_iteration=iteration, device=device)
+    if args.load:  # last before the loop: it restores the RNG states
+        iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,
+                                       load_optim=not args.no_load_optim,
+                                       load_rng=not args.no_load_rng)
+    start_iteration = iteration
+    data = None if train_ds is None else BatchIterator(
+        train_ds, args.global_batch_size, args.micro_batch_size,
+        parallel_state.get_data_parallel_rank(), args.data_parallel_size,
+        start_iteration=iteration, device=device)
 
     ep, dp = args.expert_model_parallel_size, args.data_parallel_size
     log0(f"pretrain_gpt: {dist.get_world_size()} processes ({'NCCL' if use_cuda else 'gloo, CPU'}): "
@@ -405,13 +453,15 @@ def train(args, use_cuda: bool) -> int:
     first_loss = last_loss = None
     window_t, window_iters = time.time(), 0
     history, norms = [], []
-    while iteration < args.train_iters:
+    stop_early = False
+    while iteration < args.train_iters and not args.skip_train:
         optimizer.zero_grad()
         model.zero_grad_buffer()
         reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
                                    num_microbatches=args.num_microbatches,
                                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                    forward_only=False)
+        checkpointing.fault_point("step", iteration + 1)
         ok, grad_norm, _ = optimizer.step()
         if ok:
             scheduler.step(increment=args.global_batch_size)
@@ -460,10 +510,17 @@ def train(args, use_cuda: bool) -> int:
                         writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
             window_t, window_iters = time.time(), 0
 
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            stop_early = True
+            log0(f"pretrain_gpt: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            break
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
             checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
-    if args.save:
+    unchanged = (iteration == start_iteration and not args.skip_train and args.load
+                 and Path(args.load).resolve() == Path(args.save or "").resolve())
+    if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \
+            and not unchanged:  # (a finished run started again: its checkpoint is the latest)
         checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
     if writer is not None:
         writer.close()
@@ -474,4 +531,4 @@ def train(args, use_cuda: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _entry()

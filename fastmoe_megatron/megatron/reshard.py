@@ -1,0 +1,282 @@
+"""Checkpoint tools: reshard to another expert-parallel size, merge into one file, verify.
+
+    python -m fastmoe_megatron.megatron.reshard reshard --load CKPT --save OUT \\
+        --expert-model-parallel-size 4 [--ckpt-format torch|torch_dist] [--world-size W]
+    python -m fastmoe_megatron.megatron.reshard merge --load CKPT --output merged.pt
+    python -m fastmoe_megatron.megatron.reshard verify --load CKPT
+    python -m fastmoe_megatron.megatron.reshard info --load CKPT
+
+``CKPT`` is a checkpoint root (its latest checkpoint is used) or one ``iter_XXXXXXX`` folder.
+
+- ``reshard`` writes a new checkpoint (model, optimizer, scheduler, iteration) for another
+  expert-parallel size and format. It starts ``W`` local CPU processes (gloo; default: pipeline
+  size x lcm(tensor-parallel size, EP)) that build the model of a pretrain_gpt checkpoint at the
+  new layout, load the checkpoint (resharding it) and save it: ``pretrain_gpt --skip-train``.
+  A ``torch_dist`` checkpoint needs no resharding at all: pretrain_gpt loads it at any EP size.
+  RNG states belong to the old ranks and are not carried over.
+- ``merge`` writes one ``torch.save`` file with every tensor whole (experts over the global
+  expert axis), for one process and for plain ``FMoETransformerMLP`` modules. It needs no model
+  and no process group, and works for checkpoints written through ``save_fmoe`` too::
+
+      {"format": "fastmoe_megatron.merged", "version": 1, "iteration": int, "source": str,
+       "fmoe": {num_experts, top_k, gate, capacity_factor, z_loss_weight,
+                expert_bias_update_rate, balance_loss_weight, activation, d_model, d_hidden},
+       "moe_layers": {"decoder.layers.<i>.mlp": FMoETransformerMLP state_dict
+                      (gate.gate.weight, experts.htoh4.weight [E, d_hidden, d_model], ...)},
+       "model": {checkpoint key, one layer per key: tensor}}
+
+  The ``model`` keys are the checkpoint's (``sharded_state_dict``) keys with the layer number put
+  back (``decoder.layers.<i>.self_attention.linear_qkv.weight``); they equal the module's
+  state-dict keys except where megatron-core renames a tensor in checkpoints (its local spec
+  stores ``pre_mlp_layernorm.weight`` as ``mlp.linear_fc1.layer_norm_weight``).
+
+  Load it with ``torch.load(path, weights_only=True)``; ``build_fmoe_layers(merged)`` makes the
+  ``FMoETransformerMLP`` modules with the saved gate and loads their weights.
+- ``verify`` checks every file against the manifest (size, CRC32) and the pickles against their
+  allowlists; ``info`` prints the manifest's summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpointing as ckpt
+
+MERGED_FORMAT = "fastmoe_megatron.merged"
+
+# pretrain_gpt flags not carried from the source checkpoint into the resharding run.
+_NOT_CARRIED = {"help", "load", "save", "expert_model_parallel_size", "global_batch_size",
+                "exit_interval", "save_interval", "tensorboard_dir", "threads", "skip_train",
+                "no_load_optim", "no_load_rng", "ckpt_format", "log_interval",
+                "tensor_model_parallel_size", "pipeline_model_parallel_size"}
+
+
+def argv_from_args(saved: dict) -> list[str]:
+    """pretrain_gpt flags that rebuild the model of a checkpoint from its saved arguments."""
+    from .pretrain_gpt import build_parser
+
+    argv = []
+    for action in build_parser()._actions:
+        dest = action.dest
+        if dest in _NOT_CARRIED or dest not in saved or not action.option_strings:
+            continue
+        value = saved[dest]
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true
+            if value:
+                argv.append(flag)
+        elif value is not None and value != action.default:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None = None,
+            extra: list[str] | None = None, timeout: float = 3600, log=print) -> Path:
+    """Writes the checkpoint ``load`` for expert-parallel size ``ep`` under ``save`` (see the
+    module doc); returns the new checkpoint folder."""
+    folder = ckpt.resolve(load)
+    manifest = ckpt.verify(folder, distributed=False)
+    saved = manifest.get("args")
+    if not saved:
+        raise ckpt.CheckpointError(
+            f"{folder} was not written by pretrain_gpt (no saved arguments), so the model cannot "
+            "be rebuilt here; load it at the new expert-parallel size directly (torch_dist and "
+            "torch formats reshard at load) or merge it")
+    tp = int(saved.get("tensor_model_parallel_size") or 1)
+    pp = int(saved.get("pipeline_model_parallel_size") or 1)
+    world = world_size or pp * math.lcm(tp, ep)
+    argv = argv_from_args(saved) + [
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--expert-model-parallel-size", str(ep), "--load", str(folder), "--save", str(save),
+        "--ckpt-format", fmt, "--skip-train", "--no-load-rng", "--threads", "1",
+        "--log-interval", "1000000"] + list(extra or [])
+    port = _free_port()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    env.pop(ckpt.FAULT_ENV, None)
+    log(f"reshard: {folder} ({ckpt.describe_layout(manifest.get('layout'))}) -> {save} at EP={ep} "
+        f"on {world} local CPU processes ({fmt})")
+    procs = []
+    try:
+        for rank in range(world):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + timeout
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        rank, code = failed[0]
+        raise RuntimeError(f"reshard: rank {rank} exited with {code}:\n{outputs[rank][-4000:]}")
+    out = ckpt.resolve(save)
+    log(f"reshard: wrote {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+_STACKED = re.compile(r"^(?P<pre>.*\.layers)\.(?P<rest>.+)$")
+
+
+def _unstack(tensors: dict, num_layers: int | None) -> dict:
+    """megatron-core's dist-checkpoint keys stack the layers (``decoder.layers.x`` with the
+    layer on axis 0); returns one key per layer (``decoder.layers.<i>.x``)."""
+    out = {}
+    for key, t in tensors.items():
+        m = _STACKED.match(key)
+        if m and not m.group("rest").split(".")[0].isdigit() and t.dim() > 0 \
+                and (num_layers is None or t.shape[0] == num_layers):
+            for i in range(t.shape[0]):
+                out[f"{m.group('pre')}.{i}.{m.group('rest')}"] = t[i].clone()
+        else:
+            out[key] = t
+    return out
+
+
+def merge(load, output) -> dict:
+    """Writes the single-process file of the module doc; returns what it wrote."""
+    tensors, manifest = ckpt.load_model_tensors(load)
+    args = manifest.get("args") or {}
+    stacked = [t.shape[0] for k, t in tensors.items() if k.endswith(".mlp.moe.experts.htoh4.weight")
+               and _STACKED.match(k) and not _STACKED.match(k).group("rest").split(".")[0].isdigit()]
+    num_layers = args.get("num_layers") or (stacked[0] if stacked else None)
+    model = _unstack(tensors, num_layers)
+    layers: dict = {}
+    for key, t in model.items():
+        if ".mlp.moe." in key:
+            prefix, rest = key.split(".moe.", 1)
+            layers.setdefault(prefix, {})[rest] = t
+    if not layers:
+        raise ckpt.CheckpointError(f"{ckpt.resolve(load)} holds no fastmoe MoE layer")
+    fmoe = dict(manifest.get("fmoe") or {})
+    some = next(iter(layers.values()))
+    w = some["experts.htoh4.weight"]
+    fmoe.update(num_experts=int(w.shape[0]), d_hidden=int(w.shape[1]), d_model=int(w.shape[2]))
+    merged = {"format": MERGED_FORMAT, "version": 1, "iteration": int(manifest["iteration"]),
+              "source": str(ckpt.resolve(load)), "fmoe": fmoe,
+              "moe_layers": dict(sorted(layers.items(), key=lambda kv: _natural(kv[0]))),
+              "model": model}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(merged, tmp)
+    os.replace(tmp, output)
+    return merged
+
+
+def _natural(key: str):
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", key)]
+
+
+def load_merged(path) -> dict:
+    """The merged file, read with ``weights_only=True``."""
+    merged = ckpt._torch_load(Path(path), mmap=False)
+    if not isinstance(merged, dict) or merged.get("format") != MERGED_FORMAT:
+        raise ckpt.CheckpointError(f"{path} is not a merged fastmoe_megatron checkpoint")
+    return merged
+
+
+def build_fmoe_layers(merged: dict) -> dict:
+    """One plain ``FMoETransformerMLP`` (one process, all experts) per merged MoE layer, with the
+    saved gate and weights; ``{layer prefix: module}``."""
+    import torch.nn.functional as F
+
+    from ..layers import FMoETransformerMLP
+    from .layer import GATES
+
+    cfg = merged["fmoe"]
+    gate_cls = GATES[cfg.get("gate", "naive")]
+    kwargs = {}
+    if cfg.get("capacity_factor") is not None:
+        kwargs["capacity"] = (cfg["capacity_factor"], 2 * cfg["capacity_factor"])
+    if cfg.get("z_loss_weight"):
+        kwargs["z_loss_weight"] = cfg["z_loss_weight"]
+    if cfg.get("expert_bias_update_rate"):
+        kwargs["expert_bias_update_rate"] = cfg["expert_bias_update_rate"]
+
+    def gate(d_model, num_expert, world_size, top_k):
+        return gate_cls(d_model, num_expert, world_size, top_k, **kwargs)
+
+    activation = getattr(F, cfg.get("activation") or "gelu", None) or F.gelu
+    layers = {}
+    for prefix, state in merged["moe_layers"].items():
+        moe = FMoETransformerMLP(num_expert=cfg["num_experts"], d_model=cfg["d_model"],
+                                 d_hidden=cfg["d_hidden"], activation=activation,
+                                 top_k=cfg.get("top_k", 2), gate=gate)
+        moe.load_state_dict(state)
+        layers[prefix] = moe
+    return layers
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastmoe_megatron.megatron.reshard",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reshard", help="write the checkpoint for another expert-parallel size")
+    r.add_argument("--load", required=True)
+    r.add_argument("--save", required=True)
+    r.add_argument("--expert-model-parallel-size", type=int, required=True)
+    r.add_argument("--ckpt-format", default="torch_dist", choices=list(ckpt.FORMATS))
+    r.add_argument("--world-size", type=int, default=None,
+                   help="processes of the new layout (default: PP x lcm(TP, EP))")
+    r.add_argument("--timeout", type=float, default=3600)
+    m = sub.add_parser("merge", help="write one file for one process / plain FMoETransformerMLP")
+    m.add_argument("--load", required=True)
+    m.add_argument("--output", required=True)
+    v = sub.add_parser("verify", help="check files, sizes, checksums and pickles")
+    v.add_argument("--load", required=True)
+    i = sub.add_parser("info", help="print the manifest's summary")
+    i.add_argument("--load", required=True)
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "reshard":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "reshard":
+            reshard(args.load, args.save, args.expert_model_parallel_size, args.ckpt_format,
+                    args.world_size, extra, args.timeout)
+        elif args.command == "merge":
+            merged = merge(args.load, args.output)
+            print(f"merge: wrote {args.output}: iteration {merged['iteration']}, "
+                  f"{len(merged['moe_layers'])} MoE layers of {merged['fmoe']['num_experts']} "
+                  f"experts, {len(merged['model'])} tensors")
+        elif args.command == "verify":
+            manifest = ckpt.verify(args.load, distributed=False)
+            print(f"verify: {ckpt.resolve(args.load)} is complete ({len(manifest['files'])} files, "
+                  f"format {manifest['format']}, iteration {manifest['iteration']})")
+        else:
+            folder = ckpt.resolve(args.load)
+            manifest = ckpt.read_manifest(folder)
+            print(json.dumps({k: manifest.get(k) for k in
+                              ("format", "iteration", "layout", "contents", "fmoe")}, indent=1))
+    except ckpt.CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Worker bodies of the checkpoint tests (gloo processes, see tests/dist_utils.py).
+
+They train the tiny GPT-MoE in-process through ``pretrain_gpt.run``, save, load at other
+expert-parallel sizes, and compare losses, weights and outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2",
+        "--lr", "5e-3", "--lr-decay-style", "cosine", "--log-interval", "100",
+        "--default-corpus-bytes", "300000", "--fmoefy", "--fmoe-num-experts", "4",
+        "--balance-strategy", "gshard", "--balance-loss-weight", "0.01", "--threads", "1",
+        "--seed", "7"]
+# Dropout on (the RNG state matters), noisy routing (gshard's random routing), aux-loss-free bias.
+RESUME = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+          "--fmoe-expert-bias-update-rate", "0.01"]
+
+
+def _inner(model):
+    from fastmoe_megatron.megatron.fmoefy import unwrap
+
+    return unwrap(model)
+
+
+def full_weights(model) -> dict:
+    """Every model tensor, with experts gathered over the expert-parallel group (so the dict is
+    the same whatever the EP size)."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    inner = _inner(model)
+    group = ps.get_expert_model_parallel_group()
+    ep = ps.get_expert_model_parallel_world_size()
+    for name, t in inner.state_dict().items():
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().clone()
+        if ".mlp.moe.experts." in name and ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts)
+        out[name] = t
+    return out
+
+
+def fixed_batch(vocab=256, seq=32, batch=2, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    position = torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous()
+    mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool)).logical_not().view(1, 1, seq, seq)
+    return tokens, position, mask
+
+
+@torch.no_grad()
+def outputs(model) -> torch.Tensor:
+    """Logits of the fixed batch in eval mode (no dropout, no random routing). Every rank gets the
+    same batch, so every rank returns the same logits."""
+    inner = _inner(model)
+    inner.eval()
+    try:
+        from fastmoe_megatron.megatron import cpu_compat
+
+        with cpu_compat.cuda_means_cpu():
+            return inner(*fixed_batch()).float().clone()
+    finally:
+        inner.train()
+
+
+def _equal(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max diff {(a[k] - b[k]).abs().max()})"
+
+
+def resume_equality(rank, world, folder, fmt, extra):
+    """6 uninterrupted iterations vs 3 + save + resume 3: losses and weights bitwise equal."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    base = TINY + RESUME + ["--train-iters", "6", "--ckpt-format", fmt] + list(extra)
+    full = run(base)
+    w_full = full_weights(full.model)
+    first = run(base + ["--save", folder, "--exit-interval", "3"])
+    assert len(first.losses) == 3
+    assert first.losses == full.losses[:3], (first.losses, full.losses[:3])
+    second = run(base + ["--load", folder])
+    assert len(second.losses) == 3
+    losses = first.losses + second.losses
+    assert losses == full.losses, f"resumed {losses} != uninterrupted {full.losses}"
+    _equal(full_weights(second.model), w_full, "final weights")
+    # Control: without the RNG states (dropout, random routing) the resumed run differs.
+    third = run(base + ["--load", folder, "--no-load-rng"])
+    assert third.losses != second.losses, "the RNG states made no difference: the test is void"
+    return losses
+
+
+def expert_adam_state(model, optimizer) -> dict:
+    """Adam's exp_avg of every expert parameter, gathered over expert parallel (keyed by name)."""
+    from megatron.core import parallel_state as ps
+
+    states = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        states.update(opt.optimizer.state)
+    group = ps.get_expert_model_parallel_group()
+    ep = ps.get_expert_model_parallel_world_size()
+    out = {}
+    for name, p in _inner(model).named_parameters():
+        if ".mlp.moe.experts." not in name:
+            continue
+        t = states[p]["exp_avg"].detach().clone()
+        if ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts)
+        out[name] = t
+    return out
+
+
+def trained_checkpoints(rank, world, dist_root, torch_root, fmoefy_root):
+    """The source of the checkpoint tests, at EP=2: resume equality in both formats (their
+    checkpoints at iteration 3 are the reshard sources), the fixed-batch outputs and expert
+    optimizer states at iteration 3, and the fmoefy API (save_fmoe/load_fmoe in an own loop)."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    losses = {}
+    for fmt, root in (("torch_dist", dist_root), ("torch", torch_root)):
+        losses[fmt] = resume_equality(rank, world, root, fmt, ["--expert-model-parallel-size", "2"])
+    # megatron-core's distributed optimizer (EP=1, DP=2: its state is sharded over the ranks).
+    losses["distributed_optimizer"] = resume_equality(
+        rank, world, dist_root + "_distopt", "torch_dist",
+        ["--expert-model-parallel-size", "1", "--use-distributed-optimizer"])
+    # The state at the checkpoints (iteration 3), for the reshard tests: load it and look.
+    res = run(TINY + RESUME + ["--train-iters", "6", "--load", dist_root, "--skip-train",
+                               "--expert-model-parallel-size", "2"])
+    ref = {"outputs": outputs(res.model), "adam": expert_adam_state(res.model, res.optimizer),
+           "weights": full_weights(res.model), "moe_outputs": moe_layer_outputs(res.model),
+           "losses": losses}
+    ref["fmoefy"] = fmoefy_own_loop(rank, world, fmoefy_root)
+    return portable(ref)
+
+
+def portable(x):
+    """Tensors as numpy arrays (torch's multiprocessing queue passes tensors through shared
+    memory that dies with the worker)."""
+    if torch.is_tensor(x):
+        return x.numpy()
+    if isinstance(x, dict):
+        return {k: portable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(portable(v) for v in x)
+    return x
+
+
+def tensors(x):
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, dict):
+        return {k: tensors(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [tensors(v) for v in x]
+    return x
+
+
+def _own_model(seed):
+    """A user's own megatron-core GPT, fmoefy'd (EP from parallel_state), with a torch Adam."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fastmoe_megatron.megatron.fmoefy import fmoefy
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                            use_cpu_initialization=True, hidden_dropout=0.1, attention_dropout=0.0,
+                            bias_activation_fusion=False, bias_dropout_fusion=False,
+                            masked_softmax_fusion=False, persist_layer_norm=False,
+                            gradient_accumulation_fusion=False)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=256,
+                     max_sequence_length=32)
+    fmoefy(model, fmoe_num_experts=4, top_k=2, gate="gshard", balance_loss_weight=0.01)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def _own_steps(model, opt, steps, start):
+    from fastmoe_megatron.megatron import cpu_compat
+
+    losses = []
+    for i in range(start, start + steps):
+        tokens, position, mask = fixed_batch(seed=100 + i + dist.get_rank())
+        with cpu_compat.cuda_means_cpu():
+            loss = model(tokens, position, mask, labels=tokens).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        for p in model.parameters():  # data parallel by hand: average the non-expert gradients
+            if p.grad is not None and getattr(p, "allreduce", True):
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def fmoefy_own_loop(rank, world, root):
+    """save_fmoe/load_fmoe in a user's own loop (megatron-core model, torch Adam, EP=2): 4 steps
+    vs 2 + save + load into a fresh model + 2, bitwise."""
+    from megatron.core import parallel_state as ps
+
+    from fastmoe_megatron.megatron import cpu_compat
+    from fastmoe_megatron.megatron.checkpointing import load_fmoe, save_fmoe
+
+    cpu_compat.apply()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(expert_model_parallel_size=world, expert_tensor_parallel_size=1)
+    model, opt = _own_model(3)
+    full = _own_steps(model, opt, 4, 0)
+    w_full = full_weights(model)
+    model, opt = _own_model(3)
+    part = _own_steps(model, opt, 2, 0)
+    save_fmoe(root, 2, model, opt)
+    model, opt = _own_model(11)  # another seed: everything must come from the checkpoint
+    assert load_fmoe(root, model, opt) == 2
+    part += _own_steps(model, opt, 2, 2)
+    assert part == full, (part, full)
+    _equal(full_weights(model), w_full, "fmoefy own loop")
+    return part
+
+
+def load_at(rank, world, ep, sources, ref, save_to=None, extra=()):
+    """Loads each (root, format) of ``sources`` at expert-parallel size ``ep``; returns the
+    largest output difference from the reference and checks the expert optimizer state. Saves
+    the first source again at this EP size under ``save_to``."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    ref = tensors(ref)
+    diffs = {}
+    for i, root in enumerate(sources):
+        argv = TINY + RESUME + ["--train-iters", "6", "--load", root, "--skip-train",
+                                "--expert-model-parallel-size", str(ep)] + list(extra)
+        if i == 0 and save_to:
+            argv += ["--save", save_to]
+        res = run(argv)
+        out = outputs(res.model)
+        diffs[root] = float((out - ref["outputs"]).abs().max())
+        weights = full_weights(res.model)
+        for k, v in ref["weights"].items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=f"{root}: {k}")
+        if "--no-load-optim" not in extra:
+            adam = expert_adam_state(res.model, res.optimizer)
+            for k, v in ref["adam"].items():
+                torch.testing.assert_close(adam[k], v, rtol=0, atol=1e-7, msg=f"{root}: Adam {k}")
+    return diffs
+
+
+def moe_layer_outputs(model) -> list:
+    """Each MoE layer's FMoETransformerMLP on a fixed [tokens, hidden] input, eval mode."""
+    from fastmoe_megatron.megatron.fmoefy import moe_modules
+
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(9))
+    outs = []
+    with torch.no_grad():
+        for m in moe_modules(_inner(model)):
+            m.eval()
+            outs.append(m.moe(x).clone())
+            m.train()
+    return outs
+
+
+def _error_of(fn) -> str:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
+    """At EP=1 (one process): loads each source (checks outputs, weights and expert Adam state),
+    saves the first again; merges the torch_dist source and compares plain FMoETransformerMLP
+    layers with the model's MoE layers; and collects the errors of bad loads and of NaN."""
+    from fastmoe_megatron.megatron import reshard
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    result = {"diffs": load_at(rank, world, 1, sources, ref, save_to)}
+    ref_t = tensors(ref)
+
+    # merge (torch_dist source) -> plain FMoETransformerMLP layers, read with weights_only.
+    reshard.merge(sources[0], merged_path)
+    merged = torch.load(merged_path, weights_only=True)
+    layers = reshard.build_fmoe_layers(merged)
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(9))
+    merged_diffs = []
+    with torch.no_grad():
+        for (prefix, layer), want in zip(layers.items(), ref_t["moe_outputs"]):
+            layer.eval()
+            merged_diffs.append(float((layer(x) - want).abs().max()))
+    result["merged"] = {"diffs": merged_diffs, "layers": list(layers),
+                        "num_experts": merged["fmoe"]["num_experts"]}
+    # The merged model dict holds the one-process model's tensors under their checkpoint keys
+    # (the module's keys, but for the norms megatron-core's local spec renames).
+    res = run(TINY + RESUME + ["--train-iters", "6", "--load", sources[0], "--skip-train",
+                               "--expert-model-parallel-size", "1"])
+    sd = _inner(res.model).state_dict()
+    missing = [k for k in merged["model"] if k not in sd]
+    assert all(".layer_norm_" in k for k in missing), missing
+    assert len(merged["model"]) - len(missing) >= 20
+    for k, v in merged["model"].items():
+        if k in sd:
+            assert torch.equal(sd[k], v), k
+
+    base = TINY + RESUME + ["--train-iters", "6", "--skip-train", "--expert-model-parallel-size", "1"]
+    result["errors"] = {
+        "hidden_size": _error_of(lambda: run(base + ["--load", sources[0], "--hidden-size", "64"])),
+        "num_experts": _error_of(lambda: run(base + ["--load", sources[0], "--fmoe-num-experts", "8"])),
+        "corrupt": _error_of(lambda: run(base + ["--load", corrupt_root])),
+        "nan": _error_of(lambda: run(TINY + ["--train-iters", "4", "--lr", "1e30",
+                                             "--expert-model-parallel-size", "1"])),
+    }
+    return portable(result)
+
+
+def load_and_save(rank, world, ep, sources, ref, save_to):
+    return load_at(rank, world, ep, sources, ref, save_to)

@@ -1,0 +1,394 @@
+"""Checkpoints that survive: bitwise resume (torch_dist and per-rank torch formats, pretrain_gpt
+and the fmoefy API), resharding across expert-parallel sizes (at load, with the reshard command,
+merged into one file for plain FMoETransformerMLP), atomic saves under kills, integrity and
+weights_only checks, clear errors for bad input, a dying worker, and the soak script's short
+setting. Workers: ckpt_workers.py."""
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+
+import torch  # noqa: E402
+
+from tests.dist_utils import run_workers  # noqa: E402
+from tests.megatron import ckpt_workers as w  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-6
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def source(work):
+    """EP=2, 2 processes: resume equality in both formats and the fmoefy API; the checkpoints at
+    iteration 3 and the reference outputs are the sources of the reshard tests."""
+    roots = {"dist": str(work / "dist"), "torch": str(work / "torch"), "own": str(work / "own")}
+    (ref,) = run_workers(w.trained_checkpoints, 2, timeout=600, threads_per_worker=1,
+                         args=(roots["dist"], roots["torch"], roots["own"]))[:1]
+    return {"roots": roots, "ref": ref}
+
+
+# --------------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_resume_is_bitwise(source, fmt):
+    """6 iterations vs 3 + save + resume 3 (EP=2, dropout, random routing, expert bias): the
+    worker asserts bitwise-equal losses and final weights, and that --no-load-rng differs."""
+    losses = source["ref"]["losses"][fmt]
+    assert len(losses) == 6 and all(x == x for x in losses)
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    manifest = ckpt.verify(Path(source["roots"]["dist" if fmt == "torch_dist" else "torch"]),
+                           distributed=False)
+    assert manifest["format"] == fmt and manifest["iteration"] == 3
+    assert manifest["contents"] == {"optimizer": True, "scheduler": True, "rng": True,
+                                    "distributed_optimizer": False}
+    # The aux-loss-free balancing state is part of the checkpoint.
+    assert any(k.endswith("moe.gate.expert_bias") for k in manifest["model"])
+    if fmt == "torch":
+        files = sorted(manifest["files"])
+        assert "mp_rank_00_000/model_optim_rng.pt" in files
+        assert "mp_rank_00_001/model_optim_rng.pt" in files
+
+
+def test_resume_is_bitwise_with_the_distributed_optimizer(source):
+    """The same with megatron-core's distributed optimizer (EP=1, DP=2, torch_dist)."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    assert len(source["ref"]["losses"]["distributed_optimizer"]) == 6
+    manifest = ckpt.verify(Path(source["roots"]["dist"] + "_distopt"), distributed=False)
+    assert manifest["contents"]["distributed_optimizer"] is True
+
+
+def test_fmoefy_api_save_fmoe_load_fmoe(source):
+    """A user's own loop (megatron-core GPT fmoefy'd, torch Adam, EP=2): 4 steps vs 2 + save_fmoe
+    + load_fmoe into a fresh model + 2, bitwise (asserted in the worker)."""
+    assert len(source["ref"]["fmoefy"]) == 4
+
+
+# ------------------------------------------------------------------------------ resharding
+
+@pytest.fixture(scope="module")
+def at_ep1(source, work):
+    """The reshard command (torch format, EP=2 -> EP=1) and then one process at EP=1: loads of
+    every source, the merge, and the bad loads."""
+    roots = source["roots"]
+    cli = work / "cli_ep1"
+    t = time.time()
+    out = subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.reshard", "reshard",
+                          "--load", roots["torch"], "--save", str(cli),
+                          "--expert-model-parallel-size", "1", "--ckpt-format", "torch"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cli_seconds = time.time() - t
+    corrupt = work / "corrupt"
+    shutil.copytree(roots["dist"], corrupt)
+    victim = sorted((corrupt / "iter_0000003").glob("*.distcp"))[0]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    (result,) = run_workers(
+        w.ep1_suite, 1, timeout=600, threads_per_worker=1,
+        args=([roots["dist"], roots["torch"], str(cli)], source["ref"], str(work / "ep1"),
+              str(work / "merged.pt"), str(corrupt)))
+    result["cli_seconds"] = cli_seconds
+    result["victim"] = str(victim)
+    return result
+
+
+def test_reshard_ep2_to_ep1_at_load(at_ep1, source):
+    """Both formats load at EP=1 (automatic resharding; the worker also checks every weight and
+    the experts' Adam state): the fixed-batch outputs equal the EP=2 model's."""
+    diffs = at_ep1["diffs"]
+    assert diffs[source["roots"]["dist"]] <= TOL, diffs
+    assert diffs[source["roots"]["torch"]] <= TOL, diffs
+
+
+def test_reshard_command_writes_a_checkpoint_for_another_ep_size(at_ep1, work):
+    """python -m fastmoe_megatron.megatron.reshard reshard: torch format EP=2 -> EP=1 files."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    manifest = ckpt.verify(work / "cli_ep1", distributed=False)
+    assert manifest["layout"]["ep"] == 1 and manifest["format"] == "torch"
+    assert sorted(manifest["files"]) == ["mp_rank_00/model_optim_rng.pt"]
+    assert at_ep1["diffs"][str(work / "cli_ep1")] <= TOL
+
+
+def test_merge_loads_into_plain_fmoe_layers(at_ep1, work):
+    """merge -> one weights_only file; plain FMoETransformerMLP layers built from it give the
+    Megatron model's MoE-layer outputs (the worker also checks the merged model dict)."""
+    merged = at_ep1["merged"]
+    assert merged["layers"] == ["decoder.layers.0.mlp", "decoder.layers.1.mlp"]
+    assert merged["num_experts"] == 4
+    assert max(merged["diffs"]) <= TOL, merged["diffs"]
+    # The CLI gives the same file from the torch-format checkpoint (no process group needed).
+    from fastmoe_megatron.megatron import reshard
+
+    out = work / "merged_cli.pt"
+    assert reshard.main(["merge", "--load", str(work / "torch"), "--output", str(out)]) == 0
+    a = torch.load(out, weights_only=True)
+    b = torch.load(work / "merged.pt", weights_only=True)
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_reshard_ep2_to_ep4_and_back_to_ep2(at_ep1, source, work):
+    """EP=2 -> EP=4 (4 processes, saved again at EP=4), then the EP=4 and EP=1 checkpoints
+    back at EP=2: outputs, weights and expert Adam state equal the original's."""
+    roots = source["roots"]
+    diffs4 = run_workers(w.load_and_save, 4, timeout=600, threads_per_worker=1,
+                         args=(4, [roots["dist"]], source["ref"], str(work / "ep4")))[0]
+    assert diffs4[roots["dist"]] <= TOL, diffs4
+    diffs2 = run_workers(w.load_and_save, 2, timeout=600, threads_per_worker=1,
+                         args=(2, [str(work / "ep4"), str(work / "ep1")], source["ref"], None))[0]
+    assert max(diffs2.values()) <= TOL, diffs2
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def test_checkpoint_of_another_model_shape_is_a_clear_error(at_ep1):
+    errors = at_ep1["errors"]
+    assert errors["hidden_size"].startswith("CheckpointError"), errors["hidden_size"]
+    assert "another model shape" in errors["hidden_size"]
+    assert "--hidden-size 32 in the checkpoint, 64 now" in errors["hidden_size"]
+    assert "--fmoe-num-experts 4 in the checkpoint, 8 now" in errors["num_experts"]
+    assert "moe.experts.htoh4.weight is [2, 4, 64, 32] in the checkpoint, [2, 8, 64, 32]" \
+        in errors["num_experts"]
+
+
+def test_corrupt_checkpoint_load_names_the_file(at_ep1):
+    err = at_ep1["errors"]["corrupt"]
+    assert err.startswith("CheckpointError"), err
+    assert at_ep1["victim"] in err and "truncated" in err
+
+
+def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
+    """A diverged model (lr 1e30): the MoE layer raises FloatingPointError, no silent NaN."""
+    err = at_ep1["errors"]["nan"]
+    assert err.startswith("FloatingPointError"), err
+    assert "NaN or Inf" in err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--hidden-size", "0"], "--hidden-size"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--hidden-hidden-size", "-8"], "--hidden-hidden-size"),
+    (["--ffn-hidden-size", "0"], "--ffn-hidden-size"),
+    (["--exit-interval", "0"], "--exit-interval"),
+    (["--fmoefy", "--fmoe-num-experts", "6", "--expert-model-parallel-size", "4"],
+     "--fmoe-num-experts"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-top-k", "8"], "--top-k"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "switch", "--fmoe-top-k", "1",
+      "--fmoe-capacity-factor", "-1"], "--fmoe-capacity-factor"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--expert-model-parallel-size", "3"],
+     "--expert-model-parallel-size"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        validate_args(build_parser().parse_args(argv), 4)
+
+
+def test_bad_layer_arguments_raise_value_errors():
+    from fastmoe_megatron import FMoE, FMoETransformerMLP
+    from fastmoe_megatron.gates import GShardGate
+
+    with pytest.raises(ValueError):  # top_k larger than the number of experts
+        FMoETransformerMLP(num_expert=2, d_model=8, d_hidden=16, top_k=3)
+    with pytest.raises(ValueError):  # capacity factor <= 0
+        GShardGate(8, 4, 1, 2, capacity=(0.0, 0.0))
+    layer = FMoETransformerMLP(num_expert=2, d_model=8, d_hidden=16, top_k=2)
+    with pytest.raises(ValueError, match="d_model=8"):  # hidden sizes that do not match
+        layer(torch.randn(3, 5, 12))
+    with pytest.raises(ValueError, match="d_model=8"):
+        FMoE.forward(layer, torch.randn(4, 12))
+
+
+# ---------------------------------------------------------------- integrity and weights_only
+
+def _copy(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst) / "iter_0000003"
+
+
+def _refresh_manifest(folder: Path, name: str):
+    """Makes the manifest agree with a tampered file (as an attacker could): only the allowlists
+    stand between the file and the unpickler then."""
+    path = folder / "fmoe_checkpoint.json"
+    manifest = json.loads(path.read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("case", ["truncated", "deleted", "flipped", "no-manifest", "bad-latest",
+                                  "torch-truncated"])
+def test_corrupt_or_partial_checkpoint_names_the_file(source, tmp_path, case):
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    fmt = "torch" if case.startswith("torch") else "dist"
+    folder = _copy(source["roots"][fmt], tmp_path / "c")
+    if case in ("truncated", "torch-truncated"):
+        victim = sorted(folder.rglob("*.distcp" if fmt == "dist" else "*.pt"))[-1]
+        with open(victim, "r+b") as f:
+            f.truncate(max(1, victim.stat().st_size - 100))
+        want = [str(victim), "truncated"]
+    elif case == "deleted":
+        victim = folder / "common.pt"
+        victim.unlink()
+        want = [str(victim), "missing"]
+    elif case == "flipped":
+        victim = sorted(folder.glob("*.distcp"))[0]
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        want = [str(victim), "CRC32"]
+    elif case == "no-manifest":
+        (folder / "fmoe_checkpoint.json").unlink()
+        want = [str(folder / "fmoe_checkpoint.json"), "partial checkpoint"]
+    else:
+        (folder.parent / "latest_checkpointed_iteration.txt").write_text("3x")
+        want = [str(folder.parent / "latest_checkpointed_iteration.txt"), "corrupt"]
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.verify(folder.parent, distributed=False)
+    for piece in want:
+        assert piece in str(info.value), str(info.value)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", [".metadata", "common.pt", "torch-rank-file"])
+def test_loads_never_run_pickled_code(source, tmp_path, target):
+    """Tampered pickles (with a matching manifest) are refused before anything runs: the
+    .metadata pickle by its allowlist unpickler, torch files by weights_only=True."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    marker = tmp_path / "pwned"
+    fmt = "torch" if target.startswith("torch") else "dist"
+    folder = _copy(source["roots"][fmt], tmp_path / "c")
+    if target == ".metadata":
+        name = ".metadata"
+        (folder / name).write_bytes(pickle.dumps(_Evil(marker)))
+    elif target == "common.pt":
+        name = "common.pt"
+        torch.save({"x": _Evil(marker)}, folder / name)
+    else:
+        name = "mp_rank_00_001/model_optim_rng.pt"
+        torch.save({"x": _Evil(marker)}, folder / name)
+    _refresh_manifest(folder, name)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        if fmt == "dist":
+            ckpt.verify(folder, distributed=False)
+        else:
+            ckpt.load_model_tensors(folder)
+    assert str(folder / name) in str(info.value)
+    assert "allow" in str(info.value)
+    assert not marker.exists(), "the pickled code ran"
+
+
+# ------------------------------------------------------------------- failures while running
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_failed_worker_ends_the_job_with_a_message(tmp_path, fault):
+    """2 processes (no torchrun). exit: rank 1 os._exit()s in the middle of iteration 2; rank 0
+    must fail at once (the peer closed the connection). hang: rank 1 stops in iteration 2 (a
+    long sleep); rank 0 must fail when --distributed-timeout-minutes (15 s) runs out. Either way
+    rank 0 exits 1 naming the failure, and the checkpoint of iteration 1 is intact."""
+    timeout_min = 1.0 if fault == "exit" else 0.25
+    argv = w.TINY + ["--train-iters", "6", "--distributed-timeout-minutes", str(timeout_min),
+                     "--save", str(tmp_path / "c"), "--save-interval", "1"]
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2",
+               FMOE_FAULT_INJECT="step:2:1:" + ("exit" if fault == "exit" else "sleep300"))
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    try:
+        for r in range(2):
+            with open(logs[r], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
+                    env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 240
+        while "fault injection" not in logs[1].read_text(errors="replace"):
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                logs[0].read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        t_fault = time.monotonic()
+        procs[0].wait(timeout=timeout_min * 60 + 60)
+        waited = time.monotonic() - t_fault
+        if fault == "exit":
+            procs[1].wait(timeout=30)
+    finally:
+        for p in procs:  # the ranks and anything they left behind
+            try:
+                os.killpg(p.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+    outs = [log.read_text(errors="replace") for log in logs]
+    if fault == "exit":
+        assert procs[1].returncode == 17, outs[1][-2000:]
+        assert waited < 20, waited  # at once, not after the timeout
+    else:
+        assert "Timed out" in outs[0] or "timed out" in outs[0], outs[0][-3000:]
+        assert waited < timeout_min * 60 + 20, waited
+    assert procs[0].returncode == 1, outs[0][-3000:]
+    assert "pretrain_gpt: rank 0 failed" in outs[0], outs[0][-3000:]
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    assert ckpt.latest_iteration(tmp_path / "c") == 1
+    ckpt.verify(tmp_path / "c", distributed=False)
+
+
+def test_soak_short_setting_three_kills(tmp_path):
+    """scripts/soak_test.py with 3 kills (one during a step, one during a save, one between the
+    commit and the latest file): each kill leaves the previous checkpoint intact and verified,
+    the restart resumes from it, and the final weights equal the uninterrupted run's."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"), "--iters", "8",
+                          "--save-interval", "2", "--kills", "3", "--seed", "3",
+                          "--workdir", str(tmp_path / "soak"), "--report", str(report)],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    rep = json.loads(report.read_text())
+    assert rep["ok"] and rep["final_weights_equal"], rep
+    kills = [s for s in rep["segments"] if s["fault"]]
+    assert len(kills) == 3 and {s["fault"].split(":")[0] for s in kills} == {"step", "save", "commit"}
+    for s in kills:
+        assert s["injected"] and s["returncode"] != 0 and s["latest"] == s["expected_latest"], s
+        assert s.get("latest_verifies", True), s
+    save_kill = next(s for s in kills if s["fault"].startswith("save"))
+    assert save_kill["partial_left"], save_kill  # the interrupted save left only its .tmp folder
+    resumed = [s["resumed_from"] for s in rep["segments"][1:]]
+    assert resumed == [s["latest"] for s in kills], rep["segments"]
