@@ -258,5 +258,8 @@ class FMoETransformerMLP(FMoE):
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         shape = inp.shape
+        if inp.dim() == 0 or shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__} expects [..., d_model={self.d_model}] input, "
+                             f"got shape {tuple(shape)}")
         out = super().forward(inp.reshape(-1, self.d_model))
         return out.reshape(shape)
