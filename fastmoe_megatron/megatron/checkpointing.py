@@ -441,15 +441,20 @@ def _in_process_results_queue():
     multiprocessing Manager (made for asynchronous saves, started at the first save). Our saves
     are synchronous, so an ordinary queue does; and a Manager process outlives a rank that is
     killed (SIGKILL, OOM killer), holding its stdout open and its memory until someone kills it.
-    Sets megatron's cached queue (``filesystem_async._results_queue``) before the first save."""
+    Sets megatron's cached queue (``filesystem_async._results_queue``) before the first save.
+
+    A thread queue, not ``multiprocessing.Queue``: the writer puts its results in this process
+    and megatron reads them at once with ``get_nowait()``, which a multiprocessing queue can
+    answer with "empty" while its feeder thread is still flushing the item (a failed save,
+    "results_queue should not be empty", seen under load)."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
     if getattr(filesystem_async, "_results_queue", False) is None:
-        import multiprocessing
+        import queue
 
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _is_distributed(optimizer) -> bool:
