@@ -20,7 +20,8 @@
 //       y[t] = sum_j (w ? w[t*K+j] : 1) * buf[inv[t*K+j]], skipping inv < 0; the sum runs over j in
 //       order with fp32 accumulation (deterministic).
 //   gather_weight_grad(gy[T,D], buf[N,D], inv[S], K) -> gw[S]
-//       gw[s] = dot(gy[s / K], buf[inv[s]]), 0 where inv[s] < 0 (fp32 accumulation).
+//       gw[s] = dot(gy[s / K], buf[inv[s]]), 0 where inv[s] < 0 (fp32 accumulation, in a fixed
+//       order: deterministic; the CPU and CUDA kernels sum in different orders).
 //   limit_by_capacity(gec[W*E], cap[E], E, W) -> new_gec[W*E]
 //       gec is laid out [W, E]: gec[w*E + e] rows that worker w sends to local expert e. Each expert
 //       grants its capacity to workers in rank order: new[w,e] = min(gec[w,e], cap[e] - granted so far).
@@ -30,9 +31,14 @@
 //   grouped_mm(x[N,I], w[E,O,I], counts[E] (CPU), bias?[E,O]) -> y[N,O]
 //       rows are grouped by expert, counts[e] rows each, in expert order: y_e = x_e @ w[e]^T + bias[e].
 //       Rows after sum(counts) are zero.
-//   grouped_mm_backward(gy[N,O], x[N,I], w[E,O,I], counts[E] (CPU), mask: bool[3])
+//   grouped_mm_backward(gy[N,O], x[N,I], w[E,O,I], counts[E] (CPU), mask: bool[3],
+//                       gw_out?[E,O,I])
 //       -> (gx[N,I], gw[E,O,I], gb[E,O]): gradients of grouped_mm; an output whose mask entry is
-//       false is not computed and comes back as an empty tensor (0 elements).
+//       false is not computed and comes back as an empty tensor (0 elements). With gw_out (a
+//       contiguous tensor of w's shape, dtype and device) and mask[1], gw is written into gw_out
+//       and the second output is empty: callers reuse one buffer for the weight gradient instead of
+//       a fresh allocation every step (on the CPU, a fresh large allocation is fresh pages from
+//       the kernel, whose first-touch faults cost as much as a large share of the product).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -48,6 +54,7 @@ using at::Tensor;
 // Validation shared by the CPU and CUDA kernels.
 void check_index(const Tensor& t, const char* name);
 int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
+void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op);
 
 namespace cpu {
 Tensor expert_count(const Tensor& idx, int64_t num_expert);
@@ -65,7 +72,8 @@ Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
                   const c10::optional<Tensor>& bias);
 std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, const Tensor& x,
                                                        const Tensor& w, const Tensor& counts,
-                                                       std::array<bool, 3> mask);
+                                                       std::array<bool, 3> mask,
+                                                       const c10::optional<Tensor>& gw_out);
 }  // namespace cpu
 
 }  // namespace fmoe

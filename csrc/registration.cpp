@@ -14,7 +14,7 @@ TORCH_LIBRARY(fmoe, m) {
   m.def("limit_by_capacity(Tensor expert_count, Tensor capacity, int num_expert, int world_size) -> Tensor");
   m.def("prune_gate_by_capacity(Tensor idx, Tensor keep) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts, Tensor? bias=None) -> Tensor");
-  m.def("grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor counts, bool[3] mask) -> (Tensor, Tensor, Tensor)");
+  m.def("grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor counts, bool[3] mask, Tensor(a!)? grad_weight_out=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fmoe, CPU, m) {

@@ -194,6 +194,12 @@ def _plan(kind: str) -> dict:
     cflags = ["-O3"]
     cuda_cflags: list[str] = []
     ldflags: list[str] = []
+    if kind == "cpu" and sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: without OpenMP in *this* build its `omp parallel`
+        # is compiled out and every parallel loop of the kernels runs on one thread. The library
+        # then links the libgomp.so.1 that torch has already loaded (same soname).
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     if kind == "cuda":
         _ensure_cuda_home()  # in case cpp_extension was imported before with a wrong guess
         if not _is_cuda_home(cpp_extension.CUDA_HOME):

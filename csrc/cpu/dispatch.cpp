@@ -7,6 +7,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace fmoe {
@@ -36,6 +38,36 @@ namespace {
 constexpr int64_t kGrainElems = 1 << 15;
 
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, d)); }
+
+// Lanes of the dot products in gather_weight_grad: independent partial sums that the compiler can
+// keep in vector registers, added up in a fixed order at the end (deterministic).
+constexpr int kLanes = 16;
+
+// Rows are read in the order the index gives, which the hardware prefetcher cannot guess: ask for
+// the row `kAhead` iterations ahead (its first cache lines; the prefetcher follows the rest).
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  const int64_t n = std::min<int64_t>(bytes, 2048);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+template <typename opmath_t, typename scalar_t>
+opmath_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  opmath_t lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] += static_cast<opmath_t>(a[d + j]) * static_cast<opmath_t>(b[d + j]);
+    }
+  }
+  for (int j = 0; d < n; ++d, ++j) lane[j] += static_cast<opmath_t>(a[d]) * static_cast<opmath_t>(b[d]);
+  for (int width = kLanes / 2; width > 0; width /= 2) {  // pairwise: lane[j] += lane[j + width]
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  }
+  return lane[0];
+}
 }  // namespace
 
 Tensor expert_count(const Tensor& idx, int64_t num_expert) {
@@ -123,6 +155,9 @@ Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
+        if (r + kAhead < end && pp[r + kAhead] >= 0) {
+          prefetch_row(xp + (pp[r + kAhead] / top_k) * D, D * sizeof(scalar_t));
+        }
         scalar_t* dst = op + r * D;
         const int64_t s = pp[r];
         if (s < 0) {
@@ -166,20 +201,35 @@ Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
     const scalar_t* bp = bc.data_ptr<scalar_t>();
     const scalar_t* wp = wc.defined() ? wc.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
+    constexpr bool kInPlace = std::is_same<opmath_t, scalar_t>::value;  // fp32, fp64
     at::parallel_for(0, T, row_grain(D * top_k), [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> acc(D);
+      // fp32/fp64 accumulate in the output row itself; narrower types in an opmath row.
+      std::vector<opmath_t> tmp(kInPlace ? 0 : D);
       for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        if (t + kAhead < end) {
+          for (int64_t j = 0; j < top_k; ++j) {
+            const int64_t r = ip[(t + kAhead) * top_k + j];
+            if (r >= 0) prefetch_row(bp + r * D, D * sizeof(scalar_t));
+          }
+        }
+        scalar_t* dst = op + t * D;
+        opmath_t* acc = kInPlace ? reinterpret_cast<opmath_t*>(dst) : tmp.data();
+        std::fill(acc, acc + D, opmath_t(0));
         for (int64_t j = 0; j < top_k; ++j) {
           const int64_t s = t * top_k + j;
           const int64_t r = ip[s];
           if (r < 0) continue;
           const scalar_t* src = bp + r * D;
           const opmath_t w = wp ? static_cast<opmath_t>(wp[s]) : opmath_t(1);
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<opmath_t>(src[d]);
+          if (wp == nullptr) {
+            for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<opmath_t>(src[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<opmath_t>(src[d]);
+          }
         }
-        scalar_t* dst = op + t * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+        if (!kInPlace) {
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+        }
       }
     });
   });
@@ -205,17 +255,16 @@ Tensor gather_weight_grad(const Tensor& grad_out, const Tensor& buf, const Tenso
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, S, row_grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
+        if (s + kAhead < end && ip[s + kAhead] >= 0 && ip[s + kAhead] < N) {
+          prefetch_row(bp + ip[s + kAhead] * D, D * sizeof(scalar_t));
+        }
         const int64_t r = ip[s];
         TORCH_CHECK(r < N, "gather_weight_grad: inv out of range");
         if (r < 0) {
           op[s] = scalar_t(0);
           continue;
         }
-        const scalar_t* a = gp + (s / top_k) * D;
-        const scalar_t* b = bp + r * D;
-        opmath_t acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<opmath_t>(a[d]) * static_cast<opmath_t>(b[d]);
-        op[s] = static_cast<scalar_t>(acc);
+        op[s] = static_cast<scalar_t>(dot<opmath_t>(gp + (s / top_k) * D, bp + r * D, D));
       }
     });
   });

@@ -294,7 +294,7 @@ __global__ void gather_rows_kernel(const scalar_t* __restrict__ buf, const int64
 }
 
 // gw[s] = dot(gy[s / K], buf[inv[s]]): one warp per slot, lanes take d = lane, lane + 32, ...,
-// then a fixed shuffle tree: deterministic (the summation order differs from the CPU's serial one).
+// then a fixed shuffle tree: deterministic (the summation order differs from the CPU's 16 lanes).
 template <typename scalar_t>
 __global__ void gather_weight_grad_kernel(const scalar_t* __restrict__ gy,
                                           const scalar_t* __restrict__ buf,

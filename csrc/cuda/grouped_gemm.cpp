@@ -1,21 +1,31 @@
-// CUDA grouped expert GEMM, forward and backward. Contracts in csrc/fmoe_ops.h; the same loop as
-// the CPU kernel (csrc/cpu/grouped_gemm.cpp), one cuBLAS product per non-empty expert through
-// at::mm_out / at::addmm_out on the current stream, each writing straight into its slice of the
-// output (an expert's block is a contiguous row range): no per-expert copies, no full-size
+// CUDA grouped expert GEMM, forward and backward. Contracts in csrc/fmoe_ops.h; one cuBLAS product
+// per non-empty expert through at::mm_out / at::addmm_out, each writing straight into its slice of
+// the output (an expert's block is a contiguous row range): no per-expert copies, no full-size
 // temporaries.
+//
+// The experts' products are independent, so they go round robin to a few side streams: small
+// products (many experts, few rows each) then run side by side on the GPU instead of queuing one
+// behind the other on one stream. The side streams first wait for the current stream (the inputs
+// are ready), and the current stream then waits for all of them (the outputs are ready). Every
+// tensor the products touch was allocated on the current stream and is freed after the op has
+// queued that wait, so the caching allocator can only hand its memory to work that runs after the
+// products: no record_stream is needed.
 //
 // The block sizes (counts) are needed on the host to slice. They are normally a CPU tensor; a CUDA
 // counts tensor is copied to the host once per call, the op's only host synchronization.
 #include "cuda_ops.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace fmoe {
@@ -40,6 +50,43 @@ Blocks blocks_of(const Tensor& counts, int64_t limit, const char* op) {
     off += b.rows[e];
   }
   return b;
+}
+
+constexpr int64_t kMaxStreams = 4;
+
+// Calls fn(e) for every expert with rows, spread over side streams as described at the top.
+template <typename F>
+void for_each_expert(const Blocks& b, const at::Device& device, const F& fn) {
+  const int64_t E = static_cast<int64_t>(b.rows.size());
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += b.rows[e] > 0;
+  const int64_t n_streams = std::min<int64_t>(kMaxStreams, busy);
+  if (n_streams <= 1) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (b.rows[e] > 0) fn(e);
+    }
+    return;
+  }
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  at::cuda::CUDAEvent inputs_ready;
+  inputs_ready.record(current);
+  std::vector<c10::cuda::CUDAStream> streams;
+  streams.reserve(n_streams);
+  for (int64_t s = 0; s < n_streams; ++s) {
+    streams.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index()));
+    inputs_ready.block(streams.back());
+  }
+  int64_t next = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (b.rows[e] == 0) continue;
+    c10::cuda::CUDAStreamGuard on(streams[next++ % n_streams]);
+    fn(e);
+  }
+  for (auto& s : streams) {
+    at::cuda::CUDAEvent done;
+    done.record(s);
+    done.block(current);
+  }
 }
 
 void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
@@ -74,8 +121,7 @@ Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
     check_same_device(*bias, x.device(), "grouped_mm", "bias");
     bc = bias->to(x.scalar_type()).contiguous();
   }
-  for (int64_t e = 0; e < E; ++e) {
-    if (b.rows[e] == 0) continue;
+  for_each_expert(b, x.device(), [&](int64_t e) {
     auto dst = out.narrow(0, b.start[e], b.rows[e]);
     auto src = xc.narrow(0, b.start[e], b.rows[e]);
     if (bc.defined()) {
@@ -83,13 +129,14 @@ Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
     } else {
       at::mm_out(dst, src, wc.select(0, e).t());
     }
-  }
+  });
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, const Tensor& x,
                                                        const Tensor& w, const Tensor& counts,
-                                                       std::array<bool, 3> mask) {
+                                                       std::array<bool, 3> mask,
+                                                       const c10::optional<Tensor>& gw_out) {
   check_gemm_args(x, w, "grouped_mm_backward");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(1),
               "grouped_mm_backward: grad_out must be [N, out_feat]");
@@ -108,14 +155,20 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
     gx = at::empty_like(xc);
     if (b.total < x.size(0)) gx.narrow(0, b.total, x.size(0) - b.total).zero_();
   }
-  if (mask[1]) gw = at::empty_like(wc);
+  const bool into_out = mask[1] && gw_out.has_value();
+  if (into_out) {
+    check_gw_out(*gw_out, w, "grouped_mm_backward");
+    gw = *gw_out;
+  } else if (mask[1]) {
+    gw = at::empty_like(wc);
+  }
   if (mask[2]) gb = at::empty({E, O}, wc.options());
-  for (int64_t e = 0; e < E; ++e) {
-    if (b.rows[e] == 0) {
-      if (gw.defined()) gw.select(0, e).zero_();
-      if (gb.defined()) gb.select(0, e).zero_();
-      continue;
-    }
+  for (int64_t e = 0; e < E; ++e) {  // experts without rows: zero gradients
+    if (b.rows[e] != 0) continue;
+    if (gw.defined()) gw.select(0, e).zero_();
+    if (gb.defined()) gb.select(0, e).zero_();
+  }
+  for_each_expert(b, x.device(), [&](int64_t e) {
     auto g = gc.narrow(0, b.start[e], b.rows[e]);
     if (gx.defined()) {
       auto dst = gx.narrow(0, b.start[e], b.rows[e]);
@@ -129,9 +182,10 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
       auto dst = gb.select(0, e);
       at::sum_out(dst, g, {0});
     }
-  }
+  });
   auto none = at::empty({0}, x.options());
-  return {gx.defined() ? gx : none, gw.defined() ? gw : none, gb.defined() ? gb : none};
+  return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
+          gb.defined() ? gb : none};
 }
 
 }  // namespace cuda

@@ -61,11 +61,11 @@ def _register_fakes() -> bool:
         return x.new_empty((x.shape[0], weight.shape[1]))
 
     @fake("grouped_mm_backward")
-    def _(grad_out, x, weight, counts, mask):
+    def _(grad_out, x, weight, counts, mask, grad_weight_out=None):
         none = x.new_empty((0,))
         return (
             x.new_empty(x.shape) if mask[0] else none,
-            weight.new_empty(weight.shape) if mask[1] else none,
+            weight.new_empty(weight.shape) if mask[1] and grad_weight_out is None else none,
             weight.new_empty(weight.shape[:2]) if mask[2] else none,
         )
 
@@ -105,5 +105,6 @@ def grouped_mm(x, weight, counts, bias=None):
     return torch.ops.fmoe.grouped_mm(x, weight, counts, bias)
 
 
-def grouped_mm_backward(grad_out, x, weight, counts, mask):
-    return torch.ops.fmoe.grouped_mm_backward(grad_out, x, weight, counts, list(mask))
+def grouped_mm_backward(grad_out, x, weight, counts, mask, grad_weight_out=None):
+    return torch.ops.fmoe.grouped_mm_backward(grad_out, x, weight, counts, list(mask),
+                                              grad_weight_out)

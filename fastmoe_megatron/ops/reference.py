@@ -118,12 +118,18 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 
 
 def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        counts: torch.Tensor, mask: list[bool]):
+                        counts: torch.Tensor, mask: list[bool],
+                        grad_weight_out: torch.Tensor | None = None):
     sizes = _check_blocks(x, weight, counts, "grouped_mm_backward")
     total = sum(sizes)
     none = x.new_empty(0)
     gx = torch.zeros_like(x) if mask[0] else none
-    gw = torch.zeros_like(weight) if mask[1] else none
+    into_out = bool(mask[1]) and grad_weight_out is not None
+    if into_out:
+        _check_gw_out(grad_weight_out, weight)
+        gw = grad_weight_out.zero_()
+    else:
+        gw = torch.zeros_like(weight) if mask[1] else none
     gb = weight.new_zeros(weight.shape[:2]) if mask[2] else none
     start = 0
     for e, n in enumerate(sizes):
@@ -136,4 +142,13 @@ def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
             gb[e] = g.sum(0)
         start += n
     assert start == total
-    return gx, gw, gb
+    return gx, (none if into_out else gw), gb
+
+
+def _check_gw_out(out: torch.Tensor, weight: torch.Tensor):
+    if out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
+        raise RuntimeError(f"grouped_mm_backward: grad_weight_out is {tuple(out.shape)} {out.dtype} "
+                           f"on {out.device} but the weight is {tuple(weight.shape)} "
+                           f"{weight.dtype} on {weight.device}")
+    if not out.is_contiguous():
+        raise RuntimeError("grouped_mm_backward: grad_weight_out must be contiguous")
