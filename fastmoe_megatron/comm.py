@@ -57,15 +57,60 @@ def _native_comm(group, t: torch.Tensor):
 
 def exchange_counts(local_count: torch.Tensor, num_expert: int, group=None) -> torch.Tensor:
     """All-to-all of per-expert counts: [dest w, e] here -> [source j, e] there. CPU int64."""
+    return exchange_counts_async(local_count, num_expert, group).wait()
+
+
+_side_streams: dict = {}
+
+
+class PendingCounts:
+    """A count exchange under way; ``wait()`` returns what ``exchange_counts`` returns."""
+
+    def __init__(self, finish):
+        self._finish = finish
+        self._result = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+
+def exchange_counts_async(local_count: torch.Tensor, num_expert: int, group=None) -> PendingCounts:
+    """Starts the all-to-all of counts and returns at once, so that the caller's next work (the
+    local scatter) overlaps the exchange: gloo runs it on its own thread, torch's NCCL on its own
+    stream, the native NCCL communicator on a side stream here. ``local_count`` may live on the
+    CPU or the GPU; the result of ``wait()`` is on the CPU."""
     local_count = local_count.to(torch.int64)
     device = _comm_device(group)
     comm = _native_comm(group, local_count.to(device)) if device.type == "cuda" else None
     if comm is not None:
-        return comm.exchange_counts(local_count.to(device)).cpu()
+        send = local_count.to(device)
+        current = torch.cuda.current_stream(device)
+        side = _side_streams.get(device.index)
+        if side is None:
+            side = _side_streams[device.index] = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            recv = comm.exchange_counts(send)
+        send.record_stream(side)
+
+        def finish():
+            now = torch.cuda.current_stream(device)
+            now.wait_stream(side)
+            recv.record_stream(now)
+            return recv.cpu()
+
+        return PendingCounts(finish)
     send = local_count.to(device).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.cpu()
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    def finish():
+        work.wait()
+        return recv.cpu()
+
+    return PendingCounts(finish)
 
 
 def _block_perm(count: torch.Tensor, world_size: int, num_expert: int) -> torch.Tensor:

@@ -51,6 +51,16 @@ class FMoELinear(nn.Module):
                 f"out_features={self.out_feat}, bias={self.bias is not None}, rank={self.rank}")
 
 
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(x).all()`` as a 0-d bool tensor, in one pass over ``x`` instead of three
+    (``isfinite`` writes a bool tensor that ``all`` reads again): ``x`` is finite exactly when its
+    minimum and maximum are, since ``aminmax`` propagates NaN and an infinity is an extremum."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
     if isinstance(gate, nn.Module):
         return gate
@@ -158,7 +168,7 @@ class FMoE(nn.Module):
 
     def _gate(self, x: torch.Tensor):
         # Checked with the counts' host copy in expert_rows: no extra synchronisation.
-        self._input_finite = torch.isfinite(x).all() if self.check_finite else None
+        self._input_finite = _all_finite(x) if self.check_finite else None
         idx, score = self.gate(x)
         if idx.shape != (x.shape[0], self.top_k) or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
@@ -195,7 +205,11 @@ class FMoE(nn.Module):
         outputs [T*K, d] grouped by expert (zero rows for dropped slots) and the positions."""
         tot_expert = self.num_expert * self.world_size
         counts = ops.expert_count(idx, tot_expert)
+        # Expert parallel: the count exchange runs while the positions and the scatter are made.
+        pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group)
+                   if self.world_size > 1 else None)
         pos, inv = ops.assign_pos(idx, counts)
+        x = x.contiguous()
         buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
         finite = getattr(self, "_input_finite", None)
         if finite is not None and torch.compiler.is_compiling():
@@ -207,6 +221,8 @@ class FMoE(nn.Module):
             both = torch.cat([counts, finite.to(counts.dtype).reshape(1)]).cpu()
             local_count, self._input_finite = both[:-1], None
             if not bool(both[-1]):
+                if pending is not None:
+                    pending.wait()  # leave no collective half done
                 raise FloatingPointError(
                     f"{type(self).__name__}: the MoE layer's input holds NaN or Inf values, so the "
                     "gate cannot route it (the model has diverged: lower the learning rate, or "
@@ -215,12 +231,18 @@ class FMoE(nn.Module):
             local_count = counts.cpu()  # the one host sync: the GEMMs need the block sizes
         self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
-            global_count = comm.exchange_counts(local_count, self.num_expert, self.moe_group)
+            global_count = pending.wait()
             recv = comm.global_scatter(buf, local_count, global_count, self.num_expert, self.moe_group)
             fwd_expert_count = global_count.view(self.world_size, self.num_expert).sum(0)
             out = self.expert_fn(recv, fwd_expert_count)
             buf = comm.global_gather(out, local_count, global_count, self.num_expert,
                                      self.moe_group, out_rows=buf.shape[0])
+        elif isinstance(self.experts, _Expert):
+            # The first expert GEMM's saved copy of buf is re-scattered in the backward pass
+            # instead (the fused experts only read buf: they do not modify it in place).
+            with ops.recompute_when_saved(
+                    buf, lambda: ops.scatter_rows(x, pos, inv, self.top_k), depends_on=x):
+                buf = self.expert_fn(buf, local_count)
         else:
             buf = self.expert_fn(buf, local_count)
         return buf, pos, inv

@@ -13,6 +13,8 @@ import contextlib
 import os
 import threading
 
+import weakref
+
 import torch
 
 from . import native, reference
@@ -120,11 +122,60 @@ class _GatherRows(torch.autograd.Function):
         return grad_buf, None, None, grad_w, None
 
 
+class _WeightGradBuffers:
+    """One reusable buffer per expert weight for its gradient (CPU only).
+
+    A fresh weight gradient every backward pass is, for large weights, fresh pages from the
+    kernel: glibc serves allocations of 32 MiB and more (a stacked expert weight quickly is) with
+    ``mmap`` and gives them back on free, and the first touch of each page then faults. On the
+    CPU this costs as much as a large share of the expert GEMMs (measured: 27 ms of a 220 ms
+    step). The kernels write the gradient into a kept buffer instead, handed out again only when
+    nothing but this cache references its storage any more: when ``zero_grad()`` has dropped the
+    ``.grad`` that autograd made of it, or when autograd added it into an existing ``.grad``. The
+    cost is that the buffer stays allocated between steps, as ``.grad`` would with
+    ``zero_grad(set_to_none=False)``. ``FMOE_REUSE_GRAD_BUFFERS=0`` turns it off; CUDA tensors
+    never use it (the caching allocator does the same there).
+    """
+
+    def __init__(self):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        # weight -> (buffer, weak reference to its storage, its use count when only the buffer
+        # holds it: the count includes torch's own references, e.g. a kept Python storage object)
+        self._bufs = WeakIdKeyDictionary()
+
+    @staticmethod
+    def enabled(weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
+                and os.environ.get("FMOE_REUSE_GRAD_BUFFERS", "1") != "0"
+                and not torch.compiler.is_compiling())
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        entry = self._bufs.get(weight)
+        if entry is not None:
+            buf, ref, alone = entry
+            if (buf.shape == weight.shape and buf.dtype == weight.dtype
+                    and torch._C._storage_Use_Count(ref.cdata) == alone):
+                return buf
+        buf = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        ref = StorageWeakRef(buf.untyped_storage())
+        self._bufs[weight] = (buf, ref, torch._C._storage_Use_Count(ref.cdata))
+        return buf
+
+
+_weight_grad_buffers = _WeightGradBuffers()
+
+
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts, bias):
         k = kernels_for(x)
         ctx.k, ctx.has_bias = k, bias is not None
+        # The weight-gradient buffer belongs to this weight object (saved_tensors hands back
+        # another Python object for it in backward, which would make a new buffer every time).
+        ctx.weight_ref = weakref.ref(weight)
         ctx.save_for_backward(x, weight, counts)
         return k.grouped_mm(x, weight, counts, bias)
 
@@ -133,7 +184,12 @@ class _GroupedMM(torch.autograd.Function):
         x, weight, counts = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[3]]
-        gx, gw, gb = ctx.k.grouped_mm_backward(grad_out.contiguous(), x, weight, counts, mask)
+        owner = ctx.weight_ref()
+        out = (_weight_grad_buffers.get(owner)
+               if mask[1] and owner is not None and _WeightGradBuffers.enabled(weight) else None)
+        gx, gw, gb = ctx.k.grouped_mm_backward(grad_out.contiguous(), x, weight, counts, mask, out)
+        if out is not None:
+            gw = out.detach()  # a new tensor on the buffer (autograd may keep it as .grad)
         return (gx if mask[0] else None, gw if mask[1] else None, None,
                 gb if mask[2] else None)
 
@@ -141,6 +197,51 @@ class _GroupedMM(torch.autograd.Function):
 def scatter_rows(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
     """``x`` [T, D] -> buffer [S, D] whose rows are grouped by expert (row r = x[pos[r] // K])."""
     return _ScatterRows.apply(x.contiguous(), pos, inv, top_k)
+
+
+class _Recompute:
+    """What autograd keeps instead of a tensor that ``recompute_when_saved`` makes again."""
+
+
+@contextlib.contextmanager
+def recompute_when_saved(t: torch.Tensor, remake, depends_on: torch.Tensor):
+    """Inside the block, autograd keeps no copy of ``t`` for the backward pass: wherever an op
+    saves ``t``, ``remake()`` (which must return the same values, without autograd) makes it
+    again when the backward pass needs it. For the scattered buffer [T*K, d] of the local path,
+    which the first expert GEMM saves for its weight gradient: the backward pass then re-scatters
+    it (one pass over memory) instead of keeping T*K*d elements from the forward pass to the
+    backward one. ``depends_on`` is what ``remake`` reads: modifying it in place in between is
+    an error, as for a saved tensor. The code in the block must not modify ``t`` in place after
+    saving it (an in-place change before is seen, and ``t`` is then saved as usual).
+
+    Off (the block saves ``t`` as usual) under torch.compile, without grad mode, and when other
+    saved-tensor hooks are active (e.g. ``torch.utils.checkpoint``), which this one would shadow.
+    """
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or top_hooks is None
+            or top_hooks(False) is not None):
+        yield
+        return
+    version = depends_on._version
+    # t's identity, not t: the hooks live as long as the graph, and must not keep t alive. A
+    # version of t other than the current one (t modified in place since) is saved as usual.
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
+
+    def pack(s):
+        same = (s.data_ptr(), s.shape, s.stride(), s.dtype, s.device, s._version) == key
+        return _Recompute() if same else s
+
+    def unpack(p):
+        if not isinstance(p, _Recompute):
+            return p
+        if depends_on._version != version:
+            raise RuntimeError("fastmoe_megatron: the MoE layer's input was modified in place "
+                               "after the forward pass; its backward pass needs it unchanged")
+        with torch.no_grad():
+            return remake()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def gather_rows(buf: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, top_k: int,
@@ -163,5 +264,5 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 __all__ = [
     "use_backend", "backend_name", "kernels_for", "expert_count", "assign_pos",
     "limit_by_capacity", "prune_gate_by_capacity", "scatter_rows", "gather_rows",
-    "grouped_linear",
+    "grouped_linear", "recompute_when_saved",
 ]
