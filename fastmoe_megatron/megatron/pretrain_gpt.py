@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-method-std", type=float, default=0.02)
     m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     m.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
+    m.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in the linear layers (needed by --num-experts)")
+
+    moe = p.add_argument_group("megatron-core's own MoE (the alternative to --fmoefy)")
+    moe.add_argument("--num-experts", type=int, default=None,
+                     help="megatron-core MoE layers (MoELayer) with this many experts, no expert "
+                          "parallelism; cannot be combined with --fmoefy")
+    moe.add_argument("--moe-router-topk", type=int, default=2)
+    moe.add_argument("--moe-token-dispatcher-type", default="alltoall",
+                     choices=["allgather", "alltoall"])
+    moe.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                     choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"])
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -134,6 +147,16 @@ def validate_args(args, world_size: int):
     if args.expert_model_parallel_size is None:
         args.expert_model_parallel_size = dp if args.fmoefy else 1
     ep = args.expert_model_parallel_size
+    if args.num_experts is not None:
+        if args.fmoefy:
+            raise ValueError("--num-experts (megatron-core's MoE) and --fmoefy exclude each other")
+        if args.num_experts < 1 or not 1 <= args.moe_router_topk <= args.num_experts:
+            raise ValueError("--num-experts must be >= 1 and --moe-router-topk in [1, num experts]")
+        if not args.disable_bias_linear:
+            # megatron-core 0.16's expert MLP adds its bias in place to the output of a custom
+            # autograd function (_ReduceFromModelParallelRegion), which autograd forbids.
+            raise ValueError("--num-experts needs --disable-bias-linear (megatron-core's expert "
+                             "biases fail in its backward)")
     if ep > 1 and not args.fmoefy:
         raise ValueError("--expert-model-parallel-size > 1 needs --fmoefy (fastmoe experts)")
     if (tp * dp) % ep:
@@ -201,6 +224,11 @@ def transformer_config(args, use_cuda: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    moe = {} if args.num_experts is None else dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=False,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_ffn_hidden_size=args.ffn_hidden_size)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -224,6 +252,8 @@ def transformer_config(args, use_cuda: bool):
         masked_softmax_fusion=use_cuda,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        add_bias_linear=not args.disable_bias_linear,
+        **moe,
     )
 
 
@@ -236,7 +266,8 @@ def build_model(args, config, vocab_size: int):
 
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=args.num_experts,
+                                                        moe_grouped_gemm=False),
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -386,7 +417,8 @@ def train(args, use_cuda: bool) -> int:
     model = build_model(args, config, vocab)
     moes = moe_modules(model)
     n_params = sum(p.numel() for p in model.parameters())
-    n_expert = sum(p.numel() for m in moes for p in m.moe.experts.parameters())
+    n_expert = sum(p.numel() for m in moes for p in m.moe.experts.parameters()) + sum(
+        p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     if use_cuda:
         model.cuda(device)
     if args.bf16:
@@ -434,7 +466,9 @@ def train(args, use_cuda: bool) -> int:
     log0(f"pretrain_gpt: {dist.get_world_size()} processes ({'NCCL' if use_cuda else 'gloo, CPU'}): "
          f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} DP={dp}"
          + (f" EP={ep}, {args.fmoe.num_experts} experts top-{args.fmoe.top_k} "
-            f"({args.fmoe.gate} gate)" if args.fmoefy else " (dense)")
+            f"({args.fmoe.gate} gate)" if args.fmoefy else
+            f" (megatron-core MoE: {args.num_experts} experts top-{args.moe_router_topk}, "
+            f"{args.moe_token_dispatcher_type} dispatcher)" if args.num_experts else " (dense)")
          + f"; {n_params / 1e6:.2f}M parameters on rank 0 ({n_expert / 1e6:.2f}M in experts); "
          f"global batch {args.global_batch_size} x {args.seq_length} tokens")
 

@@ -44,6 +44,11 @@ def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
      "--expert-model-parallel-size"),
     (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size"),
     (["--sequence-parallel"], "--sequence-parallel"),
+    (["--num-experts", "4"], "--disable-bias-linear"),
+    (["--num-experts", "4", "--disable-bias-linear", "--fmoefy", "--fmoe-num-experts", "4"],
+     "--fmoefy"),
+    (["--num-experts", "4", "--disable-bias-linear", "--moe-router-topk", "5"],
+     "--moe-router-topk"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
@@ -51,6 +56,23 @@ def test_bad_flags_name_the_flag(argv, flag):
     args = build_parser().parse_args(argv)
     with pytest.raises(ValueError, match=re.escape(flag)):
         validate_args(args, 2)
+
+
+def test_megatron_core_moe_flag_trains(tmp_path):
+    """--num-experts: the same GPT with megatron-core's own MoELayer (the benchmark's e2e
+    baseline) trains in one process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FMOE_CACHE_DIR=os.environ.get(
+        "FMOE_CACHE_DIR", str(tmp_path)))
+    argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2",
+            "--train-iters", "3", "--log-interval", "1", "--default-corpus-bytes", "300000",
+            "--threads", "1", "--disable-bias-linear", "--num-experts", "4",
+            "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall"]
+    proc = subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "megatron-core MoE: 4 experts top-2, alltoall dispatcher" in proc.stdout, proc.stdout
+    assert "iter      3/3" in proc.stdout
 
 
 def _free_port():
