@@ -1,0 +1,1015 @@
+"""``python -m fastmoe_megatron.bench``: how fast the MoE layer is, measured side by side.
+
+Cases (``--case``, comma-separated, default ``all``):
+
+- ``layer``: forward + backward of ``FMoETransformerMLP`` (naive top-k gate, GELU experts) against
+  a dense MLP with the same active FLOPs (``d -> d_hidden * top_k -> d``), a naive PyTorch MoE (a
+  loop over experts with boolean masks: FastMoE's paper baseline) and megatron-core's own
+  ``MoELayer`` (alltoall dispatcher, SequentialMLP experts, same experts and top-k, no capacity),
+  at every ``--threads`` count. On a GPU also the same GEMMs as single dense cuBLAS products
+  (``gemm``), and every figure as TFLOP/s.
+- ``memory``: peak memory of forward + backward, the layer against the dense MLP.
+- ``ep``: the layer at expert-parallel size 2 (2 processes over gloo, 1 thread each) against one
+  process doing half the work (the same layer with every expert local and one process' tokens);
+  the efficiency, and the share of the step spent in the all-to-alls.
+- ``e2e``: ``pretrain_gpt --fmoefy`` tokens/s against the same GPT with megatron-core's own MoE
+  (``pretrain_gpt --num-experts``, alltoall dispatcher, same experts, top-k softmax router without
+  balance loss on both sides), trained in turn in one process at the largest ``--threads``.
+- ``compile``: a model containing the layer, eager against ``torch.compile``.
+
+Every case runs its contenders in interleaved rounds in one process (each round times each
+contender once, so that they see the same machine noise) and reports medians and ratios.
+``--json`` prints one JSON object on stdout (the tables then go to stderr). ``--tiny`` runs every
+case at a toy size in seconds (for CI; its figures mean nothing). ``--rounds``, ``--warmup``,
+``--e2e-iters`` and ``--e2e-rounds`` set the repeat counts; ``--case`` and ``--shapes`` a subset.
+Memory on the CPU is measured from the profiler's allocation events (see ``case_memory``).
+
+Shapes (T tokens, d model width, h expert hidden width, E experts, k top-k):
+
+    paper     T=4096 d=1024 h=4096 E=64 k=2   FastMoE's paper shape
+    dispatch  T=4096 d=256  h=512  E=64 k=2   small GEMMs: dispatch and per-expert costs dominate
+    gemm      T=4096 d=512  h=2048 E=8  k=2   large GEMMs
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    T: int
+    d: int
+    h: int
+    E: int
+    k: int
+
+    @property
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the expert GEMMs in forward + backward (the active FLOPs)."""
+        return 12.0 * self.T * self.k * self.d * self.h
+
+    def describe(self) -> str:
+        return f"T={self.T} d={self.d} h={self.h} E={self.E} top-{self.k}"
+
+
+SHAPES = {
+    "paper": Shape("paper", 4096, 1024, 4096, 64, 2),
+    "dispatch": Shape("dispatch", 4096, 256, 512, 64, 2),
+    "gemm": Shape("gemm", 4096, 512, 2048, 8, 2),
+}
+TINY_SHAPE = Shape("tiny", 64, 16, 32, 4, 2)
+DEFAULT_SHAPES = {
+    "layer": ("paper", "dispatch", "gemm"),
+    "memory": ("paper", "dispatch", "gemm"),
+    "ep": ("dispatch", "gemm"),
+    "compile": ("dispatch",),
+}
+CASES = ("layer", "memory", "ep", "e2e", "compile")
+
+# GPT configurations of the end-to-end case: pretrain_gpt flags without the MoE ones.
+E2E_CONFIGS = {
+    # configs/tiny-cpu.args' model
+    "tiny": dict(layers=2, hidden=128, heads=4, ffn=256, seq=128, mbs=8, experts=4, top_k=2),
+    "small": dict(layers=4, hidden=256, heads=8, ffn=1024, seq=256, mbs=8, experts=8, top_k=2),
+}
+E2E_TINY = {"micro": dict(layers=1, hidden=32, heads=4, ffn=64, seq=32, mbs=2, experts=4, top_k=2)}
+
+
+def log(*msg):
+    print(*msg, file=_LOG, flush=True)
+
+
+_LOG = sys.stdout
+
+
+# ============================================================================ timing helpers
+
+class Clock:
+    """Wall time of one call (with a device synchronisation on CUDA) and the process' CPU time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                clock: Clock) -> dict[str, dict[str, float]]:
+    """Runs every contender once per round, in turn; returns median wall and CPU ms."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    wall = {n: [] for n in contenders}
+    cpu = {n: [] for n in contenders}
+    for r in range(rounds):
+        names = list(contenders)
+        if r % 2:  # alternate the order, so that no contender always runs right after another
+            names.reverse()
+        for name in names:
+            w, c = clock(contenders[name])
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {n: {"ms": 1e3 * statistics.median(wall[n]), "cpu_ms": 1e3 * statistics.median(cpu[n]),
+                "min_ms": 1e3 * min(wall[n])} for n in contenders}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ============================================================================ contenders
+
+class DenseMLP(nn.Sequential):
+    """The dense MLP with the MoE's active FLOPs: d -> d_hidden * top_k -> d."""
+
+    def __init__(self, s: Shape):
+        super().__init__(nn.Linear(s.d, s.h * s.k), nn.GELU(), nn.Linear(s.h * s.k, s.d))
+
+
+class NaiveMoE(nn.Module):
+    """A plain PyTorch MoE (FastMoE's paper baseline): for each expert, a boolean mask of its
+    tokens, the expert on the masked rows, and the weighted result added back."""
+
+    def __init__(self, gate: nn.Module, experts: list[nn.Module]):
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x):
+        idx, score = self.gate(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = idx == e                     # [T, k]
+            rows = mask.any(1)                  # tokens routed to e
+            if not bool(rows.any()):
+                continue
+            weight = (score * mask).sum(1)[rows].unsqueeze(1)
+            y[rows] += weight * expert(x[rows])
+        return y
+
+
+def _expert(d, h, w1, b1, w2, b2):
+    """An nn.Sequential expert whose weights share storage with the fused layer's (no copy)."""
+    lin1, lin2 = nn.Linear(d, h), nn.Linear(h, d)
+    lin1.weight, lin1.bias = nn.Parameter(w1), nn.Parameter(b1)
+    lin2.weight, lin2.bias = nn.Parameter(w2), nn.Parameter(b2)
+    return nn.Sequential(lin1, nn.GELU(), lin2)
+
+
+def build_fmoe(s: Shape, device):
+    from .gates import NaiveGate
+    from .layers import FMoETransformerMLP
+
+    return FMoETransformerMLP(num_expert=s.E, d_model=s.d, d_hidden=s.h, top_k=s.k,
+                              gate=NaiveGate).to(device)
+
+
+def build_naive(s: Shape, fmoe) -> NaiveMoE:
+    import copy
+
+    ex = fmoe.experts
+    experts = [_expert(s.d, s.h, ex.htoh4.weight.data[e], ex.htoh4.bias.data[e],
+                       ex.h4toh.weight.data[e], ex.h4toh.bias.data[e]) for e in range(s.E)]
+    return NaiveMoE(copy.deepcopy(fmoe.gate), experts)
+
+
+_MEGATRON_READY = None
+
+
+def megatron_env(device) -> str | None:
+    """Initialises torch.distributed (one process) and megatron-core's parallel state once;
+    returns None when ready, else why megatron-core cannot be used."""
+    global _MEGATRON_READY
+    if _MEGATRON_READY is not None:
+        return _MEGATRON_READY or None
+    try:
+        import torch.distributed as dist
+
+        if device.type == "cpu":
+            from .megatron import cpu_compat
+
+            cpu_compat.apply()
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1,
+                                                     expert_tensor_parallel_size=1)
+        model_parallel_cuda_manual_seed(1234)
+        _MEGATRON_READY = ""
+    except Exception as exc:  # noqa: BLE001 - report and go on without it
+        _MEGATRON_READY = f"megatron-core unavailable: {type(exc).__name__}: {exc}"
+    return _MEGATRON_READY or None
+
+
+class MegatronMoE(nn.Module):
+    """megatron-core's MoELayer behind the [T, d] -> [T, d] interface."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        out, _bias = self.layer(x.unsqueeze(1))
+        return out.squeeze(1)
+
+
+def build_megatron(s: Shape, fmoe, device):
+    """megatron-core's MoELayer: top-k softmax router (no load balancing, no capacity), alltoall
+    dispatcher, SequentialMLP experts (no grouped_gemm / Transformer Engine here), no expert
+    biases. Router and expert weights are those of ``fmoe`` (the experts share its storage)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    heads = 1
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=s.d, num_attention_heads=heads, ffn_hidden_size=s.h,
+        moe_ffn_hidden_size=s.h, num_moe_experts=s.E, moe_router_topk=s.k,
+        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=device.type == "cpu", add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False)
+    spec = get_gpt_layer_local_spec(num_experts=s.E, moe_grouped_gemm=False).submodules.mlp
+    layer = build_module(spec, config=cfg).to(device)
+    with torch.no_grad():
+        layer.router.weight.copy_(fmoe.gate.gate.weight)
+    ex = fmoe.experts
+    for e, expert in enumerate(layer.experts.local_experts):
+        expert.linear_fc1.weight = nn.Parameter(ex.htoh4.weight.data[e])
+        expert.linear_fc2.weight = nn.Parameter(ex.h4toh.weight.data[e])
+    return MegatronMoE(layer)
+
+
+class GemmReference(nn.Module):
+    """The layer's six expert GEMMs (forward and backward) as single dense products: the floor
+    that the grouped GEMM is measured against on a GPU (cuBLAS)."""
+
+    def __init__(self, s: Shape, device, dtype):
+        super().__init__()
+        n = s.T * s.k
+        self.a = torch.randn(n, s.d, device=device, dtype=dtype)
+        self.w1 = torch.randn(s.h, s.d, device=device, dtype=dtype) / math.sqrt(s.d)
+        self.w2 = torch.randn(s.d, s.h, device=device, dtype=dtype) / math.sqrt(s.h)
+        self.g = torch.randn(n, s.d, device=device, dtype=dtype)
+
+    def step(self):
+        hid = self.a @ self.w1.t()
+        _out = hid @ self.w2.t()
+        g_hid = self.g @ self.w2
+        _gw2 = self.g.t() @ hid
+        _ga = g_hid @ self.w1
+        _gw1 = g_hid.t() @ self.a
+
+
+def make_step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+    """One training step's forward and backward (gradients reset to None first, as
+    ``zero_grad()`` does)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        xx = x.detach().requires_grad_(True)
+        module(xx).backward(gy)
+
+    return step
+
+
+def check_same_output(modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+    """Max |difference| of each module's output from the first's (the MoE contenders route and
+    compute the same thing; a large value would mean an unfair comparison)."""
+    with torch.no_grad():
+        outs = {n: m(x) for n, m in modules.items()}
+    ref = next(iter(outs.values()))
+    scale = float(ref.abs().max()) or 1.0
+    return {n: float((o - ref).abs().max()) / scale for n, o in outs.items()}
+
+
+# ============================================================================ case: layer
+
+def case_layer(args, shapes, device) -> list[dict]:
+    results = []
+    clock = Clock(device)
+    for s in shapes:
+        torch.manual_seed(0)
+        fmoe = build_fmoe(s, device)
+        with torch.no_grad():  # megatron's experts have no biases, its router none either
+            fmoe.gate.gate.bias.zero_()
+            fmoe.experts.htoh4.bias.zero_()
+            fmoe.experts.h4toh.bias.zero_()
+        contenders: dict[str, nn.Module] = {"fmoe": fmoe, "dense": DenseMLP(s).to(device)}
+        if "naive" not in args.skip:
+            contenders["naive"] = build_naive(s, fmoe)
+        skipped = {}
+        if "megatron" not in args.skip:
+            why = megatron_env(device)
+            if why is None:
+                try:
+                    contenders["megatron"] = build_megatron(s, fmoe, device)
+                except Exception as exc:  # noqa: BLE001
+                    skipped["megatron"] = f"{type(exc).__name__}: {exc}"
+            else:
+                skipped["megatron"] = why
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(s.T, s.d, generator=g).to(device)
+        gy = torch.randn(s.T, s.d, generator=g).to(device)
+        moe_like = {n: m for n, m in contenders.items() if n != "dense"}
+        diffs = check_same_output(moe_like, x)
+        steps = {n: make_step(m, x, gy) for n, m in contenders.items()}
+        if device.type == "cuda" or args.gemm_ref:
+            steps["gemm"] = GemmReference(s, device, x.dtype).step
+        for threads in (args.threads if device.type == "cpu" else [None]):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            load0 = loadavg()
+            timing = interleaved(steps, args.rounds, args.warmup, clock)
+            row = {
+                "shape": s.name, "dims": dataclasses.asdict(s), "threads": threads,
+                "loadavg": [load0, loadavg()],
+                "median_ms": {n: round(v["ms"], 3) for n, v in timing.items()},
+                "min_ms": {n: round(v["min_ms"], 3) for n, v in timing.items()},
+                "cpu_ms": {n: round(v["cpu_ms"], 3) for n, v in timing.items()},
+                "tflops": {n: float(f"{s.flops / (v['ms'] * 1e-3) / 1e12:.4g}") for n, v in timing.items()},
+                "ratios": {},
+                "output_rel_diff": {n: float(f"{v:.3g}") for n, v in diffs.items()},
+                "skipped": skipped,
+            }
+            t = row["median_ms"]
+            row["ratios"]["fmoe_over_dense"] = round(t["fmoe"] / t["dense"], 4)
+            if "gemm" in t:
+                row["ratios"]["fmoe_over_gemm"] = round(t["fmoe"] / t["gemm"], 4)
+            for other in ("naive", "megatron"):
+                if other in t:
+                    row["ratios"][f"speedup_vs_{other}"] = round(t[other] / t["fmoe"], 4)
+            results.append(row)
+            rat = row["ratios"]
+            log(f"layer {s.name:8s} ({s.describe()}) threads={threads}: "
+                + "  ".join(f"{n} {v:.1f} ms" for n, v in t.items())
+                + f" | fmoe/dense {rat['fmoe_over_dense']:.3f}"
+                + "".join(f"  {k.replace('speedup_vs_', 'x vs ')} {v:.2f}"
+                          for k, v in rat.items() if k.startswith("speedup"))
+                + (f"  fmoe/gemm {rat['fmoe_over_gemm']:.3f}" if "fmoe_over_gemm" in rat else "")
+                + f" | load {row['loadavg'][0]}")
+        del contenders, steps, fmoe, moe_like
+        gc.collect()
+    return results
+
+
+# ============================================================================ case: memory
+
+def _cpu_peak(step: Callable[[], None], params: list[nn.Parameter]) -> tuple[int, int]:
+    """(peak bytes allocated during ``step`` above what was allocated before it, the same
+    without the allocations that end up as the parameters' gradients), from the profiler's
+    allocation events (every allocation of the CPU allocator, inside native kernels too)."""
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._utils import traverse_dfs
+
+    for p in params:
+        p.grad = None
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+    for ev in traverse_dfs(prof.profiler.kineto_results.experimental_event_tree()):
+        f = ev.extra_fields
+        if isinstance(f, _ExtraFields_Allocation) and f.device.type == "cpu":
+            events.append((ev.start_time_ns, f.ptr, f.alloc_size))
+    events.sort(key=lambda e: e[0])
+    grad_ptrs = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+    last_alloc = {}
+    for i, (_t, ptr, size) in enumerate(events):
+        if size > 0 and ptr in grad_ptrs:
+            last_alloc[ptr] = i
+    grads = set(last_alloc.values())
+    cur = peak = cur_w = peak_w = 0
+    for i, (_t, _ptr, size) in enumerate(events):
+        cur += size
+        peak = max(peak, cur)
+        if i not in grads:
+            cur_w += size
+            peak_w = max(peak_w, cur_w)
+    return peak, peak_w
+
+
+def _cuda_peak(step, params) -> tuple[int, int]:
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    return peak, peak - grads  # working: an upper bound (grads may not all exist at the peak)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def case_memory(args, shapes, device) -> list[dict]:
+    """Peak bytes allocated by one forward + backward above what was allocated before it (the
+    parameters, the input and the output gradient), and the same without the parameter
+    gradients, which scale with all parameters rather than the active ones. On the CPU from the
+    profiler's allocation events (``profile_memory``: every allocation of torch's CPU allocator,
+    native kernels included, replayed in order); on a GPU from the caching allocator's peak. The
+    layer's reuse of its weight-gradient buffers is turned off here, so that its weight gradients
+    are allocated inside the step as the dense MLP's are (and both are counted, or both not)."""
+    results = []
+    for s in shapes:
+        torch.manual_seed(0)
+        mods = {"fmoe": build_fmoe(s, device), "dense": DenseMLP(s).to(device)}
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(s.T, s.d, generator=g).to(device)
+        gy = torch.randn(s.T, s.d, generator=g).to(device)
+        row = {"shape": s.name, "dims": dataclasses.asdict(s), "peak_mb": {}, "working_peak_mb": {},
+               "param_mb": {}, "ratios": {}}
+        for name, m in mods.items():
+            params = [p for p in m.parameters() if p.requires_grad]
+            step = make_step(m, x, gy)
+            with _env("FMOE_REUSE_GRAD_BUFFERS", "0"):
+                step()  # warm up (one-time allocations)
+                peak, working = (_cuda_peak if device.type == "cuda" else _cpu_peak)(step, params)
+            for p in params:
+                p.grad = None
+            row["peak_mb"][name] = round(peak / 2**20, 2)
+            row["working_peak_mb"][name] = round(working / 2**20, 2)
+            row["param_mb"][name] = round(sum(p.numel() * p.element_size() for p in params) / 2**20, 2)
+        row["ratios"]["working_fmoe_over_dense"] = round(
+            row["working_peak_mb"]["fmoe"] / row["working_peak_mb"]["dense"], 4)
+        row["ratios"]["peak_fmoe_over_dense"] = round(row["peak_mb"]["fmoe"] / row["peak_mb"]["dense"], 4)
+        results.append(row)
+        log(f"memory {s.name:8s} ({s.describe()}): peak of forward+backward above the parameters: "
+            f"fmoe {row['peak_mb']['fmoe']:.1f} MB, dense {row['peak_mb']['dense']:.1f} MB "
+            f"(x{row['ratios']['peak_fmoe_over_dense']:.2f}); without the parameter gradients "
+            f"(which scale with all parameters, {row['param_mb']['fmoe']:.1f} MB vs "
+            f"{row['param_mb']['dense']:.1f} MB): fmoe {row['working_peak_mb']['fmoe']:.1f} MB, dense "
+            f"{row['working_peak_mb']['dense']:.1f} MB (x{row['ratios']['working_fmoe_over_dense']:.2f})")
+        del mods
+        gc.collect()
+    return results
+
+
+# ============================================================================ worker processes
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_main(fn, rank, world, port, threads, backend, args, result_q):
+    try:
+        torch.set_num_threads(threads)
+        if world > 1:
+            import torch.distributed as dist
+
+            store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                                  timeout=datetime.timedelta(seconds=600))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        result_q.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result_q.put((rank, False, traceback.format_exc()))
+    finally:
+        result_q.close()
+        result_q.join_thread()
+
+
+def launch(fn, world: int, args=(), threads: int = 1, timeout: float = 1800.0,
+           backend: str = "gloo") -> list:
+    """Runs ``fn(rank, world, *args)`` in ``world`` fresh processes (joined in one process
+    group when world > 1); returns their results in rank order."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    store = None
+    port = 0
+    if world > 1:  # the parent hosts the rendezvous store on a port the OS picks
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        port = store.port
+    ctx = mp.get_context("spawn")
+    result_q = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(fn, r, world, port, threads, backend,
+                                                    tuple(args), result_q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            try:
+                rank, ok, payload = result_q.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{fn.__name__}: workers did not finish in {timeout:.0f} s")
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                        and r not in results and r not in errors]
+                if dead and not errors:
+                    time.sleep(1.0)  # a last report may still be in the pipe
+                    if result_q.empty():
+                        raise RuntimeError(f"{fn.__name__}: worker(s) {dead} died without a report")
+                continue
+            (results if ok else errors)[rank] = payload
+            if errors:
+                break
+        if errors:
+            rank, tb = next(iter(errors.items()))
+            raise RuntimeError(f"{fn.__name__}: rank {rank} failed:\n{tb}")
+        for p in procs:
+            p.join(timeout=30)
+        return [results[r] for r in range(world)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        result_q.close()
+        result_q.cancel_join_thread()
+        del store
+
+
+# ============================================================================ case: ep
+
+def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
+    """EP=world layer (every rank T tokens, E / world experts) and, on rank 0 while the other
+    ranks wait, the same layer in one process (T tokens, all E experts). Times each step and the
+    all-to-alls inside the EP step."""
+    import torch.distributed as dist
+
+    from . import comm
+    from .layers import FMoETransformerMLP
+
+    acc = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[0] += time.perf_counter() - t0
+        return wrapper
+
+    class TimedPending:  # the count exchange: its start and the wait for its end
+        def __init__(self, pending):
+            self.pending = pending
+
+        def wait(self):
+            return timed(self.pending.wait)()
+
+    start_counts = timed(comm.exchange_counts_async)
+    # The all-to-alls of counts and of rows (forward and backward): the communication.
+    comm.exchange_counts_async = lambda *a, **kw: TimedPending(start_counts(*a, **kw))
+    comm._all_to_all_rows = timed(comm._all_to_all_rows)
+
+    torch.manual_seed(0)  # the same gate on every rank, as data-parallel replicas have
+    ep = FMoETransformerMLP(num_expert=s.E // world, d_model=s.d, d_hidden=s.h, top_k=s.k,
+                            world_size=world)
+    local = FMoETransformerMLP(num_expert=s.E, d_model=s.d, d_hidden=s.h, top_k=s.k)
+    with torch.no_grad():
+        local.gate.load_state_dict(ep.gate.state_dict())
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(s.T, s.d, generator=g)
+    gy = torch.randn(s.T, s.d, generator=g)
+    step_ep, step_local = make_step(ep, x, gy), make_step(local, x, gy)
+    t_ep, t_comm, t_alone, t_side = [], [], [], []
+    for r in range(warmup + rounds):
+        dist.barrier()
+        acc[0] = 0.0
+        t0 = time.perf_counter()
+        step_ep()
+        t1 = time.perf_counter()
+        comm_s = acc[0]
+        dist.barrier()
+        # One process doing its half of the work alone (rank 0; the others wait in a barrier).
+        alone = None
+        if rank == 0:
+            t2 = time.perf_counter()
+            step_local()
+            alone = time.perf_counter() - t2
+        dist.barrier()
+        # Every process doing its half at the same time, without exchanging anything.
+        t3 = time.perf_counter()
+        step_local()
+        side = time.perf_counter() - t3
+        if r >= warmup:
+            t_ep.append(t1 - t0)
+            t_comm.append(comm_s)
+            t_alone.append(alone)
+            t_side.append(side)
+    return {"ep_ms": [1e3 * v for v in t_ep], "comm_ms": [1e3 * v for v in t_comm],
+            "alone_ms": [1e3 * v for v in t_alone] if rank == 0 else None,
+            "side_by_side_ms": [1e3 * v for v in t_side]}
+
+
+def case_ep(args, shapes, device) -> list[dict]:
+    results = []
+    world = 2
+    for s in shapes:
+        if s.E % world:
+            continue
+        out = launch(_ep_worker, world, args=(s, args.rounds, args.warmup), threads=1)
+        # A step takes as long as its slowest rank.
+        ep_round = [max(v) for v in zip(*(o["ep_ms"] for o in out))]
+        comm_round = [max(v) for v in zip(*(o["comm_ms"] for o in out))]
+        side_round = [max(v) for v in zip(*(o["side_by_side_ms"] for o in out))]
+        ep_ms = statistics.median(ep_round)
+        alone_ms = statistics.median(out[0]["alone_ms"])
+        side_ms = statistics.median(side_round)
+        comm_ms = statistics.median(comm_round)
+        row = {"shape": s.name, "dims": dataclasses.asdict(s), "world_size": world,
+               "threads_per_process": 1, "backend": "gloo", "tokens_per_rank": s.T,
+               "median_ms": {"ep": round(ep_ms, 3), "one_process_half_work": round(alone_ms, 3),
+                             "two_processes_half_work_each": round(side_ms, 3),
+                             "communication": round(comm_ms, 3)},
+               "efficiency": round(alone_ms / ep_ms, 4),
+               "efficiency_vs_side_by_side": round(side_ms / ep_ms, 4),
+               "communication_share": round(comm_ms / ep_ms, 4)}
+        results.append(row)
+        log(f"ep     {s.name:8s} ({s.describe()}, T per rank): EP=2 over gloo {ep_ms:.1f} ms, "
+            f"one process with half the work {alone_ms:.1f} ms -> efficiency "
+            f"{100 * row['efficiency']:.1f}% ({100 * row['efficiency_vs_side_by_side']:.1f}% against "
+            f"two processes each doing its half at once, {side_ms:.1f} ms); all-to-alls "
+            f"{comm_ms:.1f} ms = {100 * row['communication_share']:.1f}% of the step")
+    return results
+
+
+# ============================================================================ case: e2e
+
+def _e2e_argv(cfg: dict, iters: int, threads: int) -> list[str]:
+    return ["--num-layers", str(cfg["layers"]), "--hidden-size", str(cfg["hidden"]),
+            "--num-attention-heads", str(cfg["heads"]), "--ffn-hidden-size", str(cfg["ffn"]),
+            "--seq-length", str(cfg["seq"]), "--micro-batch-size", str(cfg["mbs"]),
+            "--global-batch-size", str(cfg["mbs"]), "--train-iters", str(iters),
+            "--lr", "1e-3", "--lr-decay-style", "constant", "--log-interval", "1000000",
+            "--threads", str(threads), "--seed", "1234", "--disable-bias-linear"]
+
+
+def _e2e_worker(rank, world, configs: dict, rounds: int, warmup: int, iters: int, threads: int,
+                corpus_bytes: int | None):
+    """Both GPTs of every config, trained in turn (``rounds`` times each) in this process;
+    returns the iteration times after ``warmup`` iterations of every run."""
+    import contextlib as _cl
+    import io
+
+    from .megatron import pretrain_gpt as ptg
+
+    orig_step = ptg.forward_step
+    stamps: list[float] = []
+
+    def forward_step(data_iterator, model):  # one microbatch per iteration: one stamp each
+        stamps.append(time.perf_counter())
+        return orig_step(data_iterator, model)
+
+    out = {}
+    ptg.forward_step = forward_step
+    try:
+        for name, cfg in configs.items():
+            base = _e2e_argv(cfg, warmup + iters, threads)
+            if corpus_bytes:
+                base += ["--default-corpus-bytes", str(corpus_bytes)]
+            # Both without linear biases (megatron-core's expert biases fail, see pretrain_gpt);
+            # fmoefy's experts keep theirs. The same router: top-k softmax, no balance loss.
+            runs = {
+                "fmoefy": base + ["--fmoefy", "--fmoe-num-experts", str(cfg["experts"]),
+                                  "--fmoe-top-k", str(cfg["top_k"]), "--balance-strategy", "naive",
+                                  "--balance-loss-weight", "0"],
+                "megatron_moe": base + ["--num-experts", str(cfg["experts"]), "--moe-router-topk",
+                                        str(cfg["top_k"]), "--moe-token-dispatcher-type",
+                                        "alltoall", "--moe-router-load-balancing-type", "none"],
+            }
+            times = {n: [] for n in runs}
+            losses = {}
+            for r in range(rounds):
+                order = list(runs) if r % 2 == 0 else list(reversed(runs))
+                for variant in order:
+                    argv = runs[variant]
+                    stamps.clear()
+                    with _cl.redirect_stdout(io.StringIO()):
+                        res = ptg.run(argv)
+                    end = time.perf_counter()
+                    marks = stamps + [end]
+                    iter_s = [b - a for a, b in zip(marks, marks[1:])]
+                    times[variant] += iter_s[warmup:]
+                    losses[variant] = res.losses[-1]
+                    del res
+                    gc.collect()
+            tokens = cfg["mbs"] * cfg["seq"]
+            out[name] = {"config": cfg, "tokens_per_iter": tokens,
+                         "iter_ms": {n: 1e3 * statistics.median(v) for n, v in times.items()},
+                         "tokens_per_s": {n: tokens / statistics.median(v) for n, v in times.items()},
+                         "last_loss": losses}
+    finally:
+        ptg.forward_step = orig_step
+    return out
+
+
+def case_e2e(args, device) -> list[dict]:
+    configs = E2E_TINY if args.tiny else {n: E2E_CONFIGS[n] for n in args.e2e_configs}
+    threads = max(args.threads)
+    iters = 2 if args.tiny else args.e2e_iters
+    warmup = 1 if args.tiny else 2
+    corpus = 300_000 if args.tiny else None
+    (res,) = launch(_e2e_worker, 1, args=(configs, args.e2e_rounds, warmup, iters, threads, corpus),
+                    threads=threads)
+    results = []
+    for name, r in res.items():
+        tps = r["tokens_per_s"]
+        row = {"config": name, "model": r["config"], "threads": threads, "processes": 1,
+               "tokens_per_iter": r["tokens_per_iter"],
+               "iter_ms": {n: round(v, 2) for n, v in r["iter_ms"].items()},
+               "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
+               "ratios": {"fmoefy_over_megatron_moe": round(tps["fmoefy"] / tps["megatron_moe"], 4)},
+               "last_loss": r["last_loss"]}
+        results.append(row)
+        c = r["config"]
+        log(f"e2e    {name:8s} (GPT {c['layers']} layers, hidden {c['hidden']}, ffn {c['ffn']}, "
+            f"seq {c['seq']} x batch {c['mbs']}, {c['experts']} experts top-{c['top_k']}, "
+            f"{threads} threads): --fmoefy {tps['fmoefy']:.0f} tokens/s, megatron-core MoE "
+            f"{tps['megatron_moe']:.0f} tokens/s -> x{row['ratios']['fmoefy_over_megatron_moe']:.2f}")
+    return results
+
+
+# ============================================================================ case: compile
+
+class CompileBlock(nn.Module):
+    """A pre-norm residual block around the MoE layer."""
+
+    def __init__(self, s: Shape):
+        super().__init__()
+        from .layers import FMoETransformerMLP
+
+        self.norm = nn.LayerNorm(s.d)
+        self.moe = FMoETransformerMLP(num_expert=s.E, d_model=s.d, d_hidden=s.h, top_k=s.k)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+def case_compile(args, shapes, device) -> list[dict]:
+    import copy
+
+    results = []
+    clock = Clock(device)
+    for s in shapes:
+        torch.manual_seed(0)
+        eager = CompileBlock(s).to(device)
+        compiled = torch.compile(copy.deepcopy(eager), backend=args.compile_backend)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(s.T, s.d, generator=g).to(device)
+        gy = torch.randn(s.T, s.d, generator=g).to(device)
+        steps = {"eager": make_step(eager, x, gy), "compiled": make_step(compiled, x, gy)}
+        t0 = time.perf_counter()
+        steps["compiled"]()  # compiles
+        compile_s = time.perf_counter() - t0
+        with torch.no_grad():
+            diff = float((compiled(x) - eager(x)).abs().max())
+        for threads in (args.threads if device.type == "cpu" else [None]):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            timing = interleaved(steps, args.rounds, args.warmup, clock)
+            t = {n: round(v["ms"], 3) for n, v in timing.items()}
+            row = {"shape": s.name, "dims": dataclasses.asdict(s), "threads": threads,
+                   "backend": args.compile_backend, "median_ms": t,
+                   "cpu_ms": {n: round(v["cpu_ms"], 3) for n, v in timing.items()},
+                   "compile_s": round(compile_s, 2), "max_abs_diff": diff,
+                   "ratios": {"compiled_over_eager": round(t["compiled"] / t["eager"], 4)}}
+            results.append(row)
+            log(f"compile {s.name:8s} ({s.describe()}) threads={threads}: eager {t['eager']:.1f} ms, "
+                f"torch.compile ({args.compile_backend}) {t['compiled']:.1f} ms -> "
+                f"x{row['ratios']['compiled_over_eager']:.3f} (compiled in {compile_s:.0f} s)")
+        torch._dynamo.reset()
+    return results
+
+
+# ============================================================================ main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastmoe_megatron.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", default="all",
+                   help=f"comma-separated cases: {', '.join(CASES)}, or all (default)")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma-separated shapes: {', '.join(SHAPES)} (default per case: "
+                        + "; ".join(f"{c}: {','.join(v)}" for c, v in DEFAULT_SHAPES.items()) + ")")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated CPU thread counts (default 1,2 capped at the cores)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--tiny", action="store_true", help="toy sizes, a few seconds per case (CI)")
+    p.add_argument("--skip", default="", help="contenders to leave out: naive, megatron")
+    p.add_argument("--gemm-ref", action="store_true",
+                   help="also time the layer's GEMMs as dense products on the CPU (always on a GPU)")
+    p.add_argument("--e2e-configs", default="tiny,small", help="end-to-end GPT configs: tiny, small")
+    p.add_argument("--e2e-iters", type=int, default=8, help="timed iterations per e2e run")
+    p.add_argument("--e2e-rounds", type=int, default=None, help="runs of each e2e model (default 3)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile back end of the compile case (default inductor; "
+                        "aot_eager with --tiny)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    args.cases = CASES if args.case == "all" else tuple(c.strip() for c in args.case.split(","))
+    for c in args.cases:
+        if c not in CASES:
+            p.error(f"--case {c!r}: valid cases are {', '.join(CASES)}, all")
+    cores = os.cpu_count() or 1
+    if args.threads is None:
+        args.threads = sorted({1, min(2, cores)})
+    else:
+        args.threads = [int(t) for t in args.threads.split(",")]
+    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    args.e2e_configs = [c.strip() for c in args.e2e_configs.split(",") if c.strip()]
+    for c in args.e2e_configs:
+        if c not in E2E_CONFIGS:
+            p.error(f"--e2e-configs {c!r}: valid configs are {', '.join(E2E_CONFIGS)}")
+    if args.shapes is not None:
+        names = [x.strip() for x in args.shapes.split(",") if x.strip()]
+        for n in names:
+            if n not in SHAPES:
+                p.error(f"--shapes {n!r}: valid shapes are {', '.join(SHAPES)}")
+        args.shape_names = {c: tuple(names) for c in DEFAULT_SHAPES}
+    else:
+        args.shape_names = dict(DEFAULT_SHAPES)
+    if args.rounds is None:
+        args.rounds = 2 if args.tiny else 7
+    if args.e2e_rounds is None:
+        args.e2e_rounds = 1 if args.tiny else 3
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.tiny else "inductor"
+    if args.tiny:
+        args.gemm_ref = True  # exercise the GPU's reference path on the CPU too
+    return args
+
+
+def _megatron_missing() -> str | None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("megatron.core") is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else "megatron-core is not installed"
+
+
+def environment(device) -> dict:
+    from . import ops
+
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "device": str(device), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+           "kernels": ops.backend_name(device), "loadavg": loadavg()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import megatron.core
+
+        env["megatron_core"] = megatron.core.package_info.__version__
+    except Exception:  # noqa: BLE001
+        env["megatron_core"] = None
+    return env
+
+
+def summary(report: dict) -> str:
+    """The ratios of every case as one table (lower is better for x/dense, higher for speedups,
+    efficiency and tokens/s ratios)."""
+    lines = ["", "summary (medians; load average at start "
+             f"{report['environment']['loadavg']}, at end {report['environment']['loadavg_end']})",
+             f"{'case':8s} {'shape/config':10s} {'threads':>7s}  figures"]
+    cases = report["cases"]
+    for r in cases.get("layer", []):
+        rat = r["ratios"]
+        figs = [f"fmoe/dense {rat['fmoe_over_dense']:.3f}"]
+        figs += [f"{k.replace('speedup_vs_', 'speedup vs ')} {v:.2f}x"
+                 for k, v in rat.items() if k.startswith("speedup")]
+        if "fmoe_over_gemm" in rat:
+            figs.append(f"fmoe/gemm {rat['fmoe_over_gemm']:.3f}")
+        lines.append(f"{'layer':8s} {r['shape']:10s} {str(r['threads']):>7s}  " + ", ".join(figs))
+    for r in cases.get("memory", []):
+        lines.append(f"{'memory':8s} {r['shape']:10s} {'':>7s}  working peak fmoe/dense "
+                     f"{r['ratios']['working_fmoe_over_dense']:.3f} (with parameter gradients "
+                     f"{r['ratios']['peak_fmoe_over_dense']:.3f})")
+    for r in cases.get("ep", []):
+        lines.append(f"{'ep=2':8s} {r['shape']:10s} {'1+1':>7s}  efficiency "
+                     f"{100 * r['efficiency']:.1f}% (vs two processes at once "
+                     f"{100 * r['efficiency_vs_side_by_side']:.1f}%), communication "
+                     f"{100 * r['communication_share']:.1f}% of the step")
+    for r in cases.get("e2e", []):
+        tps = r["tokens_per_s"]
+        lines.append(f"{'e2e':8s} {r['config']:10s} {r['threads']:>7d}  --fmoefy/megatron-core MoE "
+                     f"tokens/s {r['ratios']['fmoefy_over_megatron_moe']:.3f} "
+                     f"({tps['fmoefy']:.0f} vs {tps['megatron_moe']:.0f})")
+    for r in cases.get("compile", []):
+        lines.append(f"{'compile':8s} {r['shape']:10s} {str(r['threads']):>7s}  compiled/eager "
+                     f"{r['ratios']['compiled_over_eager']:.3f} ({r['backend']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    global _LOG
+    args = parse_args(argv)
+    _LOG = sys.stderr if args.json else sys.stdout
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    threads0 = torch.get_num_threads()
+    report = {"environment": environment(device), "args": {
+        "cases": list(args.cases), "threads": args.threads, "rounds": args.rounds,
+        "warmup": args.warmup, "tiny": args.tiny}, "cases": {}}
+    log(f"fastmoe_megatron.bench on {device} ({report['environment']['kernels']} kernels, torch "
+        f"{torch.__version__}, {os.cpu_count()} cores, load {loadavg()}); medians of "
+        f"{args.rounds} interleaved rounds")
+
+    def shapes_for(case):
+        return [TINY_SHAPE] if args.tiny else [SHAPES[n] for n in args.shape_names[case]]
+
+    t_start = time.perf_counter()
+    for case in args.cases:
+        t0 = time.perf_counter()
+        if case == "layer":
+            res = case_layer(args, shapes_for("layer"), device)
+        elif case == "memory":
+            res = case_memory(args, shapes_for("memory"), device)
+        elif case == "ep":
+            res = case_ep(args, shapes_for("ep"), device)
+        elif case == "e2e":
+            why = _megatron_missing()
+            if why:
+                log(f"e2e: skipped ({why})")
+                report.setdefault("skipped", {})["e2e"] = why
+                res = []
+            else:
+                res = case_e2e(args, device)
+        else:
+            res = case_compile(args, shapes_for("compile"), device)
+        torch.set_num_threads(threads0)
+        report["cases"][case] = res
+        report.setdefault("seconds", {})[case] = round(time.perf_counter() - t0, 1)
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    report["environment"]["loadavg_end"] = loadavg()
+    log(summary(report))
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

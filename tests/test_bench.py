@@ -1,0 +1,92 @@
+"""``python -m fastmoe_megatron.bench --tiny --json``: every case runs at a toy size and the JSON
+report has the documented structure. No figure is asserted (toy sizes on a shared CI machine
+measure nothing); only that each figure is a positive finite number."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fastmoe_megatron.bench", "--tiny", "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"bench failed:\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_report_header(report):
+    rep, _ = report
+    assert set(rep) >= {"environment", "args", "cases", "seconds"}
+    assert rep["args"]["tiny"] is True
+    assert rep["environment"]["device"] in ("cpu", "cuda") or rep["environment"]["device"].startswith("cuda")
+    assert set(rep["cases"]) == {"layer", "memory", "ep", "e2e", "compile"}
+    assert all(_number(s) or s == 0 for s in rep["seconds"].values())
+
+
+def test_layer_case(report):
+    rep, log = report
+    rows = rep["cases"]["layer"]
+    assert rows and {r["threads"] for r in rows} == set(rep["args"]["threads"])
+    for r in rows:
+        assert {"fmoe", "dense", "naive", "gemm"} <= set(r["median_ms"])
+        assert "megatron" in r["median_ms"] or "megatron" in r["skipped"]
+        for key in ("median_ms", "min_ms", "cpu_ms", "tflops"):
+            assert all(_number(v) for v in r[key].values()), (key, r[key])
+        assert set(r["ratios"]) >= {"fmoe_over_dense", "fmoe_over_gemm", "speedup_vs_naive"}
+        assert all(_number(v) for v in r["ratios"].values())
+        # The MoE contenders compute the same function (same gate, experts and routing).
+        assert all(d < 1e-4 for d in r["output_rel_diff"].values()), r["output_rel_diff"]
+    assert "fmoe/dense" in log
+
+
+def test_memory_case(report):
+    rep, _ = report
+    for r in rep["cases"]["memory"]:
+        for key in ("peak_mb", "working_peak_mb", "param_mb"):
+            assert set(r[key]) == {"fmoe", "dense"} and all(_number(v) for v in r[key].values())
+        assert r["working_peak_mb"]["fmoe"] <= r["peak_mb"]["fmoe"]
+        assert all(_number(v) for v in r["ratios"].values())
+
+
+def test_expert_parallel_case(report):
+    rep, _ = report
+    (r,) = rep["cases"]["ep"]
+    assert r["world_size"] == 2 and r["backend"] == "gloo" and r["threads_per_process"] == 1
+    assert all(_number(v) for v in r["median_ms"].values())
+    assert _number(r["efficiency"]) and _number(r["communication_share"])
+    assert r["communication_share"] < 1
+
+
+def test_end_to_end_case(report):
+    rep, _ = report
+    rows = rep["cases"]["e2e"]
+    if not rows:
+        assert "e2e" in rep.get("skipped", {})
+        return
+    for r in rows:
+        assert set(r["tokens_per_s"]) == {"fmoefy", "megatron_moe"}
+        assert all(_number(v) for v in r["tokens_per_s"].values())
+        assert _number(r["ratios"]["fmoefy_over_megatron_moe"])
+        assert all(math.isfinite(v) for v in r["last_loss"].values())
+
+
+def test_compile_case(report):
+    rep, _ = report
+    for r in rep["cases"]["compile"]:
+        assert set(r["median_ms"]) == {"eager", "compiled"}
+        assert r["max_abs_diff"] < 1e-4
+        assert _number(r["ratios"]["compiled_over_eager"])
