@@ -42,6 +42,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <array>
@@ -54,7 +55,17 @@ using at::Tensor;
 // Validation shared by the CPU and CUDA kernels.
 void check_index(const Tensor& t, const char* name);
 int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
-void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op);
+// grouped_mm_backward's grad_weight_out: the weight's shape, dtype and device, contiguous. Inline:
+// the CUDA library (loaded RTLD_LOCAL) cannot call into the CPU library.
+inline void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op) {
+  TORCH_CHECK(gw_out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", gw_out.sizes(),
+              " but the weight has ", w.sizes());
+  TORCH_CHECK(gw_out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
+              gw_out.scalar_type(), " but the weight is ", w.scalar_type());
+  TORCH_CHECK(gw_out.device() == w.device(), op, ": grad_weight_out is on ", gw_out.device(),
+              " but the weight is on ", w.device());
+  TORCH_CHECK(gw_out.is_contiguous(), op, ": grad_weight_out must be contiguous");
+}
 
 namespace cpu {
 Tensor expert_count(const Tensor& idx, int64_t num_expert);

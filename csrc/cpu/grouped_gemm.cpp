@@ -376,13 +376,4 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
 
 }  // namespace cpu
 
-void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op) {
-  TORCH_CHECK(gw_out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", gw_out.sizes(),
-              " but the weight has ", w.sizes());
-  TORCH_CHECK(gw_out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
-              gw_out.scalar_type(), " but the weight is ", w.scalar_type());
-  TORCH_CHECK(gw_out.device() == w.device(), op, ": grad_weight_out is on ", gw_out.device(),
-              " but the weight is on ", w.device());
-  TORCH_CHECK(gw_out.is_contiguous(), op, ": grad_weight_out must be contiguous");
-}
 }  // namespace fmoe

@@ -32,17 +32,6 @@ inline void check_index(const Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
 }
 
-// grouped_mm_backward's grad_weight_out: the weight's shape, dtype and device, contiguous.
-inline void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op) {
-  TORCH_CHECK(gw_out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", gw_out.sizes(),
-              " but the weight has ", w.sizes());
-  TORCH_CHECK(gw_out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
-              gw_out.scalar_type(), " but the weight is ", w.scalar_type());
-  TORCH_CHECK(gw_out.device() == w.device(), op, ": grad_weight_out is on ", gw_out.device(),
-              " but the weight is on ", w.device());
-  TORCH_CHECK(gw_out.is_contiguous(), op, ": grad_weight_out must be contiguous");
-}
-
 inline void check_cuda(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
 }
