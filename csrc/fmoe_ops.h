@@ -42,6 +42,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -55,17 +57,44 @@ using at::Tensor;
 // Validation shared by the CPU and CUDA kernels.
 void check_index(const Tensor& t, const char* name);
 int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
-// grouped_mm_backward's grad_weight_out: the weight's shape, dtype and device, contiguous. Inline:
-// the CUDA library (loaded RTLD_LOCAL) cannot call into the CPU library.
-inline void check_gw_out(const Tensor& gw_out, const Tensor& w, const char* op) {
-  TORCH_CHECK(gw_out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", gw_out.sizes(),
-              " but the weight has ", w.sizes());
-  TORCH_CHECK(gw_out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
-              gw_out.scalar_type(), " but the weight is ", w.scalar_type());
-  TORCH_CHECK(gw_out.device() == w.device(), op, ": grad_weight_out is on ", gw_out.device(),
-              " but the weight is on ", w.device());
-  TORCH_CHECK(gw_out.is_contiguous(), op, ": grad_weight_out must be contiguous");
-}
+// grouped_mm_backward's outputs, as the CPU and CUDA kernels allocate and return them (inline:
+// the CUDA library, loaded RTLD_LOCAL, cannot call into the CPU library). An output that the mask
+// leaves out stays undefined and is returned empty (0 elements). The input gradient's rows past
+// `total` (rows routed nowhere) are zero. The weight gradient goes into grad_weight_out when one
+// is given (the weight's shape, dtype and device, contiguous), and is then returned empty too.
+struct GroupedMMGrads {
+  Tensor gx, gw, gb;
+  bool into_out = false;
+
+  GroupedMMGrads(const Tensor& x, const Tensor& w, int64_t total, std::array<bool, 3> mask,
+                 const c10::optional<Tensor>& gw_out, const char* op) {
+    if (mask[0]) {
+      gx = at::empty_like(x);
+      if (total < x.size(0)) gx.narrow(0, total, x.size(0) - total).zero_();
+    }
+    into_out = mask[1] && gw_out.has_value();
+    if (into_out) {
+      const Tensor& out = *gw_out;
+      TORCH_CHECK(out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", out.sizes(),
+                  " but the weight has ", w.sizes());
+      TORCH_CHECK(out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
+                  out.scalar_type(), " but the weight is ", w.scalar_type());
+      TORCH_CHECK(out.device() == w.device(), op, ": grad_weight_out is on ", out.device(),
+                  " but the weight is on ", w.device());
+      TORCH_CHECK(out.is_contiguous(), op, ": grad_weight_out must be contiguous");
+      gw = out;
+    } else if (mask[1]) {
+      gw = at::empty_like(w);
+    }
+    if (mask[2]) gb = at::empty({w.size(0), w.size(1)}, w.options());
+  }
+
+  std::tuple<Tensor, Tensor, Tensor> result(const Tensor& x) const {
+    const Tensor none = at::empty({0}, x.options());
+    return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
+            gb.defined() ? gb : none};
+  }
+};
 
 namespace cpu {
 Tensor expert_count(const Tensor& idx, int64_t num_expert);

@@ -348,30 +348,17 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
   auto gc = grad_out.to(x.scalar_type()).contiguous();
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  const int64_t E = w.size(0), O = w.size(1), I = w.size(2);
+  const int64_t O = w.size(1), I = w.size(2);
   // An output that the mask leaves out is returned empty (0 elements) and not computed.
-  Tensor gx, gw, gb;
-  if (mask[0]) {
-    gx = at::empty_like(xc);
-    if (b.total < x.size(0)) gx.narrow(0, b.total, x.size(0) - b.total).zero_();
-  }
-  const bool into_out = mask[1] && gw_out.has_value();
-  if (into_out) {
-    check_gw_out(*gw_out, w, "grouped_mm_backward");
-    gw = *gw_out;
-  } else if (mask[1]) {
-    gw = at::empty_like(wc);
-  }
-  if (mask[2]) gb = at::empty({E, O}, wc.options());
+  const GroupedMMGrads grads(xc, wc, b.total, mask, gw_out, "grouped_mm_backward");
+  const Tensor &gx = grads.gx, &gw = grads.gw, &gb = grads.gb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_mm_backward", [&] {
     backward_kernel<scalar_t>(b, gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
                               wc.data_ptr<scalar_t>(), gx.defined() ? gx.data_ptr<scalar_t>() : nullptr,
                               gw.defined() ? gw.data_ptr<scalar_t>() : nullptr,
                               gb.defined() ? gb.data_ptr<scalar_t>() : nullptr, O, I);
   });
-  auto none = at::empty({0}, x.options());
-  return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
-          gb.defined() ? gb : none};
+  return grads.result(x);
 }
 
 }  // namespace cpu

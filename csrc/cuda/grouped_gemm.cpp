@@ -148,21 +148,10 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
   auto gc = grad_out.to(x.scalar_type()).contiguous();
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  const int64_t E = w.size(0), O = w.size(1);
+  const int64_t E = w.size(0);
   // An output that the mask leaves out is returned empty (0 elements) and not computed.
-  Tensor gx, gw, gb;
-  if (mask[0]) {
-    gx = at::empty_like(xc);
-    if (b.total < x.size(0)) gx.narrow(0, b.total, x.size(0) - b.total).zero_();
-  }
-  const bool into_out = mask[1] && gw_out.has_value();
-  if (into_out) {
-    check_gw_out(*gw_out, w, "grouped_mm_backward");
-    gw = *gw_out;
-  } else if (mask[1]) {
-    gw = at::empty_like(wc);
-  }
-  if (mask[2]) gb = at::empty({E, O}, wc.options());
+  const GroupedMMGrads grads(xc, wc, b.total, mask, gw_out, "grouped_mm_backward");
+  const Tensor &gx = grads.gx, &gw = grads.gw, &gb = grads.gb;
   for (int64_t e = 0; e < E; ++e) {  // experts without rows: zero gradients
     if (b.rows[e] != 0) continue;
     if (gw.defined()) gw.select(0, e).zero_();
@@ -183,9 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
       at::sum_out(dst, g, {0});
     }
   });
-  auto none = at::empty({0}, x.options());
-  return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
-          gb.defined() ? gb : none};
+  return grads.result(x);
 }
 
 }  // namespace cuda
