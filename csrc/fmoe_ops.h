@@ -39,6 +39,17 @@
 //       and the second output is empty: callers reuse one buffer for the weight gradient instead of
 //       a fresh allocation every step (on the CPU, a fresh large allocation is fresh pages from
 //       the kernel, whose first-touch faults cost as much as a large share of the product).
+//   expert_mlp(x[N,D], counts[E] (CPU), w1[E,H,D], b1?[E,H], w2[E,D,H], b2?[E,D], activation)
+//       -> (y[N,D], hidden[N,H])   CPU only
+//       every expert's MLP on its rows: hidden_e = x_e @ w1[e]^T + b1[e] (before the activation),
+//       y_e = act(hidden_e) @ w2[e]^T + b2[e]; activation is "gelu", "gelu_tanh", "relu" or
+//       "silu" (torch's gelu(approximate='none' / 'tanh'), relu, silu). Rows after sum(counts)
+//       are zero in both outputs.
+//   expert_mlp_backward(gy[N,D], x[N,D], hidden[N,H], counts[E] (CPU), w1, w2, activation,
+//                       mask: bool[5], gw1_out?[E,H,D], gw2_out?[E,D,H])
+//       -> (gx[N,D], gw1, gb1[E,H], gw2, gb2[E,D])   CPU only
+//       gradients of expert_mlp from its saved hidden (the activation is recomputed); masks and
+//       the *_out buffers as in grouped_mm_backward, per weight.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,6 +57,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <tuple>
@@ -114,6 +126,13 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
                                                        const Tensor& w, const Tensor& counts,
                                                        std::array<bool, 3> mask,
                                                        const c10::optional<Tensor>& gw_out);
+std::tuple<Tensor, Tensor> expert_mlp(const Tensor& x, const Tensor& counts, const Tensor& w1,
+                                      const c10::optional<Tensor>& b1, const Tensor& w2,
+                                      const c10::optional<Tensor>& b2, c10::string_view activation);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& hidden, const Tensor& counts,
+    const Tensor& w1, const Tensor& w2, c10::string_view activation, std::array<bool, 5> mask,
+    const c10::optional<Tensor>& gw1_out, const c10::optional<Tensor>& gw2_out);
 }  // namespace cpu
 
 }  // namespace fmoe

@@ -15,6 +15,8 @@ TORCH_LIBRARY(fmoe, m) {
   m.def("prune_gate_by_capacity(Tensor idx, Tensor keep) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts, Tensor? bias=None) -> Tensor");
   m.def("grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor counts, bool[3] mask, Tensor(a!)? grad_weight_out=None) -> (Tensor, Tensor, Tensor)");
+  m.def("expert_mlp(Tensor x, Tensor counts, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation) -> (Tensor, Tensor)");
+  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor counts, Tensor w1, Tensor w2, str activation, bool[5] mask, Tensor(a!)? grad_w1_out=None, Tensor(b!)? grad_w2_out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fmoe, CPU, m) {
@@ -27,4 +29,6 @@ TORCH_LIBRARY_IMPL(fmoe, CPU, m) {
   m.impl("prune_gate_by_capacity", &fmoe::cpu::prune_gate_by_capacity);
   m.impl("grouped_mm", &fmoe::cpu::grouped_mm);
   m.impl("grouped_mm_backward", &fmoe::cpu::grouped_mm_backward);
+  m.impl("expert_mlp", &fmoe::cpu::expert_mlp);
+  m.impl("expert_mlp_backward", &fmoe::cpu::expert_mlp_backward);
 }

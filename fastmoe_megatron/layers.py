@@ -254,7 +254,8 @@ class FMoE(nn.Module):
 
 
 class _Expert(nn.Module):
-    """The fused experts of FMoETransformerMLP: htoh4 -> activation -> h4toh, all experts at once."""
+    """The fused experts of FMoETransformerMLP: htoh4 -> activation -> h4toh, all experts at once
+    (one op, ``ops.expert_mlp``, for the activations that it knows)."""
 
     def __init__(self, num_expert, d_model, d_hidden, activation, rank=0):
         super().__init__()
@@ -263,6 +264,10 @@ class _Expert(nn.Module):
         self.activation = activation
 
     def forward(self, inp, fwd_expert_count):
+        name = ops.activation_name(self.activation)
+        if name is not None:  # one fused op (fastmoe_megatron.ops.expert_mlp)
+            return ops.expert_mlp(inp, fwd_expert_count, self.htoh4.weight, self.htoh4.bias,
+                                  self.h4toh.weight, self.h4toh.bias, name)
         x = self.htoh4(inp, fwd_expert_count)
         x = self.activation(x)
         return self.h4toh(x, fwd_expert_count)

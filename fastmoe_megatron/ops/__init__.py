@@ -184,14 +184,53 @@ class _GroupedMM(torch.autograd.Function):
         x, weight, counts = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[3]]
-        owner = ctx.weight_ref()
-        out = (_weight_grad_buffers.get(owner)
-               if mask[1] and owner is not None and _WeightGradBuffers.enabled(weight) else None)
+        out = _grad_buffer(ctx.weight_ref, weight, mask[1])
         gx, gw, gb = ctx.k.grouped_mm_backward(grad_out.contiguous(), x, weight, counts, mask, out)
         if out is not None:
             gw = out.detach()  # a new tensor on the buffer (autograd may keep it as .grad)
         return (gx if mask[0] else None, gw if mask[1] else None, None,
                 gb if mask[2] else None)
+
+
+def _grad_buffer(weight_ref, weight: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """The kept buffer for the gradient of the weight that ``weight_ref`` (a weak reference taken
+    in the forward pass) points to, or None when it gets a fresh tensor."""
+    if not needed:
+        return None
+    owner = weight_ref()
+    return (_weight_grad_buffers.get(owner)
+            if owner is not None and _WeightGradBuffers.enabled(weight) else None)
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """fc1 -> activation -> fc2 of every expert in one op; keeps only the fc1 output (the
+    activation is recomputed in the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, w1, b1, w2, b2, activation):
+        k = kernels_for(x)
+        ctx.k, ctx.activation = k, activation
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.weight_refs = (weakref.ref(w1), weakref.ref(w2))  # see _GroupedMM
+        y, hidden = k.expert_mlp(x, counts, w1, b1, w2, b2, activation)
+        ctx.save_for_backward(x, hidden, counts, w1, w2)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, hidden, counts, w1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad  # x, counts, w1, b1, w2, b2, activation
+        mask = [need[0], need[2], ctx.has_bias[0] and need[3], need[4], ctx.has_bias[1] and need[5]]
+        out1 = _grad_buffer(ctx.weight_refs[0], w1, mask[1])
+        out2 = _grad_buffer(ctx.weight_refs[1], w2, mask[3])
+        grads = list(ctx.k.expert_mlp_backward(grad_out.contiguous(), x, hidden, counts, w1, w2,
+                                               ctx.activation, mask, out1, out2))
+        if out1 is not None:
+            grads[1] = out1.detach()
+        if out2 is not None:
+            grads[3] = out2.detach()
+        gx, gw1, gb1, gw2, gb2 = (g if m else None for g, m in zip(grads, mask))
+        return gx, None, gw1, gb1, gw2, gb2, None
 
 
 def scatter_rows(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -261,8 +300,40 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     return _GroupedMM.apply(x.contiguous(), weight, counts.to("cpu", torch.int64), bias)
 
 
+def activation_name(activation) -> str | None:
+    """The ``expert_mlp`` name of an activation module or function (``nn.GELU``, ``F.gelu``,
+    ``nn.ReLU``, ``torch.relu``, ``nn.SiLU``, ...), or None when it has none."""
+    F = torch.nn.functional
+    kind = type(activation)
+    if kind is torch.nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(activation.approximate)
+    if kind is torch.nn.ReLU:
+        return "relu"
+    if kind is torch.nn.SiLU:
+        return "silu"
+    for fns, name in (((F.gelu,), "gelu"), ((F.relu, torch.relu), "relu"),
+                      ((F.silu,), "silu")):
+        if any(activation is f for f in fns):
+            return name
+    return None
+
+
+def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+               w2: torch.Tensor, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Every expert's MLP on its rows of ``x`` [N, d] (grouped by expert, ``counts`` [E] rows
+    each): ``act(x_e @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]``, with ``w1`` [E, h, d], ``w2``
+    [E, d, h] and ``activation`` one of ``gelu``, ``gelu_tanh``, ``relu``, ``silu``. The same
+    as ``grouped_linear`` -> activation -> ``grouped_linear``, in one pass over each expert's rows
+    on the CPU; on CUDA it runs as those three ops."""
+    counts = counts.to("cpu", torch.int64)
+    if x.is_cuda and kernels_for(x) is native:  # no fused CUDA kernel
+        hidden = grouped_linear(x, w1, counts, b1)
+        return grouped_linear(reference.activation_fn(activation)(hidden), w2, counts, b2)
+    return _ExpertMLP.apply(x.contiguous(), counts, w1, b1, w2, b2, activation)
+
+
 __all__ = [
     "use_backend", "backend_name", "kernels_for", "expert_count", "assign_pos",
     "limit_by_capacity", "prune_gate_by_capacity", "scatter_rows", "gather_rows",
-    "grouped_linear", "recompute_when_saved",
+    "grouped_linear", "expert_mlp", "activation_name", "recompute_when_saved",
 ]

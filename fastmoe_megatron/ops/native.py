@@ -69,6 +69,21 @@ def _register_fakes() -> bool:
             weight.new_empty(weight.shape[:2]) if mask[2] else none,
         )
 
+    @fake("expert_mlp")
+    def _(x, counts, w1, b1, w2, b2, activation):
+        return x.new_empty((x.shape[0], w2.shape[1])), x.new_empty((x.shape[0], w1.shape[1]))
+
+    @fake("expert_mlp_backward")
+    def _(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None, grad_w2_out=None):
+        none = x.new_empty((0,))
+        return (
+            x.new_empty(x.shape) if mask[0] else none,
+            w1.new_empty(w1.shape) if mask[1] and grad_w1_out is None else none,
+            w1.new_empty(w1.shape[:2]) if mask[2] else none,
+            w2.new_empty(w2.shape) if mask[3] and grad_w2_out is None else none,
+            w2.new_empty(w2.shape[:2]) if mask[4] else none,
+        )
+
     _registered = True
     return True
 
@@ -108,3 +123,16 @@ def grouped_mm(x, weight, counts, bias=None):
 def grouped_mm_backward(grad_out, x, weight, counts, mask, grad_weight_out=None):
     return torch.ops.fmoe.grouped_mm_backward(grad_out, x, weight, counts, list(mask),
                                               grad_weight_out)
+
+
+def expert_mlp(x, counts, w1, b1, w2, b2, activation):
+    if x.is_cuda:
+        raise NotImplementedError("expert_mlp has no CUDA kernel (ops.expert_mlp runs the three "
+                                  "ops on CUDA tensors instead)")
+    return torch.ops.fmoe.expert_mlp(x, counts, w1, b1, w2, b2, activation)
+
+
+def expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None,
+                        grad_w2_out=None):
+    return torch.ops.fmoe.expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation,
+                                              list(mask), grad_w1_out, grad_w2_out)

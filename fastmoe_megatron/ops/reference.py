@@ -145,6 +145,47 @@ def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     return gx, (none if into_out else gw), gb
 
 
+ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+}
+
+
+def activation_fn(name: str, op: str = "expert_mlp"):
+    """The torch function behind an ``expert_mlp`` activation name."""
+    if name not in ACTIVATIONS:
+        raise RuntimeError(f"{op}: activation {name!r} is not supported; allowed values: "
+                           f"{', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def expert_mlp(x, counts, w1, b1, w2, b2, activation):
+    act = activation_fn(activation)
+    if w2.dim() != 3 or w1.dim() != 3 or w2.shape != (w1.shape[0], w1.shape[2], w1.shape[1]):
+        raise RuntimeError(f"expert_mlp: fc2 weight {tuple(w2.shape)} does not match fc1 weight "
+                           f"{tuple(w1.shape)}")
+    hidden = grouped_mm(x, w1, counts, b1)
+    return grouped_mm(act(hidden), w2, counts, b2), hidden
+
+
+def expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None,
+                        grad_w2_out=None):
+    act = activation_fn(activation, "expert_mlp_backward")
+    need_dh = bool(mask[0] or mask[1] or mask[2])
+    d_act, gw2, gb2 = grouped_mm_backward(grad_out, act(hidden), w2, counts,
+                                          [need_dh, mask[3], mask[4]], grad_w2_out)
+    if not need_dh:
+        none = x.new_empty(0)
+        return none, none, none, gw2, gb2
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_(True)
+        (dh,) = torch.autograd.grad(act(h), h, d_act)
+    gx, gw1, gb1 = grouped_mm_backward(dh, x, w1, counts, list(mask[:3]), grad_w1_out)
+    return gx, gw1, gb1, gw2, gb2
+
+
 def _check_gw_out(out: torch.Tensor, weight: torch.Tensor):
     if out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
         raise RuntimeError(f"grouped_mm_backward: grad_weight_out is {tuple(out.shape)} {out.dtype} "
