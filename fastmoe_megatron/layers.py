@@ -264,7 +264,7 @@ class _Expert(nn.Module):
         self.activation = activation
 
     def forward(self, inp, fwd_expert_count):
-        name = ops.activation_name(self.activation)
+        name = ops.activation_name(self.activation) if ops.fused_experts_enabled() else None
         if name is not None:  # one fused op (fastmoe_megatron.ops.expert_mlp)
             return ops.expert_mlp(inp, fwd_expert_count, self.htoh4.weight, self.htoh4.bias,
                                   self.h4toh.weight, self.h4toh.bias, name)

@@ -16,6 +16,10 @@
 // expert's first row writes them, every later share computes its own part into a scratch buffer,
 // and these are added in, in share order, after the parallel region (so the result depends on the
 // thread count only by rounding).
+//
+// Unlike grouped_gemm.cpp's forward pass, this one does not read each expert's weight into the
+// cache ahead of its product: measured 5-12% slower here (64 experts of 512 KiB), the expert's
+// hidden rows needing that cache.
 #include "expert_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -284,7 +288,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
   // (gx, gw1, gb1) as grouped_mm_backward of fc1 would return them, (gw2, gb2) as that of fc2.
   const GroupedMMGrads fc1(xc, w1c, b.total, {mask[0], mask[1], mask[2]}, gw1_out, op);
   const GroupedMMGrads fc2(hc, w2c, b.total, {false, mask[3], mask[4]}, gw2_out, op);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_backward",
+                                  [&] {
     backward_kernel<scalar_t>(b, act, gy, xc, hc, w1c, w2c, fc1.gx, fc1.gw, fc1.gb, fc2.gw, fc2.gb);
   });
   auto [gx, gw1, gb1] = fc1.result(x);

@@ -318,6 +318,14 @@ def activation_name(activation) -> str | None:
     return None
 
 
+def fused_experts_enabled() -> bool:
+    """False when ``FMOE_FUSED_EXPERTS=0``: the layer's experts then run as three ops."""
+    value = os.environ.get("FMOE_FUSED_EXPERTS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FMOE_FUSED_EXPERTS={value!r} is not valid; allowed values: 0, 1")
+    return value == "1"
+
+
 def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                w2: torch.Tensor, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
     """Every expert's MLP on its rows of ``x`` [N, d] (grouped by expert, ``counts`` [E] rows
@@ -335,5 +343,6 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torc
 __all__ = [
     "use_backend", "backend_name", "kernels_for", "expert_count", "assign_pos",
     "limit_by_capacity", "prune_gate_by_capacity", "scatter_rows", "gather_rows",
-    "grouped_linear", "expert_mlp", "activation_name", "recompute_when_saved",
+    "grouped_linear", "expert_mlp", "activation_name", "fused_experts_enabled",
+    "recompute_when_saved",
 ]

@@ -298,3 +298,19 @@ def test_layer_fused_matches_separate_ops(backend, act):
                 assert kept[0] <= kept[1], kept
             else:
                 assert kept[1] - kept[0] >= 37 * 2 * 24 * 4, kept
+
+
+def test_fused_experts_switch(monkeypatch):
+    """FMOE_FUSED_EXPERTS=0 runs the three ops (the activation's output is then kept for
+    backward); a bad value is an error naming the variable."""
+    torch.manual_seed(0)
+    model = FMoETransformerMLP(num_expert=4, d_model=16, d_hidden=24, top_k=2, gate=NaiveGate)
+    x = torch.randn(37, 16, requires_grad=True)
+    y_fused, kept_fused = _saved_bytes(model, x)
+    monkeypatch.setenv("FMOE_FUSED_EXPERTS", "0")
+    y_separate, kept_separate = _saved_bytes(model, x)
+    torch.testing.assert_close(y_fused, y_separate, rtol=1e-5, atol=1e-6)
+    assert kept_separate - kept_fused >= 37 * 2 * 24 * 4
+    monkeypatch.setenv("FMOE_FUSED_EXPERTS", "yes")
+    with pytest.raises(ValueError, match="FMOE_FUSED_EXPERTS.*0, 1"):
+        model(x)
