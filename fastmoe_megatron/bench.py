@@ -29,6 +29,7 @@ Shapes (T tokens, d model width, h expert hidden width, E experts, k top-k):
     paper     T=4096 d=1024 h=4096 E=64 k=2   FastMoE's paper shape
     dispatch  T=4096 d=256  h=512  E=64 k=2   small GEMMs: dispatch and per-expert costs dominate
     gemm      T=4096 d=512  h=2048 E=8  k=2   large GEMMs
+    e2e_small T=2048 d=256  h=1024 E=8  k=2   the layer of the e2e case's small GPT (on request)
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ SHAPES = {
     "paper": Shape("paper", 4096, 1024, 4096, 64, 2),
     "dispatch": Shape("dispatch", 4096, 256, 512, 64, 2),
     "gemm": Shape("gemm", 4096, 512, 2048, 8, 2),
+    # The MoE layer of the e2e case's small GPT (seq 256 x batch 8 tokens); not run by default.
+    "e2e_small": Shape("e2e_small", 2048, 256, 1024, 8, 2),
 }
 TINY_SHAPE = Shape("tiny", 64, 16, 32, 4, 2)
 DEFAULT_SHAPES = {
@@ -352,6 +355,8 @@ def case_layer(args, shapes, device) -> list[dict]:
         steps = {n: make_step(m, x, gy) for n, m in contenders.items()}
         if device.type == "cuda" or args.gemm_ref:
             steps["gemm"] = GemmReference(s, device, x.dtype).step
+        if args.unfused:
+            steps["fmoe_unfused"] = _with_env(steps["fmoe"], "FMOE_FUSED_EXPERTS", "0")
         for threads in (args.threads if device.type == "cpu" else [None]):
             if threads is not None:
                 torch.set_num_threads(threads)
@@ -372,6 +377,8 @@ def case_layer(args, shapes, device) -> list[dict]:
             row["ratios"]["fmoe_over_dense"] = round(t["fmoe"] / t["dense"], 4)
             if "gemm" in t:
                 row["ratios"]["fmoe_over_gemm"] = round(t["fmoe"] / t["gemm"], 4)
+            if "fmoe_unfused" in t:
+                row["ratios"]["fused_over_unfused"] = round(t["fmoe"] / t["fmoe_unfused"], 4)
             for other in ("naive", "megatron"):
                 if other in t:
                     row["ratios"][f"speedup_vs_{other}"] = round(t[other] / t["fmoe"], 4)
@@ -383,6 +390,8 @@ def case_layer(args, shapes, device) -> list[dict]:
                 + "".join(f"  {k.replace('speedup_vs_', 'x vs ')} {v:.2f}"
                           for k, v in rat.items() if k.startswith("speedup"))
                 + (f"  fmoe/gemm {rat['fmoe_over_gemm']:.3f}" if "fmoe_over_gemm" in rat else "")
+                + (f"  fused/unfused {rat['fused_over_unfused']:.3f}"
+                   if "fused_over_unfused" in rat else "")
                 + f" | load {row['loadavg'][0]}")
         del contenders, steps, fmoe, moe_like
         gc.collect()
@@ -450,6 +459,14 @@ def _env(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = old
+
+
+def _with_env(fn: Callable[[], None], name: str, value: str) -> Callable[[], None]:
+    def run():
+        with _env(name, value):
+            fn()
+
+    return run
 
 
 def case_memory(args, shapes, device) -> list[dict]:
@@ -853,6 +870,9 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="contenders to leave out: naive, megatron")
     p.add_argument("--gemm-ref", action="store_true",
                    help="also time the layer's GEMMs as dense products on the CPU (always on a GPU)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time the layer with FMOE_FUSED_EXPERTS=0 (experts as grouped GEMM, "
+                        "activation, grouped GEMM)")
     p.add_argument("--e2e-configs", default="tiny,small", help="end-to-end GPT configs: tiny, small")
     p.add_argument("--e2e-iters", type=int, default=8, help="timed iterations per e2e run")
     p.add_argument("--e2e-rounds", type=int, default=None, help="runs of each e2e model (default 3)")
@@ -891,6 +911,7 @@ def parse_args(argv=None):
         args.compile_backend = "aot_eager" if args.tiny else "inductor"
     if args.tiny:
         args.gemm_ref = True  # exercise the GPU's reference path on the CPU too
+        args.unfused = True
     return args
 
 
@@ -935,6 +956,8 @@ def summary(report: dict) -> str:
                  for k, v in rat.items() if k.startswith("speedup")]
         if "fmoe_over_gemm" in rat:
             figs.append(f"fmoe/gemm {rat['fmoe_over_gemm']:.3f}")
+        if "fused_over_unfused" in rat:
+            figs.append(f"fused/unfused {rat['fused_over_unfused']:.3f}")
         lines.append(f"{'layer':8s} {r['shape']:10s} {str(r['threads']):>7s}  " + ", ".join(figs))
     for r in cases.get("memory", []):
         lines.append(f"{'memory':8s} {r['shape']:10s} {'':>7s}  working peak fmoe/dense "

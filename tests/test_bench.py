@@ -42,11 +42,12 @@ def test_layer_case(report):
     rows = rep["cases"]["layer"]
     assert rows and {r["threads"] for r in rows} == set(rep["args"]["threads"])
     for r in rows:
-        assert {"fmoe", "dense", "naive", "gemm"} <= set(r["median_ms"])
+        assert {"fmoe", "dense", "naive", "gemm", "fmoe_unfused"} <= set(r["median_ms"])
         assert "megatron" in r["median_ms"] or "megatron" in r["skipped"]
         for key in ("median_ms", "min_ms", "cpu_ms", "tflops"):
             assert all(_number(v) for v in r[key].values()), (key, r[key])
-        assert set(r["ratios"]) >= {"fmoe_over_dense", "fmoe_over_gemm", "speedup_vs_naive"}
+        assert set(r["ratios"]) >= {"fmoe_over_dense", "fmoe_over_gemm", "speedup_vs_naive",
+                                     "fused_over_unfused"}
         assert all(_number(v) for v in r["ratios"].values())
         # The MoE contenders compute the same function (same gate, experts and routing).
         assert all(d < 1e-4 for d in r["output_rel_diff"].values()), r["output_rel_diff"]
