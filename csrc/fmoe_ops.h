@@ -69,6 +69,16 @@ using at::Tensor;
 // Validation shared by the CPU and CUDA kernels.
 void check_index(const Tensor& t, const char* name);
 int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
+// grouped_mm's x [N, in_feat] and weight [E, out_feat, in_feat]: shapes and dtype (inline, as
+// GroupedMMGrads below; the CUDA kernels add their device checks).
+inline void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, in_feat], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 3, op, ": weight must be [num_expert, out_feat, in_feat], got ", w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(2), op, ": x has ", x.size(1), " features but the weight expects ",
+              w.size(2));
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
+              w.scalar_type());
+}
 // grouped_mm_backward's outputs, as the CPU and CUDA kernels allocate and return them (inline:
 // the CUDA library, loaded RTLD_LOCAL, cannot call into the CPU library). An output that the mask
 // leaves out stays undefined and is returned empty (0 elements). The input gradient's rows past

@@ -38,15 +38,6 @@ inline Blocks blocks_of(const Tensor& counts, int64_t limit, const char* op) {
   return b;
 }
 
-inline void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, in_feat], got ", x.sizes());
-  TORCH_CHECK(w.dim() == 3, op, ": weight must be [num_expert, out_feat, in_feat], got ", w.sizes());
-  TORCH_CHECK(x.size(1) == w.size(2), op, ": x has ", x.size(1), " features but the weight expects ",
-              w.size(2));
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
-              w.scalar_type());
-}
-
 // The Fortran BLAS that torch itself links (MKL or OpenBLAS): declared weak, so that a torch build
 // without it still loads this library and takes the ATen path below.
 extern "C" {

@@ -89,13 +89,8 @@ void for_each_expert(const Blocks& b, const at::Device& device, const F& fn) {
   }
 }
 
-void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, in_feat], got ", x.sizes());
-  TORCH_CHECK(w.dim() == 3, op, ": weight must be [num_expert, out_feat, in_feat], got ", w.sizes());
-  TORCH_CHECK(x.size(1) == w.size(2), op, ": x has ", x.size(1), " features but the weight expects ",
-              w.size(2));
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
-              w.scalar_type());
+void check_cuda_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
+  check_gemm_args(x, w, op);
   check_cuda(x, op, "x");
   check_same_device(w, x.device(), op, "weight");
 }
@@ -104,7 +99,7 @@ void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
 
 Tensor grouped_mm(const Tensor& x, const Tensor& w, const Tensor& counts,
                   const c10::optional<Tensor>& bias) {
-  check_gemm_args(x, w, "grouped_mm");
+  check_cuda_gemm_args(x, w, "grouped_mm");
   TORCH_CHECK(counts.numel() == w.size(0), "grouped_mm: counts has ", counts.numel(),
               " experts but weight has ", w.size(0));
   c10::cuda::CUDAGuard guard(x.device());
@@ -137,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor> grouped_mm_backward(const Tensor& grad_out, c
                                                        const Tensor& w, const Tensor& counts,
                                                        std::array<bool, 3> mask,
                                                        const c10::optional<Tensor>& gw_out) {
-  check_gemm_args(x, w, "grouped_mm_backward");
+  check_cuda_gemm_args(x, w, "grouped_mm_backward");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == w.size(1),
               "grouped_mm_backward: grad_out must be [N, out_feat]");
   TORCH_CHECK(counts.numel() == w.size(0), "grouped_mm_backward: counts has ", counts.numel(),
