@@ -18,7 +18,7 @@
 // thread count only by rounding).
 //
 // Unlike grouped_gemm.cpp's forward pass, this one does not read each expert's weight into the
-// cache ahead of its product: measured 5-12% slower here (64 experts of 512 KiB), the expert's
+// cache ahead of its product: measured 6-13% slower here (64 experts of 512 KiB), the expert's
 // hidden rows needing that cache.
 #include "expert_gemm.h"
 
