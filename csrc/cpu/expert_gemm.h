@@ -1,11 +1,13 @@
 // Helpers shared by the CPU expert kernels (grouped_gemm.cpp, expert_mlp.cpp): expert blocks
-// of grouped rows, row-major GEMMs through the BLAS that torch links, and the split of a grouped
-// product into one share per thread. Internal to the CPU library.
+// of grouped rows, row-major GEMMs through the BLAS that torch links, bias rows and bias-gradient
+// column sums, and the split of a grouped product into one share per thread. Internal to the CPU
+// library.
 #pragma once
 
 #include "../fmoe_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -111,6 +113,25 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   } else {
     at::mm_out(tc, ta, tb);
   }
+}
+
+// out[c] = sum over rows r of a[r * ld + c], in opmath, rows in order.
+template <typename scalar_t>
+void column_sums(const scalar_t* a, int64_t rows, int64_t cols, int64_t ld, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<opmath_t> acc(cols, opmath_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = a + r * ld;
+    for (int64_t c = 0; c < cols; ++c) acc[c] += static_cast<opmath_t>(row[c]);
+  }
+  for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+}
+
+// Fills the m rows of the [m, n] matrix at dst with bias (as addmm: bias first, then the
+// product added to it).
+template <typename scalar_t>
+void fill_bias(scalar_t* dst, const scalar_t* bias, int64_t m, int64_t n) {
+  for (int64_t r = 0; r < m; ++r) std::copy(bias, bias + n, dst + r * n);
 }
 
 // Threads for a grouped product of `work` multiply-adds: one per ~2M of them, at most the pool.

@@ -23,7 +23,6 @@
 #include "expert_gemm.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 #include <array>
 #include <string>
@@ -66,25 +65,6 @@ void act_backward(Act act, const Tensor& grad, const Tensor& in, Tensor grad_in)
     case Act::kRelu: at::threshold_backward_out(grad_in, grad, in, 0); break;
     case Act::kSilu: at::silu_backward_out(grad_in, grad, in); break;
   }
-}
-
-// out[c] = sum over rows r of a[r * ld + c], in opmath, rows in order.
-template <typename scalar_t>
-void column_sums(const scalar_t* a, int64_t rows, int64_t cols, int64_t ld, scalar_t* out) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  std::vector<opmath_t> acc(cols, opmath_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = a + r * ld;
-    for (int64_t c = 0; c < cols; ++c) acc[c] += static_cast<opmath_t>(row[c]);
-  }
-  for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(acc[c]);
-}
-
-// Fills rows [r0, r0 + m) of the [*, n] matrix at dst with bias (as addmm: bias first, then the
-// product added to it).
-template <typename scalar_t>
-void fill_bias(scalar_t* dst, const scalar_t* bias, int64_t m, int64_t n) {
-  for (int64_t r = 0; r < m; ++r) std::copy(bias, bias + n, dst + r * n);
 }
 
 struct Piece {

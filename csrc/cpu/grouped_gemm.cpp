@@ -26,7 +26,6 @@
 #include "expert_gemm.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 namespace fmoe {
 namespace cpu {
@@ -85,10 +84,8 @@ void forward_kernel(const Blocks& b, const scalar_t* x, const scalar_t* w, const
     for_rows(b, lo, hi, [&](int64_t e, int64_t r0, int64_t r1) {
       const scalar_t* we = w + e * O * I;
       scalar_t* dst = out + r0 * O;
-      if (bias != nullptr) {  // as addmm: the bias first, then the product added to it
-        const scalar_t* be = bias + e * O;
-        for (int64_t r = r0; r < r1; ++r) std::copy(be, be + O, out + r * O);
-      }
+      // As addmm: the bias first, then the product added to it.
+      if (bias != nullptr) fill_bias(dst, bias + e * O, r1 - r0, O);
       if (weight_bytes <= kWarmBytes) warm(we, weight_bytes);
       gemm_rm<scalar_t>(false, true, r1 - r0, O, I, x + r0 * I, I, we, I, bias != nullptr, dst, O);
     });
@@ -101,7 +98,6 @@ void forward_kernel(const Blocks& b, const scalar_t* x, const scalar_t* w, const
 template <typename scalar_t>
 void backward_kernel(const Blocks& b, const scalar_t* g, const scalar_t* x, const scalar_t* w,
                      scalar_t* gx, scalar_t* gw, scalar_t* gb, int64_t O, int64_t I) {
-  using opmath_t = at::opmath_type<scalar_t>;
   const int64_t E = static_cast<int64_t>(b.rows.size());
   const bool params = gw != nullptr || gb != nullptr;
   if (params) {  // experts without rows: zero gradients
@@ -131,7 +127,6 @@ void backward_kernel(const Blocks& b, const scalar_t* g, const scalar_t* x, cons
     // Expert by expert; for one expert the input gradient first.
     std::stable_sort(pieces.begin(), pieces.end(),
                      [](const Piece& l, const Piece& r) { return l.e < r.e; });
-    std::vector<opmath_t> acc;
     for (const Piece& pc : pieces) {
       const int64_t e = pc.e;
       if (pc.input) {
@@ -145,15 +140,7 @@ void backward_kernel(const Blocks& b, const scalar_t* g, const scalar_t* x, cons
         gemm_rm<scalar_t>(true, false, o1 - o0, I, n, ge, O, x + r0 * I, I, false,
                           gw + e * O * I + o0 * I, I);
       }
-      if (gb != nullptr) {  // column sums in opmath, rows in order
-        acc.assign(o1 - o0, opmath_t(0));
-        for (int64_t r = 0; r < n; ++r) {
-          const scalar_t* row = ge + r * O;
-          for (int64_t o = 0; o < o1 - o0; ++o) acc[o] += static_cast<opmath_t>(row[o]);
-        }
-        scalar_t* dst = gb + e * O + o0;
-        for (int64_t o = 0; o < o1 - o0; ++o) dst[o] = static_cast<scalar_t>(acc[o]);
-      }
+      if (gb != nullptr) column_sums(ge, n, o1 - o0, O, gb + e * O + o0);
     }
   });
 }
