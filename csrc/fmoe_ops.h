@@ -46,10 +46,14 @@
 //       "silu" (torch's gelu(approximate='none' / 'tanh'), relu, silu). Rows after sum(counts)
 //       are zero in both outputs.
 //   expert_mlp_backward(gy[N,D], x[N,D], hidden[N,H], counts[E] (CPU), w1, w2, activation,
-//                       mask: bool[5], gw1_out?[E,H,D], gw2_out?[E,D,H])
+//                       mask: bool[5], gw1_out?[E,H,D], gw2_out?[E,D,H], gb1_out?[E,H],
+//                       gb2_out?[E,D], accumulate=false)
 //       -> (gx[N,D], gw1, gb1[E,H], gw2, gb2[E,D])   CPU only
 //       gradients of expert_mlp from its saved hidden (the activation is recomputed); masks and
-//       the *_out buffers as in grouped_mm_backward, per weight.
+//       the *_out buffers as in grouped_mm_backward, per parameter. With accumulate, the
+//       parameter gradients are added into their *_out buffers (each one that the mask asks for
+//       must then be given), so that rows of the same experts held in several buffers (one per
+//       expert-parallel source) can be processed call by call.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -83,38 +87,53 @@ inline void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
 // the CUDA library, loaded RTLD_LOCAL, cannot call into the CPU library). An output that the mask
 // leaves out stays undefined and is returned empty (0 elements). The input gradient's rows past
 // `total` (rows routed nowhere) are zero. The weight gradient goes into grad_weight_out when one
-// is given (the weight's shape, dtype and device, contiguous), and is then returned empty too.
+// is given (the weight's shape, dtype and device, contiguous), and is then returned empty too;
+// the same for the bias gradient and gb_out (expert_mlp_backward's buffers, named in its errors).
 struct GroupedMMGrads {
   Tensor gx, gw, gb;
   bool into_out = false;
 
+  bool gb_into_out = false;
+
   GroupedMMGrads(const Tensor& x, const Tensor& w, int64_t total, std::array<bool, 3> mask,
-                 const c10::optional<Tensor>& gw_out, const char* op) {
+                 const c10::optional<Tensor>& gw_out, const char* op,
+                 const c10::optional<Tensor>& gb_out = c10::nullopt,
+                 const char* gw_name = "grad_weight_out", const char* gb_name = "grad_bias_out") {
     if (mask[0]) {
       gx = at::empty_like(x);
       if (total < x.size(0)) gx.narrow(0, total, x.size(0) - total).zero_();
     }
     into_out = mask[1] && gw_out.has_value();
     if (into_out) {
-      const Tensor& out = *gw_out;
-      TORCH_CHECK(out.sizes() == w.sizes(), op, ": grad_weight_out has shape ", out.sizes(),
-                  " but the weight has ", w.sizes());
-      TORCH_CHECK(out.scalar_type() == w.scalar_type(), op, ": grad_weight_out is ",
-                  out.scalar_type(), " but the weight is ", w.scalar_type());
-      TORCH_CHECK(out.device() == w.device(), op, ": grad_weight_out is on ", out.device(),
-                  " but the weight is on ", w.device());
-      TORCH_CHECK(out.is_contiguous(), op, ": grad_weight_out must be contiguous");
-      gw = out;
+      gw = checked_out(*gw_out, w.sizes(), w, gw_name, op);
     } else if (mask[1]) {
       gw = at::empty_like(w);
     }
-    if (mask[2]) gb = at::empty({w.size(0), w.size(1)}, w.options());
+    gb_into_out = mask[2] && gb_out.has_value();
+    if (gb_into_out) {
+      gb = checked_out(*gb_out, w.sizes().slice(0, 2), w, gb_name, op);
+    } else if (mask[2]) {
+      gb = at::empty({w.size(0), w.size(1)}, w.options());
+    }
   }
 
   std::tuple<Tensor, Tensor, Tensor> result(const Tensor& x) const {
     const Tensor none = at::empty({0}, x.options());
     return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
-            gb.defined() ? gb : none};
+            gb.defined() && !gb_into_out ? gb : none};
+  }
+
+ private:
+  static const Tensor& checked_out(const Tensor& out, at::IntArrayRef sizes, const Tensor& w,
+                                   const char* name, const char* op) {
+    TORCH_CHECK(out.sizes() == sizes, op, ": ", name, " has shape ", out.sizes(), " but needs ",
+                sizes);
+    TORCH_CHECK(out.scalar_type() == w.scalar_type(), op, ": ", name, " is ", out.scalar_type(),
+                " but the weight is ", w.scalar_type());
+    TORCH_CHECK(out.device() == w.device(), op, ": ", name, " is on ", out.device(),
+                " but the weight is on ", w.device());
+    TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous");
+    return out;
   }
 };
 
@@ -142,7 +161,8 @@ std::tuple<Tensor, Tensor> expert_mlp(const Tensor& x, const Tensor& counts, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& hidden, const Tensor& counts,
     const Tensor& w1, const Tensor& w2, c10::string_view activation, std::array<bool, 5> mask,
-    const c10::optional<Tensor>& gw1_out, const c10::optional<Tensor>& gw2_out);
+    const c10::optional<Tensor>& gw1_out, const c10::optional<Tensor>& gw2_out,
+    const c10::optional<Tensor>& gb1_out, const c10::optional<Tensor>& gb2_out, bool accumulate);
 }  // namespace cpu
 
 }  // namespace fmoe

@@ -16,7 +16,7 @@ TORCH_LIBRARY(fmoe, m) {
   m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts, Tensor? bias=None) -> Tensor");
   m.def("grouped_mm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor counts, bool[3] mask, Tensor(a!)? grad_weight_out=None) -> (Tensor, Tensor, Tensor)");
   m.def("expert_mlp(Tensor x, Tensor counts, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation) -> (Tensor, Tensor)");
-  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor counts, Tensor w1, Tensor w2, str activation, bool[5] mask, Tensor(a!)? grad_w1_out=None, Tensor(b!)? grad_w2_out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor hidden, Tensor counts, Tensor w1, Tensor w2, str activation, bool[5] mask, Tensor(a!)? grad_w1_out=None, Tensor(b!)? grad_w2_out=None, Tensor(c!)? grad_b1_out=None, Tensor(d!)? grad_b2_out=None, bool accumulate=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fmoe, CPU, m) {

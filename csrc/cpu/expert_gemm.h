@@ -115,11 +115,16 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   }
 }
 
-// out[c] = sum over rows r of a[r * ld + c], in opmath, rows in order.
+// out[c] = sum over rows r of a[r * ld + c] (plus out[c] when accumulate), in opmath, rows in
+// order.
 template <typename scalar_t>
-void column_sums(const scalar_t* a, int64_t rows, int64_t cols, int64_t ld, scalar_t* out) {
+void column_sums(const scalar_t* a, int64_t rows, int64_t cols, int64_t ld, scalar_t* out,
+                 bool accumulate = false) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<opmath_t> acc(cols, opmath_t(0));
+  if (accumulate) {
+    for (int64_t c = 0; c < cols; ++c) acc[c] = static_cast<opmath_t>(out[c]);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = a + r * ld;
     for (int64_t c = 0; c < cols; ++c) acc[c] += static_cast<opmath_t>(row[c]);

@@ -125,12 +125,13 @@ struct Partial {
 template <typename scalar_t>
 void backward_kernel(const Blocks& b, Act act, const Tensor& gy, const Tensor& x,
                      const Tensor& hidden, const Tensor& w1, const Tensor& w2, const Tensor& gx,
-                     const Tensor& gw1, const Tensor& gb1, const Tensor& gw2, const Tensor& gb2) {
+                     const Tensor& gw1, const Tensor& gb1, const Tensor& gw2, const Tensor& gb2,
+                     bool accumulate) {
   const int64_t E = static_cast<int64_t>(b.rows.size());
   const int64_t D = x.size(1), H = w1.size(1);
-  // Experts without rows: zero parameter gradients.
+  // Experts without rows: zero parameter gradients (nothing to add when accumulating).
   for (int64_t e = 0; e < E; ++e) {
-    if (b.rows[e] != 0) continue;
+    if (b.rows[e] != 0 || accumulate) continue;
     for (const Tensor* t : {&gw1, &gb1, &gw2, &gb2}) {
       if (t->defined()) t->select(0, e).zero_();
     }
@@ -155,7 +156,8 @@ void backward_kernel(const Blocks& b, Act act, const Tensor& gy, const Tensor& x
     Partial& part = partials[p];
     for (const Piece& pc : pieces) {
       const int64_t e = pc.e, r0 = pc.r0, m = pc.r1 - pc.r0;
-      // Where this piece's parameter gradients go: the expert's own, or this share's partial.
+      // Where this piece's parameter gradients go: the expert's own (added to it when
+      // accumulating), or this share's partial (always written, then added).
       auto dest = [&](const Tensor& full, Tensor& partial) -> scalar_t* {
         if (!full.defined()) return nullptr;
         if (r0 == b.start[e]) return full.select(0, e).data_ptr<scalar_t>();
@@ -169,23 +171,25 @@ void backward_kernel(const Blocks& b, Act act, const Tensor& gy, const Tensor& x
       scalar_t* gb2d = dest(gb2, part.gb2);
       const scalar_t* gye = gyp + r0 * D;
       const Tensor he = view_of<scalar_t>(hp + r0 * H, m, H, H);
+      // Whether this piece adds into its destinations (the expert's own gradient) or writes them.
+      const bool add = accumulate && r0 == b.start[e];
       if (gw2d != nullptr) {  // gw2_e = gy_e^T act(h_e), the activation recomputed in the cache
         Tensor a = act_rows.narrow(0, 0, m);
         act_forward(act, he, a);
-        gemm_rm<scalar_t>(true, false, D, H, m, gye, D, a.data_ptr<scalar_t>(), H, false, gw2d, H);
+        gemm_rm<scalar_t>(true, false, D, H, m, gye, D, a.data_ptr<scalar_t>(), H, add, gw2d, H);
       }
-      if (gb2d != nullptr) column_sums(gye, m, D, D, gb2d);
+      if (gb2d != nullptr) column_sums(gye, m, D, D, gb2d, add);
       if (!need_dh) continue;
       Tensor d = dh.narrow(0, 0, m);
       scalar_t* dp = d.data_ptr<scalar_t>();
       gemm_rm<scalar_t>(false, false, m, H, D, gye, D, w2p + e * D * H, H, false, dp, H);
       act_backward(act, d, he, d);  // d: gradient of the fc1 output
-      if (gb1d != nullptr) column_sums(dp, m, H, H, gb1d);
+      if (gb1d != nullptr) column_sums(dp, m, H, H, gb1d, add);
       if (gxp != nullptr) {
         gemm_rm<scalar_t>(false, false, m, D, H, dp, H, w1p + e * H * D, D, false, gxp + r0 * D, D);
       }
       if (gw1d != nullptr) {
-        gemm_rm<scalar_t>(true, false, H, D, m, dp, H, xp + r0 * D, D, false, gw1d, D);
+        gemm_rm<scalar_t>(true, false, H, D, m, dp, H, xp + r0 * D, D, add, gw1d, D);
       }
     }
   });
@@ -252,7 +256,8 @@ std::tuple<Tensor, Tensor> expert_mlp(const Tensor& x, const Tensor& counts, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& hidden, const Tensor& counts,
     const Tensor& w1, const Tensor& w2, c10::string_view activation, std::array<bool, 5> mask,
-    const c10::optional<Tensor>& gw1_out, const c10::optional<Tensor>& gw2_out) {
+    const c10::optional<Tensor>& gw1_out, const c10::optional<Tensor>& gw2_out,
+    const c10::optional<Tensor>& gb1_out, const c10::optional<Tensor>& gb2_out, bool accumulate) {
   const char* op = "expert_mlp_backward";
   check_mlp_args(x, counts, w1, w2, op);
   const Act act = parse_activation(activation, op);
@@ -266,11 +271,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expert_mlp_backward(
   const Tensor xc = x.contiguous(), hc = hidden.to(x.scalar_type()).contiguous();
   const Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   // (gx, gw1, gb1) as grouped_mm_backward of fc1 would return them, (gw2, gb2) as that of fc2.
-  const GroupedMMGrads fc1(xc, w1c, b.total, {mask[0], mask[1], mask[2]}, gw1_out, op);
-  const GroupedMMGrads fc2(hc, w2c, b.total, {false, mask[3], mask[4]}, gw2_out, op);
+  if (accumulate) {
+    const std::array<const c10::optional<Tensor>*, 4> outs{&gw1_out, &gb1_out, &gw2_out, &gb2_out};
+    const char* names[] = {"grad_w1_out", "grad_b1_out", "grad_w2_out", "grad_b2_out"};
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK(!mask[i + 1] || outs[i]->has_value(), op, ": accumulate=True adds into the "
+                  "gradient buffers, but ", names[i], " is missing");
+    }
+  }
+  const GroupedMMGrads fc1(xc, w1c, b.total, {mask[0], mask[1], mask[2]}, gw1_out, op, gb1_out,
+                           "grad_w1_out", "grad_b1_out");
+  const GroupedMMGrads fc2(hc, w2c, b.total, {false, mask[3], mask[4]}, gw2_out, op, gb2_out,
+                           "grad_w2_out", "grad_b2_out");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_backward",
                                   [&] {
-    backward_kernel<scalar_t>(b, act, gy, xc, hc, w1c, w2c, fc1.gx, fc1.gw, fc1.gb, fc2.gw, fc2.gb);
+    backward_kernel<scalar_t>(b, act, gy, xc, hc, w1c, w2c, fc1.gx, fc1.gw, fc1.gb, fc2.gw, fc2.gb,
+                              accumulate);
   });
   auto [gx, gw1, gb1] = fc1.result(x);
   auto [unused, gw2, gb2] = fc2.result(x);

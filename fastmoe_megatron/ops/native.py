@@ -74,14 +74,15 @@ def _register_fakes() -> bool:
         return x.new_empty((x.shape[0], w2.shape[1])), x.new_empty((x.shape[0], w1.shape[1]))
 
     @fake("expert_mlp_backward")
-    def _(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None, grad_w2_out=None):
+    def _(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None, grad_w2_out=None,
+          grad_b1_out=None, grad_b2_out=None, accumulate=False):
         none = x.new_empty((0,))
         return (
             x.new_empty(x.shape) if mask[0] else none,
             w1.new_empty(w1.shape) if mask[1] and grad_w1_out is None else none,
-            w1.new_empty(w1.shape[:2]) if mask[2] else none,
+            w1.new_empty(w1.shape[:2]) if mask[2] and grad_b1_out is None else none,
             w2.new_empty(w2.shape) if mask[3] and grad_w2_out is None else none,
-            w2.new_empty(w2.shape[:2]) if mask[4] else none,
+            w2.new_empty(w2.shape[:2]) if mask[4] and grad_b2_out is None else none,
         )
 
     _registered = True
@@ -133,6 +134,7 @@ def expert_mlp(x, counts, w1, b1, w2, b2, activation):
 
 
 def expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None,
-                        grad_w2_out=None):
+                        grad_w2_out=None, grad_b1_out=None, grad_b2_out=None, accumulate=False):
     return torch.ops.fmoe.expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation,
-                                              list(mask), grad_w1_out, grad_w2_out)
+                                              list(mask), grad_w1_out, grad_w2_out, grad_b1_out,
+                                              grad_b2_out, accumulate)

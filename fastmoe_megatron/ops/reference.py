@@ -126,7 +126,8 @@ def grouped_mm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     gx = torch.zeros_like(x) if mask[0] else none
     into_out = bool(mask[1]) and grad_weight_out is not None
     if into_out:
-        _check_gw_out(grad_weight_out, weight)
+        _check_out(grad_weight_out, weight, weight.shape, "grad_weight_out",
+                   "grouped_mm_backward")
         gw = grad_weight_out.zero_()
     else:
         gw = torch.zeros_like(weight) if mask[1] else none
@@ -171,25 +172,42 @@ def expert_mlp(x, counts, w1, b1, w2, b2, activation):
 
 
 def expert_mlp_backward(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None,
-                        grad_w2_out=None):
+                        grad_w2_out=None, grad_b1_out=None, grad_b2_out=None, accumulate=False):
     act = activation_fn(activation, "expert_mlp_backward")
+    outs = (grad_w1_out, grad_b1_out, grad_w2_out, grad_b2_out)
+    names = ("grad_w1_out", "grad_b1_out", "grad_w2_out", "grad_b2_out")
+    for i, (param, out) in enumerate(zip((w1, w1, w2, w2), outs)):
+        if accumulate and mask[i + 1] and out is None:
+            raise RuntimeError(f"expert_mlp_backward: accumulate=True adds into the gradient "
+                               f"buffers, but {names[i]} is missing")
+        if mask[i + 1] and out is not None:
+            shape = param.shape if i % 2 == 0 else param.shape[:2]
+            _check_out(out, param, shape, names[i], "expert_mlp_backward")
     need_dh = bool(mask[0] or mask[1] or mask[2])
     d_act, gw2, gb2 = grouped_mm_backward(grad_out, act(hidden), w2, counts,
-                                          [need_dh, mask[3], mask[4]], grad_w2_out)
-    if not need_dh:
-        none = x.new_empty(0)
-        return none, none, none, gw2, gb2
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_(True)
-        (dh,) = torch.autograd.grad(act(h), h, d_act)
-    gx, gw1, gb1 = grouped_mm_backward(dh, x, w1, counts, list(mask[:3]), grad_w1_out)
-    return gx, gw1, gb1, gw2, gb2
+                                          [need_dh, mask[3], mask[4]])
+    if need_dh:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            (dh,) = torch.autograd.grad(act(h), h, d_act)
+        gx, gw1, gb1 = grouped_mm_backward(dh, x, w1, counts, list(mask[:3]))
+    else:
+        gx = gw1 = gb1 = x.new_empty(0)
+    grads = [gx, gw1, gb1, gw2, gb2]
+    for i, out in enumerate(outs):  # into the buffers: added, or written
+        if mask[i + 1] and out is not None:
+            if accumulate:
+                out.add_(grads[i + 1])
+            else:
+                out.copy_(grads[i + 1])
+            grads[i + 1] = x.new_empty(0)
+    return tuple(grads)
 
 
-def _check_gw_out(out: torch.Tensor, weight: torch.Tensor):
-    if out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
-        raise RuntimeError(f"grouped_mm_backward: grad_weight_out is {tuple(out.shape)} {out.dtype} "
-                           f"on {out.device} but the weight is {tuple(weight.shape)} "
-                           f"{weight.dtype} on {weight.device}")
+def _check_out(out: torch.Tensor, param: torch.Tensor, shape, name: str, op: str):
+    """A gradient buffer must have the gradient's shape, and the parameter's dtype and device."""
+    if out.shape != shape or out.dtype != param.dtype or out.device != param.device:
+        raise RuntimeError(f"{op}: {name} is {tuple(out.shape)} {out.dtype} on {out.device} but "
+                           f"needs {tuple(shape)} {param.dtype} on {param.device}")
     if not out.is_contiguous():
-        raise RuntimeError("grouped_mm_backward: grad_weight_out must be contiguous")
+        raise RuntimeError(f"{op}: {name} must be contiguous")

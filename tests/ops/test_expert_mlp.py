@@ -187,6 +187,79 @@ def test_expert_mlp_native_split_between_threads(counts, dtype):
         close(name, got, want, dtype)
 
 
+CHUNKS = [  # the same experts' rows in two buffers (as from two expert-parallel sources)
+    pytest.param([3, 0, 2, 4], [1, 5, 0, 2], id="mixed"),
+    pytest.param([0, 0, 0], [2, 3, 1], id="first_empty"),
+    pytest.param([4, 1], [0, 0], id="second_empty"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("first,second", CHUNKS)
+def test_expert_mlp_backward_accumulates(impl, first, second, bias, dtype):
+    """Chunk by chunk into given buffers, written by the first call and added to by the second,
+    the parameter gradients are those of all the rows at once (brute force)."""
+    E, D, H = len(first), 6, 5
+    x1, c1, w1, b1, w2, b2, gy1 = make(first, 1, D, H, dtype, bias, seed=11)
+    x2, c2, *_, gy2 = make(second, 0, D, H, dtype, bias, seed=12)
+    h1 = impl.expert_mlp(x1, c1, w1, b1, w2, b2, "gelu")[1]
+    h2 = impl.expert_mlp(x2, c2, w1, b1, w2, b2, "gelu")[1]
+    outs = [torch.full_like(w1, 7.0), torch.full_like(w2, 7.0),
+            torch.full((E, H), 7.0, dtype=dtype), torch.full((E, D), 7.0, dtype=dtype)]
+    mask = [True, True, bias, True, bias]
+    g1 = impl.expert_mlp_backward(gy1, x1, h1, c1, w1, w2, "gelu", mask, *outs, False)
+    g2 = impl.expert_mlp_backward(gy2, x2, h2, c2, w1, w2, "gelu", mask, *outs, True)
+    for g in (g1, g2):
+        assert [t.numel() for t in g[1:]] == [0, 0, 0, 0]  # all into the buffers
+    # Brute force: each chunk's rows on their own, the parameter gradients summed over both.
+    want1 = bf_backward(gy1, x1, h1, first, w1, w2, "gelu")
+    want2 = bf_backward(gy2, x2, h2, second, w1, w2, "gelu")
+    close("gx first", g1[0], want1[0], dtype)
+    close("gx second", g2[0], want2[0], dtype)
+    got = dict(gw1=outs[0], gw2=outs[1], gb1=outs[2], gb2=outs[3])
+    for i, name in ((1, "gw1"), (2, "gb1"), (3, "gw2"), (4, "gb2")):
+        if mask[i]:
+            close(name, got[name], want1[i] + want2[i], dtype)
+        else:  # not asked for: the buffer is left alone
+            assert bool((got[name] == 7.0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_mlp_native_accumulates_between_threads(dtype):
+    """Accumulating where the rows of one expert are cut between 2 threads: the share that holds
+    the expert's first row adds into the buffer, the other one's partial is added after."""
+    counts = [300, 10, 290, 0, 401]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, c, w1, b1, w2, b2, gy = make(counts, 3, 64, 96, dtype, True, seed=4)
+        hidden = native.expert_mlp(x, c, w1, b1, w2, b2, "silu")[1]
+        start = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+                 for i, t in enumerate((w1, w2, b1, b2))]
+        outs = [t.clone() for t in start]
+        native.expert_mlp_backward(gy, x, hidden, c, w1, w2, "silu", [True] * 5, *outs, True)
+    finally:
+        torch.set_num_threads(old)
+    want = bf_backward(gy, x, hidden, counts, w1, w2, "silu")
+    for name, got, s, w in zip(("gw1", "gw2", "gb1", "gb2"), outs, start,
+                               (want[1], want[3], want[2], want[4])):
+        close(name, got, s.double() + w, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expert_mlp_backward_accumulate_needs_buffers(impl):
+    x, c, w1, b1, w2, b2, gy = make([2, 2], 0, 3, 4, torch.float32, True)
+    hidden = impl.expert_mlp(x, c, w1, b1, w2, b2, "gelu")[1]
+    outs = [torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(b1), None]
+    with pytest.raises(RuntimeError, match="accumulate=True .* grad_b2_out is missing"):
+        impl.expert_mlp_backward(gy, x, hidden, c, w1, w2, "gelu", [True] * 5, *outs, True)
+    with pytest.raises(RuntimeError, match="grad_b1_out"):
+        impl.expert_mlp_backward(gy, x, hidden, c, w1, w2, "gelu", [True] * 5, outs[0], outs[1],
+                                 torch.zeros(2, 5), None, False)
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -224,7 +297,7 @@ def test_expert_mlp_native_errors():
                                                            [True] * 5), "hidden"),
                        (lambda: native.expert_mlp_backward(gy, x, torch.zeros(4, 4), c, w1, w2, "gelu",
                                                            [True] * 5, torch.zeros(2, 4, 4)),
-                        "grad_weight_out")):
+                        "grad_w1_out")):
         with pytest.raises(RuntimeError) as info:
             bad()
         if match is not None:
