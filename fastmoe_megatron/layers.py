@@ -6,6 +6,7 @@
       -> (expert parallel) all-to-all of counts and rows
       -> experts (grouped GEMM)
       -> (expert parallel) all-to-all back
+         (on the CPU, FMoETransformerMLP overlaps the exchange with its experts: ep_overlap)
       -> gather: each token's K rows combined with its scores -> [T, d]
 
 A dropped slot (expert id -1, from a capacity limit or random routing) contributes zero, so a
@@ -21,7 +22,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import comm, ops
+from . import comm, ep_overlap, ops
 from .gates import NaiveGate
 
 
@@ -232,6 +233,14 @@ class FMoE(nn.Module):
         self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
             global_count = pending.wait()
+            activation = (self.experts.fused_activation() if isinstance(self.experts, _Expert)
+                          else None)
+            if activation is not None and ep_overlap.usable(buf, self.moe_group):
+                # The exchange overlapped with the experts (CPU, gloo): see ep_overlap.
+                e = self.experts
+                return ep_overlap.expert_parallel_mlp(
+                    buf, local_count, global_count, self.num_expert, self.moe_group,
+                    e.htoh4.weight, e.htoh4.bias, e.h4toh.weight, e.h4toh.bias, activation), pos, inv
             recv = comm.global_scatter(buf, local_count, global_count, self.num_expert, self.moe_group)
             fwd_expert_count = global_count.view(self.world_size, self.num_expert).sum(0)
             out = self.expert_fn(recv, fwd_expert_count)
@@ -263,8 +272,12 @@ class _Expert(nn.Module):
         self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=True, rank=rank)
         self.activation = activation
 
+    def fused_activation(self) -> str | None:
+        """The ``expert_mlp`` activation name when the experts run as that one op, else None."""
+        return ops.activation_name(self.activation) if ops.fused_experts_enabled() else None
+
     def forward(self, inp, fwd_expert_count):
-        name = ops.activation_name(self.activation) if ops.fused_experts_enabled() else None
+        name = self.fused_activation()
         if name is not None:  # one fused op (fastmoe_megatron.ops.expert_mlp)
             return ops.expert_mlp(inp, fwd_expert_count, self.htoh4.weight, self.htoh4.bias,
                                   self.h4toh.weight, self.h4toh.bias, name)

@@ -9,23 +9,36 @@ from tests.dist_utils import run_workers
 from tests.distributed import ep_workers as w
 
 
-@pytest.mark.parametrize("world,ep,zero_rank", [
-    (2, 2, None),
-    (2, 2, 1),  # one rank has no tokens at all
-    (4, 2, None),
-    (4, 2, 0),
-    (4, 4, 3),
+@pytest.mark.parametrize("world,ep,zero_rank,e_local,overlap", [
+    (2, 2, None, 2, "1"),
+    (2, 2, 1, 2, "1"),  # one rank has no tokens at all
+    (4, 2, None, 2, "1"),
+    (4, 2, 0, 2, "1"),
+    (4, 4, 3, 2, "1"),  # three peers per worker
+    (2, 2, None, 1, "1"),  # one local expert: the overlap's half A is empty
+    (4, 4, None, 3, "1"),  # halves of 1 and 2 experts
+    (2, 2, None, 2, "0"),  # the all-to-all path
+    (4, 2, 0, 2, "0"),
+    (4, 4, 3, 3, "0"),
 ])
-def test_forward_backward_matches_reference(world, ep, zero_rank):
-    out = run_workers(w.forward_backward, world, timeout=240, args=(ep, 2, zero_rank))
+def test_forward_backward_matches_reference(world, ep, zero_rank, e_local, overlap):
+    """FMOE_EP_OVERLAP=1 (default) runs ep_overlap's point-to-point schedule, 0 the all-to-alls
+    of comm.global_scatter / global_gather; each worker checks which one its graph went through."""
+    out = run_workers(w.forward_backward, world, timeout=240,
+                      args=(ep, e_local, zero_rank, overlap))
     assert len({o["norm"] for o in out}) == 1
     if zero_rank is not None:
         assert out[zero_rank]["tokens"] == 0
 
 
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
-def test_sgd_steps_match_reference(world, ep):
-    run_workers(w.sgd_steps, world, timeout=240, args=(ep, 2, 5))
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_forward_backward_bf16(overlap):
+    run_workers(w.forward_backward, 2, timeout=240, args=(2, 3, None, overlap, "bf16"))
+
+
+@pytest.mark.parametrize("world,ep,overlap", [(2, 2, "1"), (4, 2, "1"), (2, 2, "0")])
+def test_sgd_steps_match_reference(world, ep, overlap):
+    run_workers(w.sgd_steps, world, timeout=240, args=(ep, 2, 5, overlap))
 
 
 def test_slice_group_matches_unsliced():
