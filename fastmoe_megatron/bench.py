@@ -10,8 +10,11 @@ Cases (``--case``, comma-separated, default ``all``):
   (``gemm``), and every figure as TFLOP/s.
 - ``memory``: peak memory of forward + backward, the layer against the dense MLP.
 - ``ep``: the layer at expert-parallel size 2 (2 processes over gloo, 1 thread each) against one
-  process doing half the work (the same layer with every expert local and one process' tokens);
-  the efficiency, and the share of the step spent in the all-to-alls.
+  process doing half the work (the same layer with every expert local and one process' tokens):
+  the efficiency, and the share of the step spent waiting for communication; both for the
+  default path, which overlaps the exchange with the experts (``ep_overlap``), and for the
+  all-to-alls (``FMOE_EP_OVERLAP=0``), in the same rounds; and how evenly the gate spread the rows
+  over the two ranks.
 - ``e2e``: ``pretrain_gpt --fmoefy`` tokens/s against the same GPT with megatron-core's own MoE
   (``pretrain_gpt --num-experts``, alltoall dispatcher, same experts, top-k softmax router without
   balance loss on both sides), trained in turn in one process at the largest ``--threads``.
@@ -600,12 +603,14 @@ def launch(fn, world: int, args=(), threads: int = 1, timeout: float = 1800.0,
 # ============================================================================ case: ep
 
 def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
-    """EP=world layer (every rank T tokens, E / world experts) and, on rank 0 while the other
-    ranks wait, the same layer in one process (T tokens, all E experts). Times each step and the
-    all-to-alls inside the EP step."""
+    """EP=world layer (every rank T tokens, E / world experts), once with the exchange overlapped
+    (``ep_overlap``, the default) and once through the all-to-alls (``FMOE_EP_OVERLAP=0``); and,
+    on rank 0 while the other ranks wait, the same layer in one process (T tokens, all E
+    experts). Times each step and the communication that the step waited for: the count
+    exchange, and the all-to-alls of rows or the overlapped path's waits for its messages."""
     import torch.distributed as dist
 
-    from . import comm
+    from . import comm, ep_overlap
     from .layers import FMoETransformerMLP
 
     acc = [0.0]
@@ -627,9 +632,9 @@ def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
             return timed(self.pending.wait)()
 
     start_counts = timed(comm.exchange_counts_async)
-    # The all-to-alls of counts and of rows (forward and backward): the communication.
     comm.exchange_counts_async = lambda *a, **kw: TimedPending(start_counts(*a, **kw))
     comm._all_to_all_rows = timed(comm._all_to_all_rows)
+    ep_overlap._wait = timed(ep_overlap._wait)
 
     torch.manual_seed(0)  # the same gate on every rank, as data-parallel replicas have
     ep = FMoETransformerMLP(num_expert=s.E // world, d_model=s.d, d_hidden=s.h, top_k=s.k,
@@ -640,15 +645,20 @@ def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(s.T, s.d, generator=g)
     gy = torch.randn(s.T, s.d, generator=g)
-    step_ep, step_local = make_step(ep, x, gy), make_step(local, x, gy)
-    t_ep, t_comm, t_alone, t_side = [], [], [], []
+    step_local = make_step(local, x, gy)
+    steps = {"ep": _with_env(make_step(ep, x, gy), "FMOE_EP_OVERLAP", "1"),
+             "ep_all_to_all": _with_env(make_step(ep, x, gy), "FMOE_EP_OVERLAP", "0")}
+    times = {k: [] for k in ("ep", "ep_all_to_all", "comm", "comm_all_to_all", "alone", "side")}
     for r in range(warmup + rounds):
-        dist.barrier()
-        acc[0] = 0.0
-        t0 = time.perf_counter()
-        step_ep()
-        t1 = time.perf_counter()
-        comm_s = acc[0]
+        for name, step in steps.items():
+            dist.barrier()
+            acc[0] = 0.0
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            if r >= warmup:
+                times[name].append(t1 - t0)
+                times["comm" if name == "ep" else "comm_all_to_all"].append(acc[0])
         dist.barrier()
         # One process doing its half of the work alone (rank 0; the others wait in a barrier).
         alone = None
@@ -662,13 +672,22 @@ def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
         step_local()
         side = time.perf_counter() - t3
         if r >= warmup:
-            t_ep.append(t1 - t0)
-            t_comm.append(comm_s)
-            t_alone.append(alone)
-            t_side.append(side)
-    return {"ep_ms": [1e3 * v for v in t_ep], "comm_ms": [1e3 * v for v in t_comm],
-            "alone_ms": [1e3 * v for v in t_alone] if rank == 0 else None,
-            "side_by_side_ms": [1e3 * v for v in t_side]}
+            times["alone"].append(alone)
+            times["side"].append(side)
+    out = {f"{k}_ms": [1e3 * v for v in vals] for k, vals in times.items() if k != "alone"}
+    out["alone_ms"] = [1e3 * v for v in times["alone"]] if rank == 0 else None
+    # Rows this rank's experts received: how evenly the gate spread the work over the ranks.
+    out["rows_received"] = int(_ep_rows_received(ep, x))
+    return out
+
+
+def _ep_rows_received(layer, x) -> int:
+    from . import comm, ops
+
+    with torch.no_grad():
+        idx, _ = layer.gate(x)
+    counts = ops.expert_count(idx, layer.num_expert * layer.world_size).cpu()
+    return int(comm.exchange_counts(counts, layer.num_expert, layer.moe_group).sum())
 
 
 def case_ep(args, shapes, device) -> list[dict]:
@@ -678,28 +697,40 @@ def case_ep(args, shapes, device) -> list[dict]:
         if s.E % world:
             continue
         out = launch(_ep_worker, world, args=(s, args.rounds, args.warmup), threads=1)
-        # A step takes as long as its slowest rank.
-        ep_round = [max(v) for v in zip(*(o["ep_ms"] for o in out))]
-        comm_round = [max(v) for v in zip(*(o["comm_ms"] for o in out))]
-        side_round = [max(v) for v in zip(*(o["side_by_side_ms"] for o in out))]
-        ep_ms = statistics.median(ep_round)
+
+        def median_of_slowest(key):  # a step takes as long as its slowest rank
+            return statistics.median(max(v) for v in zip(*(o[key] for o in out)))
+
+        ep_ms, a2a_ms = median_of_slowest("ep_ms"), median_of_slowest("ep_all_to_all_ms")
+        comm_ms, comm_a2a_ms = median_of_slowest("comm_ms"), median_of_slowest("comm_all_to_all_ms")
+        side_ms = median_of_slowest("side_ms")
         alone_ms = statistics.median(out[0]["alone_ms"])
-        side_ms = statistics.median(side_round)
-        comm_ms = statistics.median(comm_round)
+        rows = [o["rows_received"] for o in out]
         row = {"shape": s.name, "dims": dataclasses.asdict(s), "world_size": world,
                "threads_per_process": 1, "backend": "gloo", "tokens_per_rank": s.T,
-               "median_ms": {"ep": round(ep_ms, 3), "one_process_half_work": round(alone_ms, 3),
+               "median_ms": {"ep": round(ep_ms, 3), "ep_all_to_all": round(a2a_ms, 3),
+                             "one_process_half_work": round(alone_ms, 3),
                              "two_processes_half_work_each": round(side_ms, 3),
-                             "communication": round(comm_ms, 3)},
+                             "communication": round(comm_ms, 3),
+                             "communication_all_to_all": round(comm_a2a_ms, 3)},
                "efficiency": round(alone_ms / ep_ms, 4),
                "efficiency_vs_side_by_side": round(side_ms / ep_ms, 4),
-               "communication_share": round(comm_ms / ep_ms, 4)}
+               "efficiency_all_to_all": round(alone_ms / a2a_ms, 4),
+               "overlap_speedup": round(a2a_ms / ep_ms, 4),
+               "communication_share": round(comm_ms / ep_ms, 4),
+               "communication_share_all_to_all": round(comm_a2a_ms / a2a_ms, 4),
+               "rows_received_per_rank": rows,
+               "load_imbalance": round(max(rows) * len(rows) / max(1, sum(rows)), 4)}
         results.append(row)
-        log(f"ep     {s.name:8s} ({s.describe()}, T per rank): EP=2 over gloo {ep_ms:.1f} ms, "
-            f"one process with half the work {alone_ms:.1f} ms -> efficiency "
-            f"{100 * row['efficiency']:.1f}% ({100 * row['efficiency_vs_side_by_side']:.1f}% against "
-            f"two processes each doing its half at once, {side_ms:.1f} ms); all-to-alls "
-            f"{comm_ms:.1f} ms = {100 * row['communication_share']:.1f}% of the step")
+        log(f"ep     {s.name:8s} ({s.describe()}, T per rank): EP=2 over gloo {ep_ms:.1f} ms "
+            f"overlapped, {a2a_ms:.1f} ms through all-to-alls; one process with half the work "
+            f"{alone_ms:.1f} ms -> efficiency {100 * row['efficiency']:.1f}% "
+            f"(all-to-alls {100 * row['efficiency_all_to_all']:.1f}%; "
+            f"{100 * row['efficiency_vs_side_by_side']:.1f}% against two processes each doing its "
+            f"half at once, {side_ms:.1f} ms); waiting for communication {comm_ms:.1f} ms = "
+            f"{100 * row['communication_share']:.1f}% of the step (all-to-alls {comm_a2a_ms:.1f} "
+            f"ms = {100 * row['communication_share_all_to_all']:.1f}%); rows per rank {rows} "
+            f"(busiest / mean {row['load_imbalance']:.3f})")
     return results
 
 
@@ -965,9 +996,12 @@ def summary(report: dict) -> str:
                      f"{r['ratios']['peak_fmoe_over_dense']:.3f})")
     for r in cases.get("ep", []):
         lines.append(f"{'ep=2':8s} {r['shape']:10s} {'1+1':>7s}  efficiency "
-                     f"{100 * r['efficiency']:.1f}% (vs two processes at once "
-                     f"{100 * r['efficiency_vs_side_by_side']:.1f}%), communication "
-                     f"{100 * r['communication_share']:.1f}% of the step")
+                     f"{100 * r['efficiency']:.1f}% (all-to-alls "
+                     f"{100 * r['efficiency_all_to_all']:.1f}%, overlap speed-up "
+                     f"{r['overlap_speedup']:.2f}x; vs two processes at once "
+                     f"{100 * r['efficiency_vs_side_by_side']:.1f}%), waiting for communication "
+                     f"{100 * r['communication_share']:.1f}% of the step (all-to-alls "
+                     f"{100 * r['communication_share_all_to_all']:.1f}%)")
     for r in cases.get("e2e", []):
         tps = r["tokens_per_s"]
         lines.append(f"{'e2e':8s} {r['config']:10s} {r['threads']:>7d}  --fmoefy/megatron-core MoE "

@@ -68,8 +68,11 @@ def test_expert_parallel_case(report):
     (r,) = rep["cases"]["ep"]
     assert r["world_size"] == 2 and r["backend"] == "gloo" and r["threads_per_process"] == 1
     assert all(_number(v) for v in r["median_ms"].values())
-    assert _number(r["efficiency"]) and _number(r["communication_share"])
-    assert r["communication_share"] < 1
+    for key in ("efficiency", "efficiency_all_to_all", "overlap_speedup", "communication_share",
+                "communication_share_all_to_all", "load_imbalance"):
+        assert _number(r[key]), key
+    assert r["communication_share"] < 1 and r["communication_share_all_to_all"] < 1
+    assert len(r["rows_received_per_rank"]) == 2 and r["load_imbalance"] >= 1
 
 
 def test_end_to_end_case(report):
