@@ -138,6 +138,74 @@ def forward_backward(rank, world, ep, e_local, zero_rank, overlap="1", dtype="fp
     return {"tokens": counts[rank], "norm": float(norm)}
 
 
+def overlap_matches_all_to_all(rank, world, dtype):
+    """The overlapped path and the all-to-all path on the same EP model and batch, with a
+    capacity limit that drops slots (zero rows after each rank's routed ones): the same output,
+    input gradient and parameter gradients."""
+    import functools
+
+    from fastmoe_megatron.gates import SwitchGate
+
+    torch.manual_seed(0)
+    gate = functools.partial(SwitchGate, switch_eps=0.0, capacity=(0.6, 0.6))
+    model = FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=1,
+                               gate=gate, world_size=world)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model.to(dt)
+    g = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(13 + 4 * rank, D_MODEL, generator=g).to(dt)
+    w = torch.randn(x.shape, generator=g).to(dt)
+    results = {}
+    for overlap in ("1", "0"):
+        node = set_overlap(overlap)
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        y = model(xr)
+        assert node in graph_nodes(y), f"FMOE_EP_OVERLAP={overlap}: no {node} in the graph"
+        (y * w).sum().backward()
+        results[overlap] = [y.detach(), xr.grad] + [p.grad for p in model.parameters()]
+        dropped = torch.tensor([x.shape[0] - int(model.last_expert_count.sum())])
+        dist.all_reduce(dropped)
+        assert int(dropped) > 0, "the capacity limit dropped no slot: the test lost its point"
+    names = ["output", "input grad"] + [n for n, _ in model.named_parameters()]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(names, results["1"], results["0"]):
+        check(f"{name}: overlapped against all-to-all", a, b, **tol)
+
+    # The op itself, on a buffer with padding rows: global_scatter -> expert_mlp ->
+    # global_gather, and zero rows (and zero gradients) past the routed ones.
+    from fastmoe_megatron import comm, ep_overlap, ops
+
+    E = 3
+    local_count = torch.randint(0, 5, (world * E,), generator=g)
+    local_count[rank * E] = 0  # an expert that gets nothing from this rank
+    global_count = comm.exchange_counts(local_count, E, None)
+    total = int(local_count.sum())
+    experts = FMoETransformerMLP(num_expert=E, d_model=D_MODEL, d_hidden=D_HIDDEN).experts.to(dt)
+    params = [experts.htoh4.weight, experts.htoh4.bias, experts.h4toh.weight, experts.h4toh.bias]
+    buf = torch.randn(total + 3, D_MODEL, generator=g).to(dt)
+    gy = torch.randn(total + 3, D_MODEL, generator=g).to(dt)
+    got, want = {}, {}
+    for key, res in (("overlap", got), ("all_to_all", want)):
+        b_ = buf.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        if key == "overlap":
+            out = ep_overlap.expert_parallel_mlp(b_, local_count, global_count, E, None,
+                                                 *params, "gelu")
+        else:
+            recv = comm.global_scatter(b_, local_count, global_count, E)
+            y = ops.expert_mlp(recv, global_count.view(world, E).sum(0), *params, "gelu")
+            out = comm.global_gather(y, local_count, global_count, E, out_rows=total + 3)
+        (out * gy).sum().backward()
+        res.update(out=out.detach(), gx=b_.grad, **{f"param{i}": p.grad for i, p in enumerate(params)})
+    assert torch.count_nonzero(got["out"][total:]) == 0, "padding rows of the output"
+    assert torch.count_nonzero(got["gx"][total:]) == 0, "padding rows of the input gradient"
+    for key in want:
+        check(f"expert_parallel_mlp {key}", got[key], want[key], **tol)
+    return True
+
+
 def sgd_steps(rank, world, ep, e_local, steps, overlap="1"):
     set_overlap(overlap)
     ep_group, edp_group, ep_rank, _ = layout(world, ep)

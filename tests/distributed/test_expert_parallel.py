@@ -36,6 +36,11 @@ def test_forward_backward_bf16(overlap):
     run_workers(w.forward_backward, 2, timeout=240, args=(2, 3, None, overlap, "bf16"))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_overlap_matches_all_to_all_with_dropped_slots(dtype):
+    run_workers(w.overlap_matches_all_to_all, 2, timeout=120, args=(dtype,))
+
+
 @pytest.mark.parametrize("world,ep,overlap", [(2, 2, "1"), (4, 2, "1"), (2, 2, "0")])
 def test_sgd_steps_match_reference(world, ep, overlap):
     run_workers(w.sgd_steps, world, timeout=240, args=(ep, 2, 5, overlap))
