@@ -91,9 +91,7 @@ inline void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
 // the same for the bias gradient and gb_out (expert_mlp_backward's buffers, named in its errors).
 struct GroupedMMGrads {
   Tensor gx, gw, gb;
-  bool into_out = false;
-
-  bool gb_into_out = false;
+  bool into_out = false, gb_into_out = false;  // gw / gb are the caller's buffers
 
   GroupedMMGrads(const Tensor& x, const Tensor& w, int64_t total, std::array<bool, 3> mask,
                  const c10::optional<Tensor>& gw_out, const char* op,

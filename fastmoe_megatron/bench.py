@@ -650,7 +650,7 @@ def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
              "ep_all_to_all": _with_env(make_step(ep, x, gy), "FMOE_EP_OVERLAP", "0")}
     times = {k: [] for k in ("ep", "ep_all_to_all", "comm", "comm_all_to_all", "alone", "side")}
     for r in range(warmup + rounds):
-        for name, step in steps.items():
+        for name, step in sorted(steps.items(), reverse=bool(r % 2)):  # alternating order
             dist.barrier()
             acc[0] = 0.0
             t0 = time.perf_counter()
