@@ -30,7 +30,6 @@ NCCL path), under ``torch.compile``, or for other experts.
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -44,10 +43,7 @@ _TAG_ROWS, _TAG_OUT, _TAG_GRAD, _TAG_GX_A, _TAG_GX_B = 0x4D01, 0x4D02, 0x4D03, 0
 
 def enabled() -> bool:
     """False when ``FMOE_EP_OVERLAP=0``."""
-    value = os.environ.get("FMOE_EP_OVERLAP", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"FMOE_EP_OVERLAP={value!r} is not valid; allowed values: 0, 1")
-    return value == "1"
+    return ops.env_switch("FMOE_EP_OVERLAP")
 
 
 def usable(buf: torch.Tensor, group) -> bool:
@@ -80,6 +76,11 @@ class _Plan:
         self.seg = list(zip(starts, sizes))
         self.src = self.counts_from.sum(1).tolist()
         self.total = sum(sizes)
+        # This worker's own rows (routed to its own experts): where they start, how many, their
+        # counts per local expert, and how many belong to half A.
+        self.own_start, self.own_rows = self.seg[self.rank]
+        self.own_counts = self.counts_to[self.rank]
+        self.own_cut = self.split(self.own_counts)
         # The other workers, nearest first after this one (each worker then starts on a
         # different source).
         self.peers = [(self.rank + i) % self.W for i in range(1, self.W)]
@@ -142,12 +143,10 @@ class _OverlappedExperts(torch.autograd.Function):
         recv_out = [plan.recv(out[s:s + n], w, _TAG_OUT) for w, (s, n) in enumerate(plan.seg)
                     if w != r]
         # 2. own rows, half A
-        own_start, own_rows = plan.seg[r]
-        own_counts = plan.counts_to[r]
-        cut = plan.split(own_counts)
-        own = buf[own_start:own_start + own_rows]
+        s0, cut, own_counts = plan.own_start, plan.own_cut, plan.own_counts
+        own = buf[s0:s0 + plan.own_rows]
         y_a, h_a = run(own[:cut], own_counts[:half], parts[0])
-        out[own_start:own_start + cut] = y_a
+        out[s0:s0 + cut] = y_a
         # 3. the other workers' rows
         hidden = {}
         for j in plan.peers:
@@ -157,7 +156,7 @@ class _OverlappedExperts(torch.autograd.Function):
             sends.append(plan.send(y, j, _TAG_OUT))
         # 4. own rows, half B
         y_b, h_b = run(own[cut:], own_counts[half:], parts[1])
-        out[own_start + cut:own_start + own_rows] = y_b
+        out[s0 + cut:s0 + plan.own_rows] = y_b
         # 5. this worker's outputs from the others
         _wait_all(recv_out)
         _wait_all(sends)
@@ -226,26 +225,23 @@ class _OverlappedExperts(torch.autograd.Function):
                 recv_gx += [plan.recv(gx_all[s:s + a], w, _TAG_GX_A),
                             plan.recv(gx_all[s + a:s + n], w, _TAG_GX_B)]
         # 2. own rows, half A
-        own_start, own_rows = plan.seg[r]
-        own_counts = plan.counts_to[r]
-        cut = plan.split(own_counts)
-        own = slice(own_start, own_start + own_rows)
+        s0, cut, own_counts = plan.own_start, plan.own_cut, plan.own_counts
+        own = slice(s0, s0 + plan.own_rows)
         x_own, gy_own = buf[own], grad_out[own]
-        gx_all[own_start:own_start + cut] = run(0, gy_own[:cut], x_own[:cut], h_a,
-                                                own_counts[:half])
+        gx_all[s0:s0 + cut] = run(0, gy_own[:cut], x_own[:cut], h_a, own_counts[:half])
         # 3. the other workers' rows
         for j in plan.peers:
             if recv_grads[j] is not None:
                 _wait(recv_grads[j])
-            a = plan.split(plan.counts_from[j])
             c = plan.counts_from[j]
+            a = plan.split(c)
             gx_a = run(0, grads[j][:a], rows[j][:a], hidden[j][:a], c[:half])
             sends.append(plan.send(gx_a, j, _TAG_GX_A))
             gx_b = run(1, grads[j][a:], rows[j][a:], hidden[j][a:], c[half:])
             sends.append(plan.send(gx_b, j, _TAG_GX_B))
         # 4. own rows, half B
-        gx_all[own_start + cut:own_start + own_rows] = run(1, gy_own[cut:], x_own[cut:], h_b,
-                                                           own_counts[half:])
+        gx_all[s0 + cut:s0 + plan.own_rows] = run(1, gy_own[cut:], x_own[cut:], h_b,
+                                                  own_counts[half:])
         # 5. this worker's input gradients from the others
         _wait_all(recv_gx)
         _wait_all(sends)

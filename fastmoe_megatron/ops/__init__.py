@@ -318,12 +318,18 @@ def activation_name(activation) -> str | None:
     return None
 
 
+def env_switch(name: str) -> bool:
+    """An on/off environment variable: ``1`` (the default) or ``0``; any other value is an error
+    that names the variable and the allowed values."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r} is not valid; allowed values: 0, 1")
+    return value == "1"
+
+
 def fused_experts_enabled() -> bool:
     """False when ``FMOE_FUSED_EXPERTS=0``: the layer's experts then run as three ops."""
-    value = os.environ.get("FMOE_FUSED_EXPERTS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"FMOE_FUSED_EXPERTS={value!r} is not valid; allowed values: 0, 1")
-    return value == "1"
+    return env_switch("FMOE_FUSED_EXPERTS")
 
 
 def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,

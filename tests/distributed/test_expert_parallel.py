@@ -53,3 +53,17 @@ def test_slice_group_matches_unsliced():
 @pytest.mark.parametrize("cap", [0, 1, 3, 100])
 def test_capacity_is_enforced_over_all_ranks(cap):
     run_workers(w.capacity_is_global, 2, timeout=120, args=(2, cap))
+
+
+def test_overlap_switch(monkeypatch):
+    """FMOE_EP_OVERLAP: on by default, off with 0, and any other value is an error that names the
+    variable and the allowed values."""
+    from fastmoe_megatron import ep_overlap
+
+    monkeypatch.delenv("FMOE_EP_OVERLAP", raising=False)
+    assert ep_overlap.enabled()
+    monkeypatch.setenv("FMOE_EP_OVERLAP", "0")
+    assert not ep_overlap.enabled()
+    monkeypatch.setenv("FMOE_EP_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="FMOE_EP_OVERLAP='yes' is not valid; allowed values: 0, 1"):
+        ep_overlap.enabled()
