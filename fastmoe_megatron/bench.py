@@ -6,8 +6,11 @@ Cases (``--case``, comma-separated, default ``all``):
   a dense MLP with the same active FLOPs (``d -> d_hidden * top_k -> d``), a naive PyTorch MoE (a
   loop over experts with boolean masks: FastMoE's paper baseline) and megatron-core's own
   ``MoELayer`` (alltoall dispatcher, SequentialMLP experts, same experts and top-k, no capacity),
-  at every ``--threads`` count. On a GPU also the same GEMMs as single dense cuBLAS products
-  (``gemm``), and every figure as TFLOP/s.
+  at every ``--threads`` count. Also the layer's experts alone (``experts``: the fused expert
+  MLP on rows already grouped by expert, no gate, dispatch or combine), the floor of the layer's
+  time. On a GPU (or with ``--gemm-ref``) also the experts' six GEMMs as single dense products of
+  the same FLOPs (``gemm``) and as one product per expert (``expert_gemms``), and every figure as
+  TFLOP/s.
 - ``memory``: peak memory of forward + backward, the layer against the dense MLP.
 - ``ep``: the layer at expert-parallel size 2 (2 processes over gloo, 1 thread each) against one
   process doing half the work (the same layer with every expert local and one process' tokens):
@@ -301,6 +304,64 @@ class GemmReference(nn.Module):
         _gw1 = g_hid.t() @ self.a
 
 
+class GroupedGemmReference:
+    """The same six products per expert, one BLAS call each (``torch.mm``), on rows grouped by
+    expert with the layer's own counts: what the small per-expert products cost on this BLAS, with
+    no activation, no dispatch and no autograd. Against ``GemmReference`` (the same FLOPs as single
+    products) it shows how much of the layer's excess over the dense MLP comes from the BLAS."""
+
+    def __init__(self, s: Shape, counts: torch.Tensor, device, dtype):
+        self.sizes = [int(c) for c in counts.tolist()]
+        n = sum(self.sizes)
+        g = torch.Generator().manual_seed(2)
+        self.a = torch.randn(n, s.d, generator=g, dtype=dtype).to(device)
+        self.g = torch.randn(n, s.d, generator=g, dtype=dtype).to(device)
+        self.w1 = (torch.randn(s.E, s.h, s.d, generator=g, dtype=dtype) / math.sqrt(s.d)).to(device)
+        self.w2 = (torch.randn(s.E, s.d, s.h, generator=g, dtype=dtype) / math.sqrt(s.h)).to(device)
+        self.hid, self.g_hid = (torch.empty(n, s.h, device=device, dtype=dtype) for _ in range(2))
+        self.out, self.g_a = (torch.empty(n, s.d, device=device, dtype=dtype) for _ in range(2))
+        self.gw1, self.gw2 = torch.empty_like(self.w1), torch.empty_like(self.w2)
+
+    def step(self):
+        r0 = 0
+        for e, m in enumerate(self.sizes):
+            if m == 0:
+                continue
+            rows = slice(r0, r0 + m)
+            r0 += m
+            a, g, hid, g_hid = self.a[rows], self.g[rows], self.hid[rows], self.g_hid[rows]
+            torch.mm(a, self.w1[e].t(), out=hid)
+            torch.mm(hid, self.w2[e].t(), out=self.out[rows])
+            torch.mm(g, self.w2[e], out=g_hid)
+            torch.mm(g.t(), hid, out=self.gw2[e])
+            torch.mm(g_hid, self.w1[e], out=self.g_a[rows])
+            torch.mm(g_hid.t(), a, out=self.gw1[e])
+
+
+def experts_step(fmoe, x: torch.Tensor) -> Callable[[], None]:
+    """The layer's experts alone, forward + backward, on rows that the layer's gate grouped by
+    expert (its own scatter of ``x``, done once here): the layer minus the gate, the dispatch and
+    the combine. Against the dense MLP it is the floor that no dispatch work can go below.
+    Returns the step and the counts per expert (on the host)."""
+    from . import ops
+
+    with torch.no_grad():
+        idx, _score = fmoe.gate(x)
+        counts = ops.expert_count(idx, fmoe.num_expert)
+        pos, inv = ops.assign_pos(idx, counts)
+        rows = ops.scatter_rows(x, pos, inv, fmoe.top_k)
+    counts = counts.cpu()
+    g_rows = torch.randn(rows.shape, generator=torch.Generator().manual_seed(3)).to(rows)
+    params = [p for p in fmoe.experts.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        fmoe.experts(rows.detach().requires_grad_(True), counts).backward(g_rows)
+
+    return step, counts
+
+
 def make_step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
     """One training step's forward and backward (gradients reset to None first, as
     ``zero_grad()`` does)."""
@@ -356,8 +417,10 @@ def case_layer(args, shapes, device) -> list[dict]:
         moe_like = {n: m for n, m in contenders.items() if n != "dense"}
         diffs = check_same_output(moe_like, x)
         steps = {n: make_step(m, x, gy) for n, m in contenders.items()}
+        steps["experts"], counts = experts_step(fmoe, x)
         if device.type == "cuda" or args.gemm_ref:
             steps["gemm"] = GemmReference(s, device, x.dtype).step
+            steps["expert_gemms"] = GroupedGemmReference(s, counts, device, x.dtype).step
         if args.unfused:
             steps["fmoe_unfused"] = _with_env(steps["fmoe"], "FMOE_FUSED_EXPERTS", "0")
         for threads in (args.threads if device.type == "cpu" else [None]):
@@ -378,8 +441,10 @@ def case_layer(args, shapes, device) -> list[dict]:
             }
             t = row["median_ms"]
             row["ratios"]["fmoe_over_dense"] = round(t["fmoe"] / t["dense"], 4)
+            row["ratios"]["experts_over_dense"] = round(t["experts"] / t["dense"], 4)
             if "gemm" in t:
                 row["ratios"]["fmoe_over_gemm"] = round(t["fmoe"] / t["gemm"], 4)
+                row["ratios"]["expert_gemms_over_gemm"] = round(t["expert_gemms"] / t["gemm"], 4)
             if "fmoe_unfused" in t:
                 row["ratios"]["fused_over_unfused"] = round(t["fmoe"] / t["fmoe_unfused"], 4)
             for other in ("naive", "megatron"):
@@ -390,9 +455,11 @@ def case_layer(args, shapes, device) -> list[dict]:
             log(f"layer {s.name:8s} ({s.describe()}) threads={threads}: "
                 + "  ".join(f"{n} {v:.1f} ms" for n, v in t.items())
                 + f" | fmoe/dense {rat['fmoe_over_dense']:.3f}"
+                + f"  experts/dense {rat['experts_over_dense']:.3f}"
                 + "".join(f"  {k.replace('speedup_vs_', 'x vs ')} {v:.2f}"
                           for k, v in rat.items() if k.startswith("speedup"))
-                + (f"  fmoe/gemm {rat['fmoe_over_gemm']:.3f}" if "fmoe_over_gemm" in rat else "")
+                + (f"  fmoe/gemm {rat['fmoe_over_gemm']:.3f}  expert_gemms/gemm "
+                   f"{rat['expert_gemms_over_gemm']:.3f}" if "fmoe_over_gemm" in rat else "")
                 + (f"  fused/unfused {rat['fused_over_unfused']:.3f}"
                    if "fused_over_unfused" in rat else "")
                 + f" | load {row['loadavg'][0]}")
@@ -974,11 +1041,13 @@ def summary(report: dict) -> str:
     cases = report["cases"]
     for r in cases.get("layer", []):
         rat = r["ratios"]
-        figs = [f"fmoe/dense {rat['fmoe_over_dense']:.3f}"]
+        figs = [f"fmoe/dense {rat['fmoe_over_dense']:.3f}",
+                f"experts alone/dense {rat['experts_over_dense']:.3f}"]
         figs += [f"{k.replace('speedup_vs_', 'speedup vs ')} {v:.2f}x"
                  for k, v in rat.items() if k.startswith("speedup")]
         if "fmoe_over_gemm" in rat:
-            figs.append(f"fmoe/gemm {rat['fmoe_over_gemm']:.3f}")
+            figs.append(f"fmoe/gemm {rat['fmoe_over_gemm']:.3f}, per-expert GEMMs/single GEMMs "
+                        f"{rat['expert_gemms_over_gemm']:.3f}")
         if "fused_over_unfused" in rat:
             figs.append(f"fused/unfused {rat['fused_over_unfused']:.3f}")
         lines.append(f"{'layer':8s} {r['shape']:10s} {str(r['threads']):>7s}  " + ", ".join(figs))
