@@ -698,6 +698,10 @@ def _ep_worker(rank, world, s: Shape, rounds: int, warmup: int):
         def wait(self):
             return timed(self.pending.wait)()
 
+        @property
+        def flags(self):
+            return self.pending.flags
+
     start_counts = timed(comm.exchange_counts_async)
     comm.exchange_counts_async = lambda *a, **kw: TimedPending(start_counts(*a, **kw))
     comm._all_to_all_rows = timed(comm._all_to_all_rows)

@@ -64,24 +64,42 @@ _side_streams: dict = {}
 
 
 class PendingCounts:
-    """A count exchange under way; ``wait()`` returns what ``exchange_counts`` returns."""
+    """A count exchange under way; ``wait()`` returns what ``exchange_counts`` returns. When the
+    exchange carried a flag, ``flags`` then holds every peer's ([source rank], CPU int64)."""
 
-    def __init__(self, finish):
+    def __init__(self, finish, num_expert: int, with_flag: bool):
         self._finish = finish
+        self._num_expert, self._with_flag = num_expert, with_flag
         self._result = None
+        self.flags: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            self._result = self._finish()
+            got = self._finish()
+            if self._with_flag:
+                got = got.view(-1, self._num_expert + 1)
+                self.flags = got[:, -1].clone()
+                got = got[:, :-1].reshape(-1)
+            self._result = got
         return self._result
 
 
-def exchange_counts_async(local_count: torch.Tensor, num_expert: int, group=None) -> PendingCounts:
+def exchange_counts_async(local_count: torch.Tensor, num_expert: int, group=None,
+                          flag: torch.Tensor | None = None) -> PendingCounts:
     """Starts the all-to-all of counts and returns at once, so that the caller's next work (the
     local scatter) overlaps the exchange: gloo runs it on its own thread, torch's NCCL on its own
     stream, the native NCCL communicator on a side stream here. ``local_count`` may live on the
-    CPU or the GPU; the result of ``wait()`` is on the CPU."""
+    CPU or the GPU; the result of ``wait()`` is on the CPU.
+
+    ``flag`` (a 0-d integer or bool tensor, on any device) travels with the counts to every peer,
+    in the same message (no extra collective, no host synchronisation here); ``flags`` of the
+    result then holds the peers' flags. The MoE layer sends whether its input is finite, so that
+    every rank stops together instead of waiting for rows from a rank that has raised."""
     local_count = local_count.to(torch.int64)
+    if flag is not None:
+        per_dest = local_count.view(-1, num_expert)
+        mark = flag.to(device=local_count.device, dtype=torch.int64).reshape(1, 1)
+        local_count = torch.cat([per_dest, mark.expand(per_dest.shape[0], 1)], 1).reshape(-1)
     device = _comm_device(group)
     comm = _native_comm(group, local_count.to(device)) if device.type == "cuda" else None
     if comm is not None:
@@ -101,7 +119,7 @@ def exchange_counts_async(local_count: torch.Tensor, num_expert: int, group=None
             recv.record_stream(now)
             return recv.cpu()
 
-        return PendingCounts(finish)
+        return PendingCounts(finish, num_expert, flag is not None)
     send = local_count.to(device).contiguous()
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=True)
@@ -110,7 +128,7 @@ def exchange_counts_async(local_count: torch.Tensor, num_expert: int, group=None
         work.wait()
         return recv.cpu()
 
-    return PendingCounts(finish)
+    return PendingCounts(finish, num_expert, flag is not None)
 
 
 def _block_perm(count: torch.Tensor, world_size: int, num_expert: int) -> torch.Tensor:

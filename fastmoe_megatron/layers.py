@@ -206,21 +206,24 @@ class FMoE(nn.Module):
         outputs [T*K, d] grouped by expert (zero rows for dropped slots) and the positions."""
         tot_expert = self.num_expert * self.world_size
         counts = ops.expert_count(idx, tot_expert)
-        # Expert parallel: the count exchange runs while the positions and the scatter are made.
-        pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group)
-                   if self.world_size > 1 else None)
-        pos, inv = ops.assign_pos(idx, counts)
-        x = x.contiguous()
-        buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
         finite = getattr(self, "_input_finite", None)
+        self._input_finite = None
         if finite is not None and torch.compiler.is_compiling():
             # A traced graph cannot branch on the flag; assert on it inside the graph instead.
             torch._assert_async(finite, "fastmoe_megatron: the MoE layer's input holds NaN or Inf")
             finite = None
+        # Expert parallel: the count exchange runs while the positions and the scatter are made.
+        # The finiteness flag travels with the counts, so that when one rank's input is not
+        # finite every rank raises here, before the rows are exchanged (none is left waiting).
+        pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group, flag=finite)
+                   if self.world_size > 1 else None)
+        pos, inv = ops.assign_pos(idx, counts)
+        x = x.contiguous()
+        buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
         if finite is not None:
             # The one host sync (the GEMMs need the block sizes) also brings the finiteness flag.
             both = torch.cat([counts, finite.to(counts.dtype).reshape(1)]).cpu()
-            local_count, self._input_finite = both[:-1], None
+            local_count = both[:-1]
             if not bool(both[-1]):
                 if pending is not None:
                     pending.wait()  # leave no collective half done
@@ -233,6 +236,13 @@ class FMoE(nn.Module):
         self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
             global_count = pending.wait()
+            if pending.flags is not None and not bool(pending.flags.all()):
+                bad = (pending.flags == 0).nonzero().flatten().tolist()
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the MoE layer's input holds NaN or Inf values on "
+                    f"rank(s) {bad} of the expert-parallel group (they raise the same error), so "
+                    "this rank stops too instead of waiting for their rows; set "
+                    "check_finite=False on every rank to skip this check")
             activation = (self.experts.fused_activation() if isinstance(self.experts, _Expert)
                           else None)
             if activation is not None and ep_overlap.usable(buf, self.moe_group):

@@ -283,3 +283,40 @@ def capacity_is_global(rank, world, e_local, cap):
         expected.append(out)
     assert torch.equal(new_idx, expected[rank]), f"rank {rank}: {new_idx} != {expected[rank]}"
     return True
+
+
+def nonfinite_input_stops_every_rank(rank, world, ep, bad_ranks, overlap):
+    """A NaN in the input of ``bad_ranks`` makes every rank of their expert-parallel group raise
+    FloatingPointError (the flag travels with the counts), instead of the others waiting for rows
+    that never come. Nothing is left half done: the next, finite step on every rank still matches
+    the reference."""
+    set_overlap(overlap)
+    ep_group, _edp_group, ep_rank, _ = layout(world, ep)
+    ref, model = make_models(world, ep, 2, ep_group, ep_rank)
+    counts = tokens_per_rank(world, None)
+    xs, ws = batch(world, counts, 0)
+    x = xs[rank].clone()
+    if rank in bad_ranks:
+        x[1, 2] = float("nan")
+    group_first = rank - ep_rank
+    bad_in_group = sorted(r - group_first for r in bad_ranks if group_first <= r < group_first + ep)
+    try:
+        model(x)
+    except FloatingPointError as err:
+        if rank in bad_ranks:
+            assert "holds NaN or Inf values, so the gate" in str(err), err
+        else:
+            assert f"rank(s) {bad_in_group} of the expert-parallel group" in str(err), err
+        raised = True
+    else:
+        raised = False
+    assert raised == bool(bad_in_group), (rank, raised, bad_in_group)
+
+    # The same ranks, finite input: the layer still works and matches the reference.
+    x = xs[rank].clone().requires_grad_(True)
+    y = model(x)
+    (y * ws[rank]).sum().backward()
+    y_ref, _ = reference_step(ref, xs, ws)
+    start = sum(counts[:rank])
+    check("output after the error", y.detach(), y_ref[start:start + counts[rank]])
+    return {"raised": raised}

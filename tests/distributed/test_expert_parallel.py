@@ -46,6 +46,19 @@ def test_sgd_steps_match_reference(world, ep, overlap):
     run_workers(w.sgd_steps, world, timeout=240, args=(ep, 2, 5, overlap))
 
 
+@pytest.mark.parametrize("world,ep,bad_ranks,overlap", [
+    (2, 2, (1,), "1"),
+    (2, 2, (0, 1), "1"),
+    (2, 2, (0,), "0"),
+    (4, 2, (3,), "1"),  # the other expert-parallel pair goes on
+])
+def test_nonfinite_input_on_one_rank_stops_its_group(world, ep, bad_ranks, overlap):
+    out = run_workers(w.nonfinite_input_stops_every_rank, world, timeout=120,
+                      args=(ep, bad_ranks, overlap))
+    assert [o["raised"] for o in out] == [any(r // ep == rank // ep for r in bad_ranks)
+                                          for rank in range(world)]
+
+
 def test_slice_group_matches_unsliced():
     run_workers(w.slice_group_matches_full, 2, timeout=120, args=())
 
