@@ -338,7 +338,7 @@ class GroupedGemmReference:
             torch.mm(g_hid.t(), a, out=self.gw1[e])
 
 
-def experts_step(fmoe, x: torch.Tensor) -> Callable[[], None]:
+def experts_step(fmoe, x: torch.Tensor) -> tuple[Callable[[], None], torch.Tensor]:
     """The layer's experts alone, forward + backward, on rows that the layer's gate grouped by
     expert (its own scatter of ``x``, done once here): the layer minus the gate, the dispatch and
     the combine. Against the dense MLP it is the floor that no dispatch work can go below.
