@@ -20,7 +20,8 @@ Cases (``--case``, comma-separated, default ``all``):
   over the two ranks.
 - ``e2e``: ``pretrain_gpt --fmoefy`` tokens/s against the same GPT with megatron-core's own MoE
   (``pretrain_gpt --num-experts``, alltoall dispatcher, same experts, top-k softmax router without
-  balance loss on both sides), trained in turn in one process at the largest ``--threads``.
+  balance loss on both sides), trained in turn, each run in a fresh process, at the largest
+  ``--threads``.
 - ``compile``: a model containing the layer, eager against ``torch.compile``.
 
 Every case runs its contenders in interleaved rounds in one process (each round times each
@@ -808,10 +809,26 @@ def _e2e_argv(cfg: dict, iters: int, threads: int) -> list[str]:
             "--threads", str(threads), "--seed", "1234", "--disable-bias-linear"]
 
 
-def _e2e_worker(rank, world, configs: dict, rounds: int, warmup: int, iters: int, threads: int,
-                corpus_bytes: int | None):
-    """Both GPTs of every config, trained in turn (``rounds`` times each) in this process;
-    returns the iteration times after ``warmup`` iterations of every run."""
+def _e2e_runs(cfg: dict, iters: int, threads: int, corpus_bytes: int | None) -> dict[str, list[str]]:
+    """The two ``pretrain_gpt`` command lines of one config: ``--fmoefy`` and megatron-core's MoE."""
+    base = _e2e_argv(cfg, iters, threads)
+    if corpus_bytes:
+        base += ["--default-corpus-bytes", str(corpus_bytes)]
+    # Both without linear biases (megatron-core's expert biases fail, see pretrain_gpt); fmoefy's
+    # experts keep theirs. The same router: top-k softmax, no balance loss.
+    return {
+        "fmoefy": base + ["--fmoefy", "--fmoe-num-experts", str(cfg["experts"]),
+                          "--fmoe-top-k", str(cfg["top_k"]), "--balance-strategy", "naive",
+                          "--balance-loss-weight", "0"],
+        "megatron_moe": base + ["--num-experts", str(cfg["experts"]), "--moe-router-topk",
+                                str(cfg["top_k"]), "--moe-token-dispatcher-type", "alltoall",
+                                "--moe-router-load-balancing-type", "none"],
+    }
+
+
+def _e2e_worker(rank, world, argv: list[str], warmup: int):
+    """One ``pretrain_gpt`` run in this (fresh) process; returns its iteration times after
+    ``warmup`` iterations, and its last loss."""
     import contextlib as _cl
     import io
 
@@ -824,68 +841,46 @@ def _e2e_worker(rank, world, configs: dict, rounds: int, warmup: int, iters: int
         stamps.append(time.perf_counter())
         return orig_step(data_iterator, model)
 
-    out = {}
     ptg.forward_step = forward_step
     try:
-        for name, cfg in configs.items():
-            base = _e2e_argv(cfg, warmup + iters, threads)
-            if corpus_bytes:
-                base += ["--default-corpus-bytes", str(corpus_bytes)]
-            # Both without linear biases (megatron-core's expert biases fail, see pretrain_gpt);
-            # fmoefy's experts keep theirs. The same router: top-k softmax, no balance loss.
-            runs = {
-                "fmoefy": base + ["--fmoefy", "--fmoe-num-experts", str(cfg["experts"]),
-                                  "--fmoe-top-k", str(cfg["top_k"]), "--balance-strategy", "naive",
-                                  "--balance-loss-weight", "0"],
-                "megatron_moe": base + ["--num-experts", str(cfg["experts"]), "--moe-router-topk",
-                                        str(cfg["top_k"]), "--moe-token-dispatcher-type",
-                                        "alltoall", "--moe-router-load-balancing-type", "none"],
-            }
-            times = {n: [] for n in runs}
-            losses = {}
-            for r in range(rounds):
-                order = list(runs) if r % 2 == 0 else list(reversed(runs))
-                for variant in order:
-                    argv = runs[variant]
-                    stamps.clear()
-                    with _cl.redirect_stdout(io.StringIO()):
-                        res = ptg.run(argv)
-                    end = time.perf_counter()
-                    marks = stamps + [end]
-                    iter_s = [b - a for a, b in zip(marks, marks[1:])]
-                    times[variant] += iter_s[warmup:]
-                    losses[variant] = res.losses[-1]
-                    del res
-                    gc.collect()
-            tokens = cfg["mbs"] * cfg["seq"]
-            out[name] = {"config": cfg, "tokens_per_iter": tokens,
-                         "iter_ms": {n: 1e3 * statistics.median(v) for n, v in times.items()},
-                         "tokens_per_s": {n: tokens / statistics.median(v) for n, v in times.items()},
-                         "last_loss": losses}
+        with _cl.redirect_stdout(io.StringIO()):
+            res = ptg.run(argv)
+        marks = stamps + [time.perf_counter()]
     finally:
         ptg.forward_step = orig_step
-    return out
+    return {"iter_s": [b - a for a, b in zip(marks, marks[1:])][warmup:],
+            "last_loss": res.losses[-1]}
 
 
 def case_e2e(args, device) -> list[dict]:
+    """Each run trains in a fresh process. Runs that shared one process slowed each other down,
+    by an amount that depended on their order: megatron-core's MoE model stays alive after its
+    run (measured: 179 modules and about 340 MB per run of the small config), and three runs of
+    the same ``--fmoefy`` model in one process took 877, 917 and 971 ms per iteration."""
     configs = E2E_TINY if args.tiny else {n: E2E_CONFIGS[n] for n in args.e2e_configs}
     threads = max(args.threads)
     iters = 2 if args.tiny else args.e2e_iters
     warmup = 1 if args.tiny else 2
     corpus = 300_000 if args.tiny else None
-    (res,) = launch(_e2e_worker, 1, args=(configs, args.e2e_rounds, warmup, iters, threads, corpus),
-                    threads=threads)
     results = []
-    for name, r in res.items():
-        tps = r["tokens_per_s"]
-        row = {"config": name, "model": r["config"], "threads": threads, "processes": 1,
-               "tokens_per_iter": r["tokens_per_iter"],
-               "iter_ms": {n: round(v, 2) for n, v in r["iter_ms"].items()},
+    for name, c in configs.items():
+        runs = _e2e_runs(c, warmup + iters, threads, corpus)
+        times: dict[str, list[float]] = {n: [] for n in runs}
+        losses = {}
+        for r in range(args.e2e_rounds):
+            for variant in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                (res,) = launch(_e2e_worker, 1, args=(runs[variant], warmup), threads=threads)
+                times[variant] += res["iter_s"]
+                losses[variant] = res["last_loss"]
+        tokens = c["mbs"] * c["seq"]
+        tps = {n: tokens / statistics.median(v) for n, v in times.items()}
+        row = {"config": name, "model": c, "threads": threads, "processes": 1,
+               "tokens_per_iter": tokens,
+               "iter_ms": {n: round(1e3 * statistics.median(v), 2) for n, v in times.items()},
                "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
                "ratios": {"fmoefy_over_megatron_moe": round(tps["fmoefy"] / tps["megatron_moe"], 4)},
-               "last_loss": r["last_loss"]}
+               "last_loss": losses}
         results.append(row)
-        c = r["config"]
         log(f"e2e    {name:8s} (GPT {c['layers']} layers, hidden {c['hidden']}, ffn {c['ffn']}, "
             f"seq {c['seq']} x batch {c['mbs']}, {c['experts']} experts top-{c['top_k']}, "
             f"{threads} threads): --fmoefy {tps['fmoefy']:.0f} tokens/s, megatron-core MoE "
