@@ -20,15 +20,18 @@ Cases (``--case``, comma-separated, default ``all``):
   over the two ranks.
 - ``e2e``: ``pretrain_gpt --fmoefy`` tokens/s against the same GPT with megatron-core's own MoE
   (``pretrain_gpt --num-experts``, alltoall dispatcher, same experts, top-k softmax router without
-  balance loss on both sides), trained in turn, each run in a fresh process, at the largest
-  ``--threads``.
+  balance loss on both sides), and against the dense GPT of the same active FLOPs (MLP width
+  ``ffn * top_k``: the ceiling of any MoE there), trained in turn, each run in a fresh process, at
+  the largest ``--threads``.
 - ``compile``: a model containing the layer, eager against ``torch.compile``.
 
 Every case runs its contenders in interleaved rounds in one process (each round times each
 contender once, so that they see the same machine noise) and reports medians and ratios.
 ``--json`` prints one JSON object on stdout (the tables then go to stderr). ``--tiny`` runs every
-case at a toy size in seconds (for CI; its figures mean nothing). ``--rounds``, ``--warmup``,
-``--e2e-iters`` and ``--e2e-rounds`` set the repeat counts; ``--case`` and ``--shapes`` a subset.
+case at a toy size in seconds (for CI; its figures mean nothing). ``--rounds``, ``--ep-rounds``
+(default 3 x ``--rounds``: with 7 rounds, EP efficiencies of the same code scattered from 78% to
+101% between runs), ``--warmup``, ``--e2e-iters`` and ``--e2e-rounds`` set the repeat counts;
+``--case`` and ``--shapes`` a subset.
 Memory on the CPU is measured from the profiler's allocation events (see ``case_memory``).
 
 Shapes (T tokens, d model width, h expert hidden width, E experts, k top-k):
@@ -760,7 +763,7 @@ def case_ep(args, shapes, device) -> list[dict]:
     for s in shapes:
         if s.E % world:
             continue
-        out = launch(_ep_worker, world, args=(s, args.rounds, args.warmup), threads=1)
+        out = launch(_ep_worker, world, args=(s, args.ep_rounds, args.warmup), threads=1)
 
         def median_of_slowest(key):  # a step takes as long as its slowest rank
             return statistics.median(max(v) for v in zip(*(o[key] for o in out)))
@@ -810,11 +813,11 @@ def _e2e_argv(cfg: dict, iters: int, threads: int) -> list[str]:
 
 
 def _e2e_runs(cfg: dict, iters: int, threads: int, corpus_bytes: int | None) -> dict[str, list[str]]:
-    """The two ``pretrain_gpt`` command lines of one config: ``--fmoefy`` and megatron-core's MoE."""
-    base = _e2e_argv(cfg, iters, threads)
-    if corpus_bytes:
-        base += ["--default-corpus-bytes", str(corpus_bytes)]
-    # Both without linear biases (megatron-core's expert biases fail, see pretrain_gpt); fmoefy's
+    """The ``pretrain_gpt`` command lines of one config: ``--fmoefy``, megatron-core's MoE, and the
+    dense GPT of the same active FLOPs (MLP width ``ffn * top_k``), the ceiling of any MoE there."""
+    extra = ["--default-corpus-bytes", str(corpus_bytes)] if corpus_bytes else []
+    base = _e2e_argv(cfg, iters, threads) + extra
+    # All without linear biases (megatron-core's expert biases fail, see pretrain_gpt); fmoefy's
     # experts keep theirs. The same router: top-k softmax, no balance loss.
     return {
         "fmoefy": base + ["--fmoefy", "--fmoe-num-experts", str(cfg["experts"]),
@@ -823,6 +826,7 @@ def _e2e_runs(cfg: dict, iters: int, threads: int, corpus_bytes: int | None) -> 
         "megatron_moe": base + ["--num-experts", str(cfg["experts"]), "--moe-router-topk",
                                 str(cfg["top_k"]), "--moe-token-dispatcher-type", "alltoall",
                                 "--moe-router-load-balancing-type", "none"],
+        "dense": _e2e_argv(dict(cfg, ffn=cfg["ffn"] * cfg["top_k"]), iters, threads) + extra,
     }
 
 
@@ -878,13 +882,19 @@ def case_e2e(args, device) -> list[dict]:
                "tokens_per_iter": tokens,
                "iter_ms": {n: round(1e3 * statistics.median(v), 2) for n, v in times.items()},
                "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
-               "ratios": {"fmoefy_over_megatron_moe": round(tps["fmoefy"] / tps["megatron_moe"], 4)},
+               "ratios": {"fmoefy_over_megatron_moe": round(tps["fmoefy"] / tps["megatron_moe"], 4),
+                          "fmoefy_over_dense": round(tps["fmoefy"] / tps["dense"], 4),
+                          # what fmoefy / megatron-core MoE would be with an MoE as fast as dense
+                          "dense_over_megatron_moe": round(tps["dense"] / tps["megatron_moe"], 4)},
                "last_loss": losses}
         results.append(row)
         log(f"e2e    {name:8s} (GPT {c['layers']} layers, hidden {c['hidden']}, ffn {c['ffn']}, "
             f"seq {c['seq']} x batch {c['mbs']}, {c['experts']} experts top-{c['top_k']}, "
             f"{threads} threads): --fmoefy {tps['fmoefy']:.0f} tokens/s, megatron-core MoE "
-            f"{tps['megatron_moe']:.0f} tokens/s -> x{row['ratios']['fmoefy_over_megatron_moe']:.2f}")
+            f"{tps['megatron_moe']:.0f} tokens/s -> x{row['ratios']['fmoefy_over_megatron_moe']:.2f}; "
+            f"dense GPT of the same active FLOPs {tps['dense']:.0f} tokens/s (--fmoefy / dense "
+            f"{row['ratios']['fmoefy_over_dense']:.2f}, dense / megatron-core MoE "
+            f"x{row['ratios']['dense_over_megatron_moe']:.2f})")
     return results
 
 
@@ -953,6 +963,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", default=None,
                    help="comma-separated CPU thread counts (default 1,2 capped at the cores)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7)")
+    p.add_argument("--ep-rounds", type=int, default=None,
+                   help="timed rounds of the ep case (default 3 x --rounds: two processes on "
+                        "shared cores are the noisiest figures)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--tiny", action="store_true", help="toy sizes, a few seconds per case (CI)")
@@ -964,7 +977,7 @@ def parse_args(argv=None):
                         "activation, grouped GEMM)")
     p.add_argument("--e2e-configs", default="tiny,small", help="end-to-end GPT configs: tiny, small")
     p.add_argument("--e2e-iters", type=int, default=8, help="timed iterations per e2e run")
-    p.add_argument("--e2e-rounds", type=int, default=None, help="runs of each e2e model (default 3)")
+    p.add_argument("--e2e-rounds", type=int, default=None, help="runs of each e2e model (default 5)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile back end of the compile case (default inductor; "
                         "aot_eager with --tiny)")
@@ -994,8 +1007,10 @@ def parse_args(argv=None):
         args.shape_names = dict(DEFAULT_SHAPES)
     if args.rounds is None:
         args.rounds = 2 if args.tiny else 7
+    if args.ep_rounds is None:
+        args.ep_rounds = args.rounds if args.tiny else 3 * args.rounds
     if args.e2e_rounds is None:
-        args.e2e_rounds = 1 if args.tiny else 3
+        args.e2e_rounds = 1 if args.tiny else 5
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if args.tiny else "inductor"
     if args.tiny:
@@ -1066,7 +1081,9 @@ def summary(report: dict) -> str:
         tps = r["tokens_per_s"]
         lines.append(f"{'e2e':8s} {r['config']:10s} {r['threads']:>7d}  --fmoefy/megatron-core MoE "
                      f"tokens/s {r['ratios']['fmoefy_over_megatron_moe']:.3f} "
-                     f"({tps['fmoefy']:.0f} vs {tps['megatron_moe']:.0f})")
+                     f"({tps['fmoefy']:.0f} vs {tps['megatron_moe']:.0f}); dense GPT "
+                     f"{tps['dense']:.0f}: --fmoefy/dense {r['ratios']['fmoefy_over_dense']:.3f}, "
+                     f"dense/megatron-core MoE {r['ratios']['dense_over_megatron_moe']:.3f}")
     for r in cases.get("compile", []):
         lines.append(f"{'compile':8s} {r['shape']:10s} {str(r['threads']):>7s}  compiled/eager "
                      f"{r['ratios']['compiled_over_eager']:.3f} ({r['backend']})")
@@ -1083,10 +1100,10 @@ def main(argv=None) -> int:
     threads0 = torch.get_num_threads()
     report = {"environment": environment(device), "args": {
         "cases": list(args.cases), "threads": args.threads, "rounds": args.rounds,
-        "warmup": args.warmup, "tiny": args.tiny}, "cases": {}}
+        "ep_rounds": args.ep_rounds, "warmup": args.warmup, "tiny": args.tiny}, "cases": {}}
     log(f"fastmoe_megatron.bench on {device} ({report['environment']['kernels']} kernels, torch "
         f"{torch.__version__}, {os.cpu_count()} cores, load {loadavg()}); medians of "
-        f"{args.rounds} interleaved rounds")
+        f"{args.rounds} interleaved rounds ({args.ep_rounds} for ep)")
 
     def shapes_for(case):
         return [TINY_SHAPE] if args.tiny else [SHAPES[n] for n in args.shape_names[case]]

@@ -32,6 +32,7 @@ def test_report_header(report):
     rep, _ = report
     assert set(rep) >= {"environment", "args", "cases", "seconds"}
     assert rep["args"]["tiny"] is True
+    assert rep["args"]["ep_rounds"] == rep["args"]["rounds"]  # 3 x rounds without --tiny
     assert rep["environment"]["device"] in ("cpu", "cuda") or rep["environment"]["device"].startswith("cuda")
     assert set(rep["cases"]) == {"layer", "memory", "ep", "e2e", "compile"}
     assert all(_number(s) or s == 0 for s in rep["seconds"].values())
@@ -84,9 +85,11 @@ def test_end_to_end_case(report):
         assert "e2e" in rep.get("skipped", {})
         return
     for r in rows:
-        assert set(r["tokens_per_s"]) == {"fmoefy", "megatron_moe"}
+        assert set(r["tokens_per_s"]) == {"fmoefy", "megatron_moe", "dense"}
         assert all(_number(v) for v in r["tokens_per_s"].values())
-        assert _number(r["ratios"]["fmoefy_over_megatron_moe"])
+        assert set(r["ratios"]) == {"fmoefy_over_megatron_moe", "fmoefy_over_dense",
+                                    "dense_over_megatron_moe"}
+        assert all(_number(v) for v in r["ratios"].values())
         assert all(math.isfinite(v) for v in r["last_loss"].values())
 
 
@@ -155,3 +158,28 @@ def test_experts_step_runs_the_layers_experts_on_its_grouped_rows():
         key = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
         torch.testing.assert_close(key(got), key(want))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fmoe.experts.parameters())
+
+
+def test_e2e_runs_differ_only_in_the_mlp():
+    """The e2e case's three ``pretrain_gpt`` runs of a config train the same GPT: the two MoE
+    variants with the config's experts, the dense one with MLP width ``ffn * top_k`` (the same
+    active FLOPs) and no MoE; every other flag is the same."""
+    from fastmoe_megatron.bench import E2E_CONFIGS, _e2e_runs
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser
+
+    cfg = E2E_CONFIGS["small"]
+    runs = {n: vars(build_parser().parse_args(a)) for n, a in _e2e_runs(cfg, 5, 2, 1000).items()}
+    assert set(runs) == {"fmoefy", "megatron_moe", "dense"}
+    fm, mc, dense = runs["fmoefy"], runs["megatron_moe"], runs["dense"]
+    assert fm["fmoefy"] and fm["fmoe_num_experts"] == cfg["experts"] and fm["fmoe_top_k"] == cfg["top_k"]
+    assert not mc["fmoefy"] and mc["num_experts"] == cfg["experts"]
+    assert mc["moe_router_topk"] == cfg["top_k"]
+    assert not dense["fmoefy"] and not dense["num_experts"]
+    assert fm["ffn_hidden_size"] == mc["ffn_hidden_size"] == cfg["ffn"]
+    assert dense["ffn_hidden_size"] == cfg["ffn"] * cfg["top_k"]
+    moe_flags = ("fmoe", "moe_", "num_experts", "balance_", "top_k")
+    shared = {k for k in dense if k != "ffn_hidden_size" and not k.startswith(moe_flags)}
+    assert {"num_layers", "hidden_size", "seq_length", "micro_batch_size", "threads", "seed",
+            "disable_bias_linear"} <= shared
+    assert {k: dense[k] for k in shared} == {k: fm[k] for k in shared} == {k: mc[k] for k in shared}
+    assert dense["default_corpus_bytes"] == 1000 and dense["hidden_size"] == cfg["hidden"]
