@@ -21,8 +21,9 @@ Cases (``--case``, comma-separated, default ``all``):
 - ``e2e``: ``pretrain_gpt --fmoefy`` tokens/s against the same GPT with megatron-core's own MoE
   (``pretrain_gpt --num-experts``, alltoall dispatcher, same experts, top-k softmax router without
   balance loss on both sides), and against the dense GPT of the same active FLOPs (MLP width
-  ``ffn * top_k``: the ceiling of any MoE there), trained in turn, each run in a fresh process, at
-  the largest ``--threads``.
+  ``ffn * top_k``: the ceiling of any MoE there, but for the optimizer's work on the MoE's E /
+  top_k times more MLP parameters), trained in turn, each run in a fresh process, at the largest
+  ``--threads``.
 - ``compile``: a model containing the layer, eager against ``torch.compile``.
 
 Every case runs its contenders in interleaved rounds in one process (each round times each
@@ -814,7 +815,8 @@ def _e2e_argv(cfg: dict, iters: int, threads: int) -> list[str]:
 
 def _e2e_runs(cfg: dict, iters: int, threads: int, corpus_bytes: int | None) -> dict[str, list[str]]:
     """The ``pretrain_gpt`` command lines of one config: ``--fmoefy``, megatron-core's MoE, and the
-    dense GPT of the same active FLOPs (MLP width ``ffn * top_k``), the ceiling of any MoE there."""
+    dense GPT of the same active FLOPs (MLP width ``ffn * top_k``), the ceiling of any MoE there
+    (see the module doc)."""
     extra = ["--default-corpus-bytes", str(corpus_bytes)] if corpus_bytes else []
     base = _e2e_argv(cfg, iters, threads) + extra
     # All without linear biases (megatron-core's expert biases fail, see pretrain_gpt); fmoefy's
@@ -884,7 +886,8 @@ def case_e2e(args, device) -> list[dict]:
                "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
                "ratios": {"fmoefy_over_megatron_moe": round(tps["fmoefy"] / tps["megatron_moe"], 4),
                           "fmoefy_over_dense": round(tps["fmoefy"] / tps["dense"], 4),
-                          # what fmoefy / megatron-core MoE would be with an MoE as fast as dense
+                          # about what fmoefy / megatron-core MoE would be with MoE layers as
+                          # fast as the dense MLP (the MoE's larger optimizer step aside)
                           "dense_over_megatron_moe": round(tps["dense"] / tps["megatron_moe"], 4)},
                "last_loss": losses}
         results.append(row)
