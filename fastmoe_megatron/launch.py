@@ -83,12 +83,20 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(script))
     from fastmoe_megatron.megatron import megatron_lm
 
-    patched = megatron_lm.apply()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"fastmoe_megatron.launch: Megatron-LM {megatron_lm.megatron_lm_version()}: patched "
-              + ", ".join(t.rpartition(":")[2] for t in patched), flush=True)
-    sys.argv = [script, *script_args]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        patched = megatron_lm.apply()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fastmoe_megatron.launch: Megatron-LM {megatron_lm.megatron_lm_version()}: "
+                  "patched " + ", ".join(t.rpartition(":")[2] for t in patched), flush=True)
+        sys.argv = [script, *script_args]
+        runpy.run_path(script, run_name="__main__")
+    except ModuleNotFoundError as e:
+        # The traceback follows (re-raised); this says what to install, and where.
+        print(f"fastmoe_megatron.launch: {script} needs the module {e.name!r}, which is not "
+              f"installed in {sys.prefix}. Megatron-LM's training code imports six and pydantic "
+              "besides megatron-core: pip install 'fastmoe-megatron[megatron-lm]' (or pip install "
+              "six pydantic); scripts/setup.sh installs them.", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with torch, this package (editable, with its megatron, test and transformerxl
-# extras), and builds the native CPU ops. Safe to re-run: it reinstalls only when the requirements changed.
+# Creates .venv with torch, this package (editable, with its megatron, megatron-lm, test and
+# transformerxl extras), and builds the native CPU ops. Safe to re-run: it reinstalls only when the requirements changed.
 #   FMOE_VENV     where the virtual environment goes (default: .venv in the checkout)
 #   FMOE_TORCH    the torch requirement (default: torch==2.14.1, the CUDA 13.0 build, which also
 #                 runs on CPUs and lets CI compile the CUDA ops; on a CPU-only machine
@@ -18,9 +18,9 @@ fi
 stamp="$VENV/.fastmoe-megatron-setup"
 want="$TORCH_SPEC $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing $TORCH_SPEC and fastmoe-megatron[megatron,test,transformerxl] (a few minutes the first time)"
+  echo "setup: installing $TORCH_SPEC and fastmoe-megatron[megatron,megatron-lm,test,transformerxl] (a few minutes the first time)"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TORCH_SPEC" 2> >(grep -v "is ignored: it is neither" >&2)
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[megatron,test,transformerxl]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[megatron,megatron-lm,test,transformerxl]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -m fastmoe_megatron build

@@ -5,7 +5,7 @@ The tests marked "checkout" need a Megatron-LM checkout at core_v0.16.1:
 
     git clone https://github.com/NVIDIA/Megatron-LM /tmp/Megatron-LM
     git -C /tmp/Megatron-LM checkout core_v0.16.1
-    pip install six pydantic        # imported by megatron.training / megatron.rl
+    pip install six pydantic        # megatron.training / megatron.rl (the megatron-lm extra)
     MEGATRON_LM_PATH=/tmp/Megatron-LM pytest tests/megatron/test_megatron_lm.py
 
 Without MEGATRON_LM_PATH they are skipped. A checkout of another version fails them, unless
@@ -45,7 +45,7 @@ FLAGS = ["--fmoefy", "--fmoe-num-experts", "--fmoe-top-k", "--top-k", "--balance
 SKIP_MESSAGE = (
     "needs a Megatron-LM checkout: set MEGATRON_LM_PATH to one at core_v0.16.1 "
     "(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout "
-    "core_v0.16.1; pip install six pydantic), e.g. "
+    "core_v0.16.1; six and pydantic, which scripts/setup.sh installs), e.g. "
     "MEGATRON_LM_PATH=/tmp/Megatron-LM pytest tests/megatron/test_megatron_lm.py")
 
 
@@ -227,6 +227,27 @@ def test_launcher_runs_a_script_with_the_flags(checkout, tmp_path):
     assert '"fmoefy": true' in line and '"fmoe_num_experts": 4' in line
     assert '"expert_model_parallel_size": 2' in line and '"expert_tensor_parallel_size": 1' in line
     assert '"num_experts": null' in line
+
+
+def test_launcher_names_a_missing_module_and_where_to_get_it(checkout, tmp_path):
+    """Megatron-LM's training code needs pydantic (the megatron-lm extra): without it (hidden here
+    by a sitecustomize, as if not installed) the launcher names the module and the install command,
+    and keeps the traceback."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'pydantic':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    script = str(Path(checkout) / "pretrain_gpt.py")
+    out = _run([sys.executable, "-m", "fastmoe_megatron.launch", script, "--fmoefy",
+                "--fmoe-num-experts", "4"],
+               PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    assert out.returncode != 0
+    assert "needs the module 'pydantic'" in out.stderr, out.stderr[-3000:]
+    assert "pip install 'fastmoe-megatron[megatron-lm]'" in out.stderr
+    assert "Traceback" in out.stderr and "ModuleNotFoundError" in out.stderr
 
 
 def test_launcher_runs_the_real_script_until_cuda_is_required(checkout):
