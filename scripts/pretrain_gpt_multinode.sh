@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node: run this on every node with the same settings and its own NODE_RANK.
-#   NNODES          number of nodes (default 2)
+#   NNODES          number of nodes (default 2; 1 runs --standalone)
 #   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous), or unset with RDZV_ENDPOINT
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1)
 #   MASTER_ADDR     node 0's address (default 127.0.0.1) and MASTER_PORT (default 29500)
@@ -12,18 +12,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FMOE_VENV:-$ROOT/.venv}
 cd "$ROOT"
 NNODES=${NNODES:-2}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
-fi
-if [ -n "${RDZV_ENDPOINT:-}" ]; then
-  launch=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-fmoe}")
-else
-  if [ -z "${NODE_RANK:-}" ]; then
-    echo "pretrain_gpt_multinode.sh: set NODE_RANK (0..$((NNODES - 1))) or RDZV_ENDPOINT" >&2
-    exit 2
-  fi
-  launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
-          --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
-fi
+source "$ROOT/scripts/torchrun_nodes.sh"
+torchrun_nodes pretrain_gpt_multinode.sh
 exec "$VENV/bin/torchrun" "${launch[@]}" --nproc-per-node "$NPROC_PER_NODE" \
   -m fastmoe_megatron.megatron.pretrain_gpt "$@"

@@ -7,7 +7,7 @@
 #   CHECKOUT        a Megatron-LM checkout at a checked tag (core_v0.16.1), or its pretrain_*.py
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1)
 #   NNODES          nodes (default 1: --standalone); with NNODES > 1 also NODE_RANK, MASTER_ADDR,
-#                   MASTER_PORT (default 29500), or RDZV_ENDPOINT (c10d rendezvous)
+#                   MASTER_PORT (default 29500), or RDZV_ENDPOINT (c10d rendezvous, RDZV_ID)
 #   FMOE_VENV       the virtual environment with torch and fastmoe_megatron (default .venv)
 # Megatron-LM's launch scripts set CUDA_DEVICE_MAX_CONNECTIONS=1 (needed with tensor or
 # context parallelism before Blackwell); it is set here too unless already set.
@@ -27,21 +27,8 @@ fi
 SCRIPT=$(cd "$(dirname "$SCRIPT")" && pwd)/$(basename "$SCRIPT")
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
-fi
 NNODES=${NNODES:-1}
-if [ "$NNODES" = 1 ]; then
-  launch=(--standalone)
-elif [ -n "${RDZV_ENDPOINT:-}" ]; then
-  launch=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-fmoe}")
-else
-  if [ -z "${NODE_RANK:-}" ]; then
-    echo "pretrain_megatron_lm.sh: with NNODES=$NNODES set NODE_RANK (0..$((NNODES - 1))) or RDZV_ENDPOINT" >&2
-    exit 2
-  fi
-  launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
-          --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
-fi
+source "$ROOT/scripts/torchrun_nodes.sh"
+torchrun_nodes pretrain_megatron_lm.sh
 exec "$VENV/bin/torchrun" "${launch[@]}" --nproc-per-node "$NPROC_PER_NODE" \
   -m fastmoe_megatron.launch "$SCRIPT" "$@"

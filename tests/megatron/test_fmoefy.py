@@ -81,6 +81,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("script", ["pretrain_gpt_multinode.sh", "pretrain_megatron_lm.sh"])
+def test_launch_scripts_need_a_node_rank_or_a_rendezvous(script, tmp_path):
+    """Both scripts take torchrun's node options from scripts/torchrun_nodes.sh: several nodes
+    without NODE_RANK or RDZV_ENDPOINT stop before torchrun starts, naming the script."""
+    target = tmp_path / "pretrain_gpt.py"
+    target.write_text("raise SystemExit('must not run')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "RDZV_ENDPOINT")}
+    env.update(NNODES="3", NPROC_PER_NODE="1", FMOE_VENV=sys.prefix)
+    args = [str(target)] if script == "pretrain_megatron_lm.sh" else []
+    out = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{script}: with NNODES=3 set NODE_RANK (0..2) or RDZV_ENDPOINT" in out.stderr
+
+
 def test_multinode_script_two_nodes_on_localhost(tmp_path):
     """scripts/pretrain_gpt_multinode.sh as 2 nodes x 1 process on 127.0.0.1 (static rendezvous)."""
     env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",

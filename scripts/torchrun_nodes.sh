@@ -1,0 +1,27 @@
+# Sourced by the launch scripts (pretrain_gpt_multinode.sh, pretrain_megatron_lm.sh): torchrun's
+# node options from the environment.
+#   torchrun_nodes NAME   sets the array `launch` and NPROC_PER_NODE; NAME prefixes the errors.
+#   NNODES          nodes: 1 is --standalone
+#   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous on MASTER_ADDR, default
+#                   127.0.0.1, and MASTER_PORT, default 29500), or unset with RDZV_ENDPOINT
+#   RDZV_ENDPOINT   host:port of a c10d rendezvous instead of the static one (elastic launch);
+#                   RDZV_ID is the job id (default fmoe)
+#   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1; asks $VENV's torch)
+torchrun_nodes() {
+  local name=$1
+  if [ -z "${NPROC_PER_NODE:-}" ]; then
+    NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
+  fi
+  if [ "$NNODES" = 1 ]; then
+    launch=(--standalone)
+  elif [ -n "${RDZV_ENDPOINT:-}" ]; then
+    launch=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+            --rdzv-id "${RDZV_ID:-fmoe}")
+  elif [ -n "${NODE_RANK:-}" ]; then
+    launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
+            --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
+  else
+    echo "$name: with NNODES=$NNODES set NODE_RANK (0..$((NNODES - 1))) or RDZV_ENDPOINT" >&2
+    exit 2
+  fi
+}
