@@ -49,6 +49,8 @@ import os
 import runpy
 import sys
 
+# What Megatron-LM's training code imports beyond megatron-core (the megatron-lm extra).
+MEGATRON_LM_EXTRA = ("six", "pydantic")
 USAGE = ("usage: python -m fastmoe_megatron.launch [-h] [--list-patches] SCRIPT [ARGS ...]\n"
          "       (under torchrun: torchrun [torchrun options] -m fastmoe_megatron.launch SCRIPT "
          "ARGS ...)")
@@ -92,10 +94,14 @@ def main(argv=None) -> int:
         runpy.run_path(script, run_name="__main__")
     except ModuleNotFoundError as e:
         # The traceback follows (re-raised); this says what to install, and where.
+        if (e.name or "").partition(".")[0] in MEGATRON_LM_EXTRA:
+            how = ("Megatron-LM's training code imports six and pydantic besides megatron-core: "
+                   "pip install 'fastmoe-megatron[megatron-lm]' (or pip install six pydantic); "
+                   "scripts/setup.sh installs them")
+        else:
+            how = "install it there"
         print(f"fastmoe_megatron.launch: {script} needs the module {e.name!r}, which is not "
-              f"installed in {sys.prefix}. Megatron-LM's training code imports six and pydantic "
-              "besides megatron-core: pip install 'fastmoe-megatron[megatron-lm]' (or pip install "
-              "six pydantic); scripts/setup.sh installs them.", file=sys.stderr, flush=True)
+              f"installed in {sys.prefix}. {how}.", file=sys.stderr, flush=True)
         raise
     return 0
 

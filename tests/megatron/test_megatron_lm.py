@@ -232,7 +232,7 @@ def test_launcher_runs_a_script_with_the_flags(checkout, tmp_path):
 def test_launcher_names_a_missing_module_and_where_to_get_it(checkout, tmp_path):
     """Megatron-LM's training code needs pydantic (the megatron-lm extra): without it (hidden here
     by a sitecustomize, as if not installed) the launcher names the module and the install command,
-    and keeps the traceback."""
+    and keeps the traceback. A script's own missing module is named, with no word of the extra."""
     (tmp_path / "sitecustomize.py").write_text(
         "import importlib.abc, sys\n"
         "class _Hide(importlib.abc.MetaPathFinder):\n"
@@ -248,6 +248,14 @@ def test_launcher_names_a_missing_module_and_where_to_get_it(checkout, tmp_path)
     assert "needs the module 'pydantic'" in out.stderr, out.stderr[-3000:]
     assert "pip install 'fastmoe-megatron[megatron-lm]'" in out.stderr
     assert "Traceback" in out.stderr and "ModuleNotFoundError" in out.stderr
+    # Any other missing module is named without pointing at the extra.
+    own = tmp_path / "own_script.py"
+    own.write_text("import fmoe_test_no_such_module\n")
+    out = _run([sys.executable, "-m", "fastmoe_megatron.launch", str(own)],
+               PYTHONPATH=f"{ROOT}{os.pathsep}{checkout}")
+    assert out.returncode != 0
+    assert "needs the module 'fmoe_test_no_such_module'" in out.stderr, out.stderr[-3000:]
+    assert "install it there" in out.stderr and "[megatron-lm]" not in out.stderr
 
 
 def test_launcher_runs_the_real_script_until_cuda_is_required(checkout):
