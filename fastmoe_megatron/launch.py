@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     except ModuleNotFoundError as e:
         # The traceback follows (re-raised); this says what to install, and where.
         if (e.name or "").partition(".")[0] in MEGATRON_LM_EXTRA:
-            how = ("Megatron-LM's training code imports six and pydantic besides megatron-core: "
-                   "pip install 'fastmoe-megatron[megatron-lm]' (or pip install six pydantic); "
-                   "scripts/setup.sh installs them")
+            how = (f"Megatron-LM's training code imports {' and '.join(MEGATRON_LM_EXTRA)} besides "
+                   "megatron-core: pip install 'fastmoe-megatron[megatron-lm]' (or pip install "
+                   f"{' '.join(MEGATRON_LM_EXTRA)}); scripts/setup.sh installs them")
         else:
             how = "install it there"
         print(f"fastmoe_megatron.launch: {script} needs the module {e.name!r}, which is not "
