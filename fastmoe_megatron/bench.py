@@ -9,8 +9,9 @@ Cases (``--case``, comma-separated, default ``all``):
   at every ``--threads`` count. Also the layer's experts alone (``experts``: the fused expert
   MLP on rows already grouped by expert, no gate, dispatch or combine), the floor of the layer's
   time. On a GPU (or with ``--gemm-ref``) also the experts' six GEMMs as single dense products of
-  the same FLOPs (``gemm``) and as one product per expert (``expert_gemms``), and every figure as
-  TFLOP/s.
+  the same FLOPs (``gemm``), as one product per expert (``expert_gemms``) and as the same
+  per-expert products all on one expert's weights (``expert_gemms_one_weight``: weights that stay
+  in the cache), and every figure as TFLOP/s.
 - ``memory``: peak memory of forward + backward, the layer against the dense MLP.
 - ``ep``: the layer at expert-parallel size 2 (2 processes over gloo, 1 thread each) against one
   process doing half the work (the same layer with every expert local and one process' tokens):
@@ -313,16 +314,24 @@ class GroupedGemmReference:
     """The same six products per expert, one BLAS call each (``torch.mm``), on rows grouped by
     expert with the layer's own counts: what the small per-expert products cost on this BLAS, with
     no activation, no dispatch and no autograd. Against ``GemmReference`` (the same FLOPs as single
-    products) it shows how much of the layer's excess over the dense MLP comes from the BLAS."""
+    products) it shows how much of the layer's excess over the dense MLP comes from the BLAS.
 
-    def __init__(self, s: Shape, counts: torch.Tensor, device, dtype):
+    With ``one_weight``, every expert's products use one expert's weights and write one expert's
+    gradients: the same products on weights that stay in the cache, where one expert's two weights
+    fit in it (on a CPU, in a core's L2 at the dispatch shape, not at the paper or gemm shapes).
+    Against the real per-expert products it then shows what streaming the experts' weights costs
+    (E / top_k times the dense MLP's: an MoE's parameters, not its FLOPs)."""
+
+    def __init__(self, s: Shape, counts: torch.Tensor, device, dtype, one_weight: bool = False):
         self.sizes = [int(c) for c in counts.tolist()]
+        self.one_weight = one_weight
         n = sum(self.sizes)
+        stored = 1 if one_weight else s.E
         g = torch.Generator().manual_seed(2)
         self.a = torch.randn(n, s.d, generator=g, dtype=dtype).to(device)
         self.g = torch.randn(n, s.d, generator=g, dtype=dtype).to(device)
-        self.w1 = (torch.randn(s.E, s.h, s.d, generator=g, dtype=dtype) / math.sqrt(s.d)).to(device)
-        self.w2 = (torch.randn(s.E, s.d, s.h, generator=g, dtype=dtype) / math.sqrt(s.h)).to(device)
+        self.w1 = (torch.randn(stored, s.h, s.d, generator=g, dtype=dtype) / math.sqrt(s.d)).to(device)
+        self.w2 = (torch.randn(stored, s.d, s.h, generator=g, dtype=dtype) / math.sqrt(s.h)).to(device)
         self.hid, self.g_hid = (torch.empty(n, s.h, device=device, dtype=dtype) for _ in range(2))
         self.out, self.g_a = (torch.empty(n, s.d, device=device, dtype=dtype) for _ in range(2))
         self.gw1, self.gw2 = torch.empty_like(self.w1), torch.empty_like(self.w2)
@@ -334,13 +343,14 @@ class GroupedGemmReference:
                 continue
             rows = slice(r0, r0 + m)
             r0 += m
+            w = 0 if self.one_weight else e  # whose weights and gradients
             a, g, hid, g_hid = self.a[rows], self.g[rows], self.hid[rows], self.g_hid[rows]
-            torch.mm(a, self.w1[e].t(), out=hid)
-            torch.mm(hid, self.w2[e].t(), out=self.out[rows])
-            torch.mm(g, self.w2[e], out=g_hid)
-            torch.mm(g.t(), hid, out=self.gw2[e])
-            torch.mm(g_hid, self.w1[e], out=self.g_a[rows])
-            torch.mm(g_hid.t(), a, out=self.gw1[e])
+            torch.mm(a, self.w1[w].t(), out=hid)
+            torch.mm(hid, self.w2[w].t(), out=self.out[rows])
+            torch.mm(g, self.w2[w], out=g_hid)
+            torch.mm(g.t(), hid, out=self.gw2[w])
+            torch.mm(g_hid, self.w1[w], out=self.g_a[rows])
+            torch.mm(g_hid.t(), a, out=self.gw1[w])
 
 
 def experts_step(fmoe, x: torch.Tensor) -> tuple[Callable[[], None], torch.Tensor]:
@@ -426,6 +436,8 @@ def case_layer(args, shapes, device) -> list[dict]:
         if device.type == "cuda" or args.gemm_ref:
             steps["gemm"] = GemmReference(s, device, x.dtype).step
             steps["expert_gemms"] = GroupedGemmReference(s, counts, device, x.dtype).step
+            steps["expert_gemms_one_weight"] = GroupedGemmReference(
+                s, counts, device, x.dtype, one_weight=True).step
         if args.unfused:
             steps["fmoe_unfused"] = _with_env(steps["fmoe"], "FMOE_FUSED_EXPERTS", "0")
         for threads in (args.threads if device.type == "cpu" else [None]):
@@ -450,6 +462,8 @@ def case_layer(args, shapes, device) -> list[dict]:
             if "gemm" in t:
                 row["ratios"]["fmoe_over_gemm"] = round(t["fmoe"] / t["gemm"], 4)
                 row["ratios"]["expert_gemms_over_gemm"] = round(t["expert_gemms"] / t["gemm"], 4)
+                row["ratios"]["expert_gemms_over_one_weight"] = round(
+                    t["expert_gemms"] / t["expert_gemms_one_weight"], 4)
             if "fmoe_unfused" in t:
                 row["ratios"]["fused_over_unfused"] = round(t["fmoe"] / t["fmoe_unfused"], 4)
             for other in ("naive", "megatron"):
@@ -464,7 +478,8 @@ def case_layer(args, shapes, device) -> list[dict]:
                 + "".join(f"  {k.replace('speedup_vs_', 'x vs ')} {v:.2f}"
                           for k, v in rat.items() if k.startswith("speedup"))
                 + (f"  fmoe/gemm {rat['fmoe_over_gemm']:.3f}  expert_gemms/gemm "
-                   f"{rat['expert_gemms_over_gemm']:.3f}" if "fmoe_over_gemm" in rat else "")
+                   f"{rat['expert_gemms_over_gemm']:.3f}  expert_gemms/one_weight "
+                   f"{rat['expert_gemms_over_one_weight']:.3f}" if "fmoe_over_gemm" in rat else "")
                 + (f"  fused/unfused {rat['fused_over_unfused']:.3f}"
                    if "fused_over_unfused" in rat else "")
                 + f" | load {row['loadavg'][0]}")
@@ -1064,7 +1079,8 @@ def summary(report: dict) -> str:
                  for k, v in rat.items() if k.startswith("speedup")]
         if "fmoe_over_gemm" in rat:
             figs.append(f"fmoe/gemm {rat['fmoe_over_gemm']:.3f}, per-expert GEMMs/single GEMMs "
-                        f"{rat['expert_gemms_over_gemm']:.3f}")
+                        f"{rat['expert_gemms_over_gemm']:.3f}, per-expert GEMMs/one expert's "
+                        f"weights {rat['expert_gemms_over_one_weight']:.3f}")
         if "fused_over_unfused" in rat:
             figs.append(f"fused/unfused {rat['fused_over_unfused']:.3f}")
         lines.append(f"{'layer':8s} {r['shape']:10s} {str(r['threads']):>7s}  " + ", ".join(figs))

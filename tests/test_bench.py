@@ -44,12 +44,13 @@ def test_layer_case(report):
     assert rows and {r["threads"] for r in rows} == set(rep["args"]["threads"])
     for r in rows:
         assert {"fmoe", "dense", "naive", "experts", "gemm", "expert_gemms",
-                "fmoe_unfused"} <= set(r["median_ms"])
+                "expert_gemms_one_weight", "fmoe_unfused"} <= set(r["median_ms"])
         assert "megatron" in r["median_ms"] or "megatron" in r["skipped"]
         for key in ("median_ms", "min_ms", "cpu_ms", "tflops"):
             assert all(_number(v) for v in r[key].values()), (key, r[key])
         assert set(r["ratios"]) >= {"fmoe_over_dense", "experts_over_dense", "fmoe_over_gemm",
-                                     "expert_gemms_over_gemm", "speedup_vs_naive",
+                                     "expert_gemms_over_gemm", "expert_gemms_over_one_weight",
+                                     "speedup_vs_naive",
                                      "fused_over_unfused"}
         assert all(_number(v) for v in r["ratios"].values())
         # The MoE contenders compute the same function (same gate, experts and routing).
