@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
-
 import weakref
 
 import torch
@@ -141,7 +141,10 @@ class _WeightGradBuffers:
         from torch.utils.weak import WeakIdKeyDictionary
 
         # weight -> (buffer, weak reference to its storage, its use count when only the buffer
-        # holds it: the count includes torch's own references, e.g. a kept Python storage object)
+        # holds it, the Python reference count of its storage object then). The use count
+        # includes torch's own references, e.g. a kept Python storage object; a user who keeps
+        # only ``grad.untyped_storage()`` holds that same object, which does not raise the use
+        # count but does raise the object's Python reference count.
         self._bufs = WeakIdKeyDictionary()
 
     @staticmethod
@@ -155,13 +158,15 @@ class _WeightGradBuffers:
 
         entry = self._bufs.get(weight)
         if entry is not None:
-            buf, ref, alone = entry
+            buf, ref, alone, py_alone = entry
             if (buf.shape == weight.shape and buf.dtype == weight.dtype
-                    and torch._C._storage_Use_Count(ref.cdata) == alone):
+                    and torch._C._storage_Use_Count(ref.cdata) == alone
+                    and sys.getrefcount(buf.untyped_storage()) == py_alone):
                 return buf
         buf = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         ref = StorageWeakRef(buf.untyped_storage())
-        self._bufs[weight] = (buf, ref, torch._C._storage_Use_Count(ref.cdata))
+        self._bufs[weight] = (buf, ref, torch._C._storage_Use_Count(ref.cdata),
+                              sys.getrefcount(buf.untyped_storage()))
         return buf
 
 

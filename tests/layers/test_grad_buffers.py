@@ -69,3 +69,22 @@ def test_buffers_are_reused_between_steps(monkeypatch):
             entry = ops._weight_grad_buffers._bufs.get(w)
             assert entry is not None, "no buffer kept for the expert weight"
             assert w.grad.data_ptr() == entry[0].data_ptr()
+
+
+def test_kept_storage_is_not_overwritten(reuse):
+    """A user who keeps only the gradient's storage object (not a tensor on it) keeps the values
+    too: a Python storage object does not raise the storage's use count, so the reuse check also
+    looks at the object's Python reference count."""
+    layer = _layer()
+    x1, x2 = torch.randn(24, 16), torch.randn(24, 16)
+    ref2 = _grads(_layer(), x2)
+    layer(x1).square().sum().backward()
+    w = layer.experts.htoh4.weight
+    first = w.grad.clone()
+    storage = w.grad.untyped_storage()
+    layer.zero_grad(set_to_none=True)
+    layer(x2).square().sum().backward()
+    kept = torch.empty(0, dtype=first.dtype).set_(storage).view(first.shape)
+    torch.testing.assert_close(kept, first)
+    torch.testing.assert_close(w.grad, ref2["experts.htoh4.weight"])
+    assert kept.data_ptr() != w.grad.data_ptr()
