@@ -25,9 +25,11 @@ int64_t checked_total(const Tensor& counts, int64_t limit, const char* op) {
   int64_t total = 0;
   for (int64_t e = 0; e < c.numel(); ++e) {
     TORCH_CHECK(p[e] >= 0, op, ": counts[", e, "] = ", p[e], " is negative");
+    // Checked before adding, so that no sum of counts can wrap around past the limit.
+    TORCH_CHECK(p[e] <= limit - total, op, ": counts sum to more than the ", limit,
+                " rows that exist (at counts[", e, "] = ", p[e], ")");
     total += p[e];
   }
-  TORCH_CHECK(total <= limit, op, ": counts sum to ", total, " but only ", limit, " rows exist");
   return total;
 }
 

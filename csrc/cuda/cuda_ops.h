@@ -55,9 +55,11 @@ inline std::vector<int64_t> host_counts(const Tensor& counts, int64_t limit, con
   int64_t total = 0;
   for (size_t e = 0; e < v.size(); ++e) {
     TORCH_CHECK(v[e] >= 0, op, ": counts[", e, "] = ", v[e], " is negative");
+    // Checked before adding, so that no sum of counts can wrap around past the limit.
+    TORCH_CHECK(v[e] <= limit - total, op, ": counts sum to more than the ", limit,
+                " rows that exist (at counts[", e, "] = ", v[e], ")");
     total += v[e];
   }
-  TORCH_CHECK(total <= limit, op, ": counts sum to ", total, " but only ", limit, " rows exist");
   if (total_out != nullptr) *total_out = total;
   return v;
 }

@@ -417,6 +417,11 @@ NATIVE_ERRORS = [
     ("assign_pos_int32_counts", lambda: ops.assign_pos(IDX, torch.tensor([1, 3, 1, 1], dtype=torch.int32)), "int64"),
     ("gemm_negative_count", lambda: ops.grouped_linear(torch.randn(4, 3), torch.randn(2, 5, 3),
                                                       torch.tensor([-1, 2])), "negative"),
+    # Counts whose int64 sum wraps around to 4: rejected at the first count past the rows.
+    ("gemm_counts_wrap_around", lambda: ops.grouped_linear(torch.randn(4, 3), torch.randn(4, 5, 3),
+                                                          torch.tensor([2**62] * 3 + [2**62 + 4])), "rows"),
+    ("assign_pos_counts_wrap_around", lambda: ops.assign_pos(IDX, torch.tensor([2**62] * 3 + [2**62 + 6])),
+     "rows"),
     ("scatter_pos_out_of_range", lambda: ops.scatter_rows(torch.randn(3, 4), torch.tensor([0, 1, 7, -1, 2, 3]),
                                                          torch.tensor([0, 1, 4, 5, -1, -1]), 2), "out of range"),
     ("scatter_int_x", lambda: ops.scatter_rows(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2, 3, 4, 5]),
