@@ -73,9 +73,9 @@ class FMoEConfig:
             raise ValueError(f"--fmoe-num-experts {self.num_experts} is not divisible by the "
                              f"expert-parallel size {ep_size} (--expert-model-parallel-size)")
         if self.gate == "switch" and self.top_k != 1:
-            raise ValueError("--balance-strategy switch routes to one expert: use --top-k 1")
+            raise ValueError("--balance-strategy switch routes to one expert: use --fmoe-top-k 1")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"--top-k {self.top_k} must be between 1 and --fmoe-num-experts "
+            raise ValueError(f"--fmoe-top-k {self.top_k} must be between 1 and --fmoe-num-experts "
                              f"{self.num_experts}")
         if self.capacity_factor is not None:
             if self.capacity_factor <= 0:

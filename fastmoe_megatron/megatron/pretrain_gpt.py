@@ -135,10 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(args, world_size: int):
     """Derives defaults and rejects bad combinations with the flag to fix."""
     for flag in ("hidden_size", "ffn_hidden_size", "hidden_hidden_size", "num_layers",
-                 "num_attention_heads", "seq_length", "micro_batch_size"):
+                 "num_attention_heads", "seq_length", "micro_batch_size", "global_batch_size",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "train_iters", "lr_decay_iters", "log_interval",
+                 "threads"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if args.lr_warmup_iters < 0:
+        raise ValueError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
@@ -181,6 +190,9 @@ def validate_args(args, world_size: int):
         print(f"warning: {args.num_microbatches} microbatches for {pp} pipeline stages leaves "
               "stages idle; raise --global-batch-size", file=sys.stderr)
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
+                         f"(default: --train-iters) {args.lr_decay_iters}")
     if args.fmoefy:
         args.fmoe = fmoe_config_from_args(args)
         args.fmoe.validate(ep)
@@ -338,7 +350,12 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    validate_args(args, world_size)
+    try:
+        validate_args(args, world_size)
+    except ValueError as exc:  # a bad flag: its message, once, without a traceback
+        if rank == 0:
+            print(f"pretrain_gpt: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -34,8 +34,8 @@ def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
 @pytest.mark.parametrize("argv,flag", [
     (["--fmoefy"], "--fmoe-num-experts"),
     (["--fmoefy", "--fmoe-num-experts", "3", "--expert-model-parallel-size", "2"], "--fmoe-num-experts"),
-    (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "switch"], "--top-k 1"),
-    (["--fmoefy", "--fmoe-num-experts", "4", "--top-k", "5"], "--top-k"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "switch"], "--fmoe-top-k 1"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--top-k", "5"], "--fmoe-top-k"),
     (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "gshard",
       "--fmoe-capacity-factor", "0"], "--fmoe-capacity-factor"),
     (["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-capacity-factor", "1.0"], "--balance-strategy"),
@@ -49,6 +49,14 @@ def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
      "--fmoefy"),
     (["--num-experts", "4", "--disable-bias-linear", "--moe-router-topk", "5"],
      "--moe-router-topk"),
+    (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size"),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size"),
+    (["--pipeline-model-parallel-size", "-1"], "--pipeline-model-parallel-size"),
+    (["--global-batch-size", "-4"], "--global-batch-size"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--train-iters", "0"], "--train-iters"),
+    (["--lr-warmup-iters", "100", "--train-iters", "100"], "--lr-warmup-iters"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
@@ -56,6 +64,21 @@ def test_bad_flags_name_the_flag(argv, flag):
     args = build_parser().parse_args(argv)
     with pytest.raises(ValueError, match=re.escape(flag)):
         validate_args(args, 2)
+
+
+def test_a_bad_flag_ends_the_command_with_its_message(capsys, monkeypatch):
+    """The command line (``main``, what torchrun runs) prints the message once, on rank 0, with
+    no traceback, and exits with argparse's status 2."""
+    from fastmoe_megatron.megatron.pretrain_gpt import main
+
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-top-k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain_gpt: error: --fmoe-top-k 5 must be between 1 and --fmoe-num-experts 4" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--log-interval", "0"]) == 2
+    assert "error" not in capsys.readouterr().err
 
 
 def test_megatron_core_moe_flag_trains(tmp_path):
