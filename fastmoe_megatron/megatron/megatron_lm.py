@@ -141,7 +141,16 @@ def prepare_args(args) -> None:
     for flag in ("use_torch_fsdp2", "use_megatron_fsdp", "init_model_with_meta_device"):
         if getattr(args, flag, False):
             raise ValueError(f"--fmoefy was not checked with --{flag.replace('_', '-')}")
-    ep = getattr(args, "expert_model_parallel_size", 1) or 1
+    ep = getattr(args, "expert_model_parallel_size", None)
+    ep = 1 if ep is None else ep
+    if ep < 1:
+        raise ValueError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    world, pp = getattr(args, "world_size", None), getattr(args, "pipeline_model_parallel_size", 1)
+    if world is not None and pp and pp > 0 and world % (ep * pp):
+        # megatron-core's initialize_model_parallel would fail later, naming no flag.
+        raise ValueError(f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp} "
+                         f"must divide the world size {world} (the experts are not tensor "
+                         "parallel: --expert-tensor-parallel-size is 1)")
     fmoe_config_from_args(args).validate(ep)
     if getattr(args, "use_legacy_models", False) and not hasattr(args, "apply_layernorm_1p"):
         # Megatron-LM core_v0.16.1/0.17.1: the legacy model's get_norm() reads

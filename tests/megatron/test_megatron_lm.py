@@ -163,6 +163,8 @@ def test_launcher_parses_flags_with_the_checkouts_parser(checkout):
         "indivisible": base + ["--fmoefy", "--fmoe-num-experts", "3",
                                "--expert-model-parallel-size", "2"],
         "etp2": base + w.FMOE + ["--expert-tensor-parallel-size", "2"],
+        "ep4-world2": base + w.FMOE + ["--expert-model-parallel-size", "4"],
+        "ep0": base + w.FMOE + ["--expert-model-parallel-size", "0"],
         "tp2-etp-default": base + w.FMOE + ["--tensor-model-parallel-size", "2"],
         "legacy": w.TINY + w.LEGACY + w.FMOE,
     }
@@ -183,6 +185,9 @@ def test_launcher_parses_flags_with_the_checkouts_parser(checkout):
     assert "--num-experts" in results["both-moes"]["error"]
     assert "--fmoe-num-experts" in results["indivisible"]["error"]
     assert "--expert-tensor-parallel-size" in results["etp2"]["error"]
+    assert "--expert-model-parallel-size 4" in results["ep4-world2"]["error"]
+    assert "world size 2" in results["ep4-world2"]["error"]
+    assert "--expert-model-parallel-size must be >= 1" in results["ep0"]["error"]
     tp2 = results["tp2-etp-default"]
     assert "error" not in tp2, tp2
     assert tp2["validated"]["expert_tensor_parallel_size"] == 1  # Megatron would say 2 (= TP)
