@@ -99,6 +99,8 @@ DEFAULT_SHAPES = {
     "compile": ("dispatch",),
 }
 CASES = ("layer", "memory", "ep", "e2e", "compile")
+# The layer case's contenders that --skip can leave out.
+CONTENDERS = ("naive", "megatron")
 
 # GPT configurations of the end-to-end case: pretrain_gpt flags without the MoE ones.
 E2E_CONFIGS = {
@@ -987,7 +989,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--tiny", action="store_true", help="toy sizes, a few seconds per case (CI)")
-    p.add_argument("--skip", default="", help="contenders to leave out: naive, megatron")
+    p.add_argument("--skip", default="",
+                   help=f"comma-separated contenders to leave out: {', '.join(CONTENDERS)}")
     p.add_argument("--gemm-ref", action="store_true",
                    help="also time the layer's GEMMs as dense products on the CPU (always on a GPU)")
     p.add_argument("--unfused", action="store_true",
@@ -999,8 +1002,15 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile back end of the compile case (default inductor; "
                         "aot_eager with --tiny)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
+    for flag in ("rounds", "ep_rounds", "e2e_iters", "e2e_rounds"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     args.cases = CASES if args.case == "all" else tuple(c.strip() for c in args.case.split(","))
     for c in args.cases:
         if c not in CASES:
@@ -1009,8 +1019,16 @@ def parse_args(argv=None):
     if args.threads is None:
         args.threads = sorted({1, min(2, cores)})
     else:
-        args.threads = [int(t) for t in args.threads.split(",")]
+        raw = args.threads
+        try:
+            args.threads = [int(t) for t in raw.split(",")]
+        except ValueError:
+            args.threads = []
+        if not args.threads or min(args.threads) < 1:
+            p.error(f"--threads {raw!r}: expected comma-separated thread counts >= 1")
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    for c in sorted(args.skip - set(CONTENDERS)):
+        p.error(f"--skip {c!r}: valid contenders are {', '.join(CONTENDERS)}")
     args.e2e_configs = [c.strip() for c in args.e2e_configs.split(",") if c.strip()]
     for c in args.e2e_configs:
         if c not in E2E_CONFIGS:

@@ -184,3 +184,24 @@ def test_e2e_runs_differ_only_in_the_mlp():
             "disable_bias_linear"} <= shared
     assert {k: dense[k] for k in shared} == {k: fm[k] for k in shared} == {k: mc[k] for k in shared}
     assert dense["default_corpus_bytes"] == 1000 and dense["hidden_size"] == cfg["hidden"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--case", "nothing"], "--case 'nothing'"),
+    (["--shapes", "huge"], "--shapes 'huge'"),
+    (["--e2e-configs", "big"], "--e2e-configs 'big'"),
+    (["--skip", "dense"], "--skip 'dense'"),
+    (["--threads", "0"], "--threads '0'"),
+    (["--threads", "one"], "--threads 'one'"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--e2e-iters", "0"], "--e2e-iters must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_options_name_the_option(argv, message, capsys):
+    from fastmoe_megatron.bench import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
