@@ -149,9 +149,8 @@ class _WeightGradBuffers:
 
     @staticmethod
     def enabled(weight: torch.Tensor) -> bool:
-        return (weight.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
-                and os.environ.get("FMOE_REUSE_GRAD_BUFFERS", "1") != "0"
-                and not torch.compiler.is_compiling())
+        return (env_switch("FMOE_REUSE_GRAD_BUFFERS") and weight.device.type == "cpu"
+                and hasattr(torch._C, "_storage_Use_Count") and not torch.compiler.is_compiling())
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         from torch.multiprocessing.reductions import StorageWeakRef

@@ -88,3 +88,10 @@ def test_kept_storage_is_not_overwritten(reuse):
     torch.testing.assert_close(kept, first)
     torch.testing.assert_close(w.grad, ref2["experts.htoh4.weight"])
     assert kept.data_ptr() != w.grad.data_ptr()
+
+
+def test_bad_switch_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FMOE_REUSE_GRAD_BUFFERS", "yes")
+    layer = _layer()
+    with pytest.raises(ValueError, match="FMOE_REUSE_GRAD_BUFFERS='yes'.*allowed values: 0, 1"):
+        layer(torch.randn(8, 16)).sum().backward()
