@@ -65,6 +65,12 @@ def _all_finite(x: torch.Tensor) -> torch.Tensor:
 def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
     if isinstance(gate, nn.Module):
         return gate
+    if not callable(gate):
+        from . import gates
+
+        names = ", ".join(n for n in gates.__all__ if n.endswith("Gate"))
+        raise TypeError(f"gate must be a gate class ({names} from fastmoe_megatron.gates, or "
+                        f"your own) or a gate module, got {gate!r}")
     if "gate_bias" in inspect.signature(gate).parameters:
         return gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
     return gate(d_model, num_expert, world_size, top_k)
@@ -278,6 +284,9 @@ class _Expert(nn.Module):
 
     def __init__(self, num_expert, d_model, d_hidden, activation, rank=0):
         super().__init__()
+        if not callable(activation):
+            raise TypeError(f"activation must be a callable such as torch.nn.GELU() or "
+                            f"torch.nn.functional.relu, got {activation!r}")
         self.htoh4 = FMoELinear(num_expert, d_model, d_hidden, bias=True, rank=rank)
         self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=True, rank=rank)
         self.activation = activation

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -358,6 +359,17 @@ def test_leading_shape(shape, backend):
     got = run_model(model, x, gy, backend)
     assert got[0].shape == shape and got[1].shape == shape
     assert_all_close(got, run_reference(model, x, gy), **FP32_TOL)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(gate="gshard"), "gate must be a gate class (BaseGate, NaiveGate"),
+    (dict(activation="gelu"), "activation must be a callable"),
+])
+def test_strings_for_classes_are_refused_with_a_hint(kwargs, message):
+    """FastMoE's API takes a gate class and an activation callable; a name is refused with what
+    to pass instead, not a bare "'str' object is not callable"."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        FMoETransformerMLP(num_expert=4, d_model=8, d_hidden=16, **kwargs)
 
 
 def _expert_ctors():
