@@ -13,7 +13,9 @@ Parallelism, read from megatron-core's ``parallel_state`` (initialised with
   (``FMoE``'s slice group): each routes a slice, the gate runs on all tokens;
 - tensor parallel with sequence parallel: each TP rank routes its own sequence shard, and the gate
   parameters carry ``sequence_parallel = True`` so that ``finalize_model_grads`` all-reduces their
-  gradients over TP.
+  gradients over TP. Each rank's balance loss is then the loss of its shard: its gradient is
+  scaled by ``1 / TP``, so that the sum over TP is the gradient of the shards' mean loss (for the
+  z-loss, a mean over tokens, exactly the loss of the whole sequence), as without sequence parallel.
 
 Initialisation: the gate and every global expert draw their weights from generators seeded by
 (the rank's seed, layer, expert), so a model is the same whatever the expert-parallel size.
@@ -173,6 +175,9 @@ class MegatronMLP(MegatronModule):
             p.tensor_model_parallel = True
             p.partition_dim = 0
             p.partition_stride = 1
+        # Under sequence parallel the gate's gradients are summed over TP (below), so each rank's
+        # balance loss, that of its own shard, counts 1 / TP (see the module doc).
+        self._balance_loss_share = 1.0 / tp_size if config.sequence_parallel else 1.0
         if config.sequence_parallel:
             for p in self.moe.gate.parameters():
                 p.sequence_parallel = True  # all-reduced over TP by finalize_model_grads
@@ -212,7 +217,7 @@ class MegatronMLP(MegatronModule):
         if torch.is_grad_enabled() and loss is not None and loss.requires_grad:
             weight = self.fmoe_config.balance_loss_weight
             if weight > 0:
-                out = _BalanceLoss.apply(out, loss * weight)
+                out = _BalanceLoss.apply(out, loss * (weight * self._balance_loss_share))
         record_layer_stats(self.layer_number, loss, self.moe.last_expert_count)
         return out, None
 

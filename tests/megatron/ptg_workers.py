@@ -99,3 +99,13 @@ def train_and_check(rank, world, extra, iters):
             for r, other in enumerate(_gather(p.detach(), g)):
                 assert torch.equal(other, p.detach()), f"dense {name} differs from group rank {r}"
     return {"losses": losses, "norm": res.grad_norms[-1]}
+
+
+def losses_and_norms(rank, world, extra, iters):
+    """Trains ``iters`` iterations of TINY with ``extra`` and returns the losses and the gradient
+    norms of every iteration."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    argv = TINY + ["--train-iters", str(iters), "--seed", "7", "--threads", "1"] + list(extra)
+    res = run(argv)
+    return {"losses": list(res.losses), "norms": list(res.grad_norms)}

@@ -24,3 +24,18 @@ def test_layout_trains_and_stays_consistent(layout):
     world, extra = LAYOUTS[layout]
     out = run_workers(w.train_and_check, world, timeout=420, args=(extra, 8), threads_per_worker=1)
     assert len({o["norm"] for o in out}) == 1
+
+
+def test_sequence_parallel_keeps_the_gate_loss_gradient():
+    """TP=2 with sequence parallel trains as TP=2 without it: each rank's gate loss (here the
+    router z-loss at weight 1, large enough to dominate the gradient norm) is its shard's, and the
+    gate's gradients are summed over TP, so the loss counts 1 / TP on each rank. It once counted
+    fully, and the norms were twice those without sequence parallel."""
+    extra = ["--tensor-model-parallel-size", "2", "--balance-strategy", "naive",
+             "--fmoe-z-loss-weight", "1.0", "--balance-loss-weight", "1.0",
+             "--global-batch-size", "8", "--clip-grad", "1e9"]
+    runs = {sp: run_workers(w.losses_and_norms, 2, timeout=420, threads_per_worker=1,
+                            args=(extra + (["--sequence-parallel"] if sp else []), 3))[0]
+            for sp in (False, True)}
+    for key in ("losses", "norms"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4), (key, runs)
