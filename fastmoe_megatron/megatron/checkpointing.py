@@ -372,10 +372,12 @@ def _jsonable_args(args) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------- save
 
 def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
-         fmt: Optional[str] = None, rng: bool = True) -> Path:
+         fmt: Optional[str] = None, rng: bool = True, with_optimizer: bool = True) -> Path:
     """Saves ``<root>/iter_<iteration>`` atomically (see the module doc) and points ``latest``
     at it. Collective: every rank calls it. ``fmt``: ``torch_dist`` (default, or
-    ``args.ckpt_format``) or ``torch``."""
+    ``args.ckpt_format``) or ``torch``. ``with_optimizer=False`` leaves the optimizer's state out
+    (and the manifest says so), e.g. when it was not loaded and no step has run since: a fresh
+    optimizer's state saved as if it were the run's would reset Adam silently on the next load."""
     from megatron.core import dist_checkpointing
 
     fmt = fmt or getattr(args, "ckpt_format", None) or "torch_dist"
@@ -393,7 +395,9 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
                 shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = _sharded_state(model, optimizer, scheduler, iteration, loading=False, rng=rng)
+    with_optimizer = optimizer is not None and with_optimizer
+    state = _sharded_state(model, optimizer, scheduler, iteration, loading=False, rng=rng,
+                           with_optimizer=with_optimizer)
     meta = _model_meta(state["model"])
     if fmt == "torch_dist":
         _in_process_results_queue()
@@ -412,8 +416,9 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
         manifest = {
             "format": fmt, "version": VERSION, "iteration": iteration,
             "layout": current_layout(), "saved_at": time.time(),
-            "contents": {"optimizer": optimizer is not None, "scheduler": scheduler is not None,
-                         "rng": rng, "distributed_optimizer": _is_distributed(optimizer)},
+            "contents": {"optimizer": with_optimizer, "scheduler": scheduler is not None,
+                         "rng": rng,
+                         "distributed_optimizer": with_optimizer and _is_distributed(optimizer)},
             "model": model_meta,
             "fmoe": next((g["fmoe"] for g in gathered if g["fmoe"]), None),
             "args": _jsonable_args(args),
@@ -818,11 +823,14 @@ def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
 
 
 def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: bool = True,
-         load_rng: bool = True) -> int:
+         load_rng: bool = True, report: Optional[dict] = None) -> int:
     """Loads the latest checkpoint under ``root`` (or the checkpoint folder ``root``) into the
     model, optimizer and scheduler and restores the RNG states; returns its iteration (0 when
     there is none). Collective. Works at any expert-parallel size (see the module doc);
-    ``load_optim=False`` (``--no-load-optim``) loads the model and scheduler only."""
+    ``load_optim=False`` (``--no-load-optim``) loads the model and scheduler only. ``report``,
+    when given, gets ``"optimizer"``: whether the optimizer's state was loaded."""
+    if report is not None:
+        report["optimizer"] = False
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -888,6 +896,8 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
         with torch.no_grad(), _cpu_scope():
             optimizer.reload_model_params()  # fp32 main copies (bf16, distributed) from the weights
+    if report is not None:
+        report["optimizer"] = with_optim
     if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng:

@@ -468,12 +468,18 @@ def train(args, use_cuda: bool) -> int:
         train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
                                         args.split, [args.train_iters * args.global_batch_size, 0, 0],
                                         args.cache_dir)
-    iteration = 0
+    iteration, loaded = 0, {}
     if args.load:  # last before the loop: it restores the RNG states
         iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,
                                        load_optim=not args.no_load_optim,
-                                       load_rng=not args.no_load_rng)
+                                       load_rng=not args.no_load_rng, report=loaded)
     start_iteration = iteration
+
+    def optimizer_has_state() -> bool:
+        """Whether the optimizer holds the run's state: loaded, or made by a step of this run (a
+        --skip-train conversion with --no-load-optim saves no optimizer state)."""
+        return loaded.get("optimizer", False) or iteration > start_iteration
+
     data = None if train_ds is None else BatchIterator(
         train_ds, args.global_batch_size, args.micro_batch_size,
         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
@@ -567,12 +573,14 @@ def train(args, use_cuda: bool) -> int:
             break
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
-            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
+            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
+                               with_optimizer=optimizer_has_state())
     unchanged = (iteration == start_iteration and not args.skip_train and args.load
                  and Path(args.load).resolve() == Path(args.save or "").resolve())
     if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \
             and not unchanged:  # (a finished run started again: its checkpoint is the latest)
-        checkpointing.save(args.save, iteration, model, optimizer, scheduler, args)
+        checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
+                           with_optimizer=optimizer_has_state())
     if writer is not None:
         writer.close()
     if first_loss is not None:

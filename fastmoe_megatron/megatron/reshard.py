@@ -13,7 +13,9 @@
   size x lcm(tensor-parallel size, EP)) that build the model of a pretrain_gpt checkpoint at the
   new layout, load the checkpoint (resharding it) and save it: ``pretrain_gpt --skip-train``.
   A ``torch_dist`` checkpoint needs no resharding at all: pretrain_gpt loads it at any EP size.
-  RNG states belong to the old ranks and are not carried over.
+  RNG states belong to the old ranks and are not carried over. Other flags go to pretrain_gpt:
+  ``--no-load-optim`` (needed for a distributed optimizer's state, which does not reshard over
+  EP) writes a checkpoint without optimizer state, and its manifest says so.
 - ``merge`` writes one ``torch.save`` file with every tensor whole (experts over the global
   expert axis), for one process and for plain ``FMoETransformerMLP`` modules. It needs no model
   and no process group, and works for checkpoints written through ``save_fmoe`` too::

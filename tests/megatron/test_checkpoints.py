@@ -133,6 +133,28 @@ def test_reshard_command_writes_a_checkpoint_for_another_ep_size(at_ep1, work):
     assert at_ep1["diffs"][str(work / "cli_ep1")] <= TOL
 
 
+def test_reshard_without_the_optimizer_says_so(source, work):
+    """The distributed optimizer's state does not reshard over EP, so resharding its checkpoint
+    takes --no-load-optim; the new checkpoint then holds no optimizer state, and its manifest says
+    so (it once saved the fresh optimizer as if it were the run's, and the next load reset Adam
+    without a warning)."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    src, out = source["roots"]["dist"] + "_distopt", work / "distopt_ep2"
+    cmd = [sys.executable, "-m", "fastmoe_megatron.megatron.reshard", "reshard", "--load", src,
+           "--save", str(out), "--expert-model-parallel-size", "2"]
+    refused = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--no-load-optim" in refused.stdout + refused.stderr
+    done = subprocess.run(cmd + ["--no-load-optim"], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = ckpt.verify(out, distributed=False)
+    assert manifest["layout"]["ep"] == 2
+    assert manifest["contents"]["optimizer"] is False
+    assert manifest["contents"]["distributed_optimizer"] is False
+    assert manifest["contents"]["scheduler"] is True
+
+
 def test_merge_loads_into_plain_fmoe_layers(at_ep1, work):
     """merge -> one weights_only file; plain FMoETransformerMLP layers built from it give the
     Megatron model's MoE-layer outputs (the worker also checks the merged model dict)."""
@@ -195,7 +217,7 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--exit-interval", "0"], "--exit-interval"),
     (["--fmoefy", "--fmoe-num-experts", "6", "--expert-model-parallel-size", "4"],
      "--fmoe-num-experts"),
-    (["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-top-k", "8"], "--top-k"),
+    (["--fmoefy", "--fmoe-num-experts", "4", "--fmoe-top-k", "8"], "--fmoe-top-k"),
     (["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "switch", "--fmoe-top-k", "1",
       "--fmoe-capacity-factor", "-1"], "--fmoe-capacity-factor"),
     (["--fmoefy", "--fmoe-num-experts", "4", "--expert-model-parallel-size", "3"],
