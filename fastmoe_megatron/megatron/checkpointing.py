@@ -852,6 +852,13 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
             f"{folder} holds a torch optimizer's per-rank state saved at "
             f"{describe_layout(manifest.get('layout'))}, which cannot be resharded to "
             f"{describe_layout(layout)}: load with load_optim=False (--no-load-optim)")
+    saved_dist = contents.get("distributed_optimizer")
+    if with_optim and saved_dist is not None and bool(saved_dist) != _is_distributed(optimizer):
+        raise CheckpointError(
+            f"{folder}: its optimizer state was saved {'with' if saved_dist else 'without'} "
+            f"--use-distributed-optimizer, and this run is {'without' if saved_dist else 'with'} "
+            "it: load with the same setting, or the model only with --no-load-optim "
+            "(load_optim=False)")
     saved_layout = manifest.get("layout") or {}
     moved = [k for k in ("tp", "pp", "ep") if saved_layout.get(k) != layout.get(k)]
     if with_optim and contents.get("distributed_optimizer") and moved:

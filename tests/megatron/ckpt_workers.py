@@ -319,6 +319,10 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
         "hidden_size": _error_of(lambda: run(base + ["--load", sources[0], "--hidden-size", "64"])),
         "num_experts": _error_of(lambda: run(base + ["--load", sources[0], "--fmoe-num-experts", "8"])),
         "corrupt": _error_of(lambda: run(base + ["--load", corrupt_root])),
+        "to_distributed_optimizer": _error_of(lambda: run(
+            base + ["--load", sources[0], "--use-distributed-optimizer"])),
+        "from_distributed_optimizer": _error_of(lambda: run(
+            base + ["--load", sources[0] + "_distopt"])),
         "nan": _error_of(lambda: run(TINY + ["--train-iters", "4", "--lr", "1e30",
                                              "--expert-model-parallel-size", "1"])),
     }

@@ -203,6 +203,17 @@ def test_corrupt_checkpoint_load_names_the_file(at_ep1):
     assert at_ep1["victim"] in err and "truncated" in err
 
 
+@pytest.mark.parametrize("case,saved,now", [("to_distributed_optimizer", "without", "with"),
+                                             ("from_distributed_optimizer", "with", "without")])
+def test_optimizer_kind_mismatch_names_the_flag(at_ep1, case, saved, now):
+    """The distributed optimizer's state and a plain one's do not load into each other: the error
+    names --use-distributed-optimizer and --no-load-optim, before anything is read."""
+    err = at_ep1["errors"][case]
+    assert err.startswith("CheckpointError"), err
+    assert f"saved {saved} --use-distributed-optimizer, and this run is {now} it" in err, err
+    assert "--no-load-optim" in err, err
+
+
 def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     """A diverged model (lr 1e30): the MoE layer raises FloatingPointError, no silent NaN."""
     err = at_ep1["errors"]["nan"]
