@@ -117,6 +117,9 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
             # the model's, which legacy GPTModel holds.
             config = getattr(layer, "config", None) or getattr(unwrap(chunk), "config", None)
             number = getattr(layer, "layer_number", 0)
+            if isinstance(layer.mlp, MegatronMLP):
+                raise ValueError(f"layer {number}'s MLP is already an MoE layer: fmoefy replaces "
+                                 "dense MLPs, once (a second call would re-initialise the experts)")
             _keep_fused_pre_mlp_norm(layer, config)
             layer.mlp = MegatronMLP(config, cfg, layer_number=number)
             if hasattr(layer, "is_moe_layer"):

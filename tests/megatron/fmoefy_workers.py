@@ -113,6 +113,13 @@ def fmoefy_wrappers_and_spec(rank, world):
                 assert p.allreduce is False and p.tensor_model_parallel is True
             for p in m.moe.gate.parameters():
                 assert getattr(p, "allreduce", True) is True
+    # A second fmoefy would re-initialise the experts: refused, naming the layer.
+    try:
+        fmoefy(chunks, fmoe_num_experts=4, top_k=2, gate="gshard")
+    except ValueError as exc:
+        assert "already an MoE layer" in str(exc), exc
+    else:
+        raise AssertionError("fmoefy of an fmoefied model did not raise")
     # Same seeds, same layer numbers: the two chunks got identical MoE weights.
     a, b = (moe_modules(c)[0].moe.experts.htoh4.weight for c in chunks)
     assert torch.equal(a, b)
