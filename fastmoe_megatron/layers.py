@@ -149,9 +149,19 @@ class FMoE(nn.Module):
         """Tags parameters for grouped data parallel: experts with ``expert_dp_comm``, the gate
         with ``gate``. Expert parameters sharded over workers (``world_size > 1``) also get
         ``allreduce = False``: megatron-core's DDP then reduces them over the expert-data-parallel
-        group only."""
+        group only. The parameters of a fused experts' activation module (e.g. a norm between
+        the two linears, as ``moefy`` keeps it) are not per expert: one copy on every worker,
+        whose gradient holds only the rows of that worker's experts. They are tagged ``dp`` and
+        reduced like a dense parameter."""
         if getattr(self, "experts", None) is not None:
+            activation = getattr(self.experts, "activation", None) \
+                if isinstance(self.experts, _Expert) else None
+            shared = ({id(p) for p in activation.parameters()}
+                      if isinstance(activation, nn.Module) else set())
             for p in self.experts.parameters():
+                if id(p) in shared:
+                    p.dp_comm = "dp"
+                    continue
                 p.dp_comm = expert_dp_comm
                 if self.world_size > 1:
                     p.allreduce = False

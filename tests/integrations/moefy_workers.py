@@ -30,6 +30,10 @@ def _pair(dense, world, rank, moefy_fn):
         assert isinstance(m, FMoE) and m.world_size == world and m.num_expert == E, name
         for pname, p in m.experts.named_parameters():
             q = dict(r.experts.named_parameters())[pname]
+            if pname.startswith("activation."):  # one copy on every rank, reduced as dense
+                torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name}.experts.{pname}")
+                assert p.dp_comm == "dp" and getattr(p, "allreduce", True) is True
+                continue
             torch.testing.assert_close(p, q[sl], rtol=0, atol=0, msg=f"{name}.experts.{pname}")
             assert p.dp_comm == "none" and p.allreduce is False
         m.gate.load_state_dict(r.gate.state_dict())
@@ -45,6 +49,24 @@ def encoder_matches_one_process(rank, world, norm_first):
         return moefy(model, nn.TransformerEncoderLayer, top_k=2, upcycle=True, upcycle_noise=0.2,
                      **kw)
 
+    return _train_step_matches(dense, world, rank, fn)
+
+
+def norm_in_the_chain_matches_one_process(rank, world):
+    """An MLP with a LayerNorm between its linears: moefy keeps it as the experts' activation,
+    one copy shared by every expert and rank. Its gradient on each rank holds only the rows of
+    that rank's experts, so it must be reduced like a dense parameter (it once was tagged as an
+    expert parameter and never reduced)."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H), nn.GELU(), nn.Linear(H, D))
+
+    def fn(model, **kw):
+        return moefy(model, "", top_k=2, upcycle=True, upcycle_noise=0.3, **kw)
+
+    return _train_step_matches(dense, world, rank, fn)
+
+
+def _train_step_matches(dense, world, rank, fn):
     ref, ep = _pair(dense, world, rank, fn)
     ddp = DistributedGroupedDataParallel(ep)  # every rank holds the same dense weights already
 
@@ -67,7 +89,7 @@ def encoder_matches_one_process(rank, world, norm_first):
     sl = slice(rank * E, (rank + 1) * E)
     for name, p in ep.named_parameters():
         expected = ref_params[name].grad
-        if ".experts." in name:
+        if ".experts." in name and ".experts.activation." not in name:
             expected = expected[sl]
         torch.testing.assert_close(p.grad, expected, **TOL, msg=lambda m: f"{name} grad: {m}")
     return float(y.detach().abs().sum())

@@ -12,6 +12,10 @@ def test_encoder_expert_parallel_matches_one_process(norm_first):
     run_workers(w.encoder_matches_one_process, 2, timeout=120, args=(norm_first,))
 
 
+def test_norm_between_the_linears_is_reduced_as_dense():
+    run_workers(w.norm_in_the_chain_matches_one_process, 2, timeout=120)
+
+
 def test_transformer_xl_expert_parallel_matches_one_process():
     pytest.importorskip("transformers")
     run_workers(w.transformer_xl_matches_one_process, 2, timeout=180)
