@@ -37,12 +37,17 @@ class FMoELinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Each expert is initialised like an nn.Linear of the same shape.
-        bound = 1.0 / math.sqrt(self.in_feat) if self.in_feat > 0 else 0.0
         for e in range(self.num_expert):
-            nn.init.kaiming_uniform_(self.weight.data[e], a=math.sqrt(5))
+            self.reset_expert(e)
+
+    @torch.no_grad()
+    def reset_expert(self, e: int, generator: torch.Generator | None = None):
+        """Initialises expert ``e`` like an ``nn.Linear`` of the same shape (from ``generator``,
+        default the global one)."""
+        nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5), generator=generator)
         if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+            bound = 1.0 / math.sqrt(self.in_feat) if self.in_feat > 0 else 0.0
+            nn.init.uniform_(self.bias[e], -bound, bound, generator=generator)
 
     def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
         return ops.grouped_linear(inp, self.weight, fwd_expert_count, self.bias)

@@ -30,8 +30,11 @@ the two linears and the activation and says how to install the MoE layer (see ``
 Upcycling (``upcycle=True``): every expert starts as a copy of the dense block (Komatsuzaki et al.,
 "Sparse Upcycling"), optionally plus Gaussian noise on the weights. With noise 0 and a gate whose
 scores sum to one (NaiveGate), the MoE model computes what the dense model computed. Noise is
-drawn for all global experts from one generator and each rank keeps its slice, so an upcycled
-model is the same whatever the expert-parallel size.
+drawn for all global experts from one generator and each rank keeps its slice.
+
+A moefied model, upcycled or not, is the same whatever the expert-parallel size: each MoE layer
+takes one draw of the global generator as its seed, builds its gate from it and initialises every
+expert from (that seed, the expert's global index).
 
 Expert parallel and parameter tags work as in ``FMoETransformerMLP``: ``num_expert`` experts per
 rank, ``world_size`` ranks in ``moe_group``; expert parameters are tagged ``dp_comm =
@@ -295,6 +298,24 @@ def upcycle_experts(moe: FMoETransformerMLP, fc1: nn.Linear, fc2: nn.Linear, noi
 
 # ---------------------------------------------------------------------------- moefy
 
+def _moe_at_any_ep_size(rank: int, **kwargs) -> FMoETransformerMLP:
+    """An ``FMoETransformerMLP`` whose weights, and the global random state after it, do not
+    depend on the expert-parallel size: one draw of the global generator seeds the layer, its gate
+    (shaped by the global expert count) is built from that seed, and each expert is initialised
+    from (that seed, its global index)."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        moe = FMoETransformerMLP(**kwargs)
+    generator = torch.Generator()
+    for e in range(moe.num_expert):
+        for part, linear in enumerate((moe.experts.htoh4, moe.experts.h4toh)):
+            generator.manual_seed((seed * 1_000_003 + 2 * (rank * moe.num_expert + e) + part)
+                                  % 2**63)
+            linear.reset_expert(e, generator)
+    return moe
+
+
 def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, gate=NaiveGate,
           d_hidden: Optional[int] = None, upcycle: bool = False, upcycle_noise: float = 0.0,
           upcycle_seed: int = 0, world_size: int = 1, moe_group=None,
@@ -356,10 +377,10 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
         if upcycle and hidden != ffn.d_hidden:
             raise ValueError(f"upcycle=True copies the dense block, so d_hidden must be its "
                              f"{ffn.d_hidden}, got {d_hidden}")
-        moe = FMoETransformerMLP(num_expert=num_expert, d_model=ffn.d_model, d_hidden=hidden,
-                                 activation=ffn.activation, expert_dp_comm=expert_dp_comm,
-                                 expert_rank=rank, world_size=world_size, moe_group=moe_group,
-                                 top_k=top_k, gate=gate, **moe_kwargs)
+        moe = _moe_at_any_ep_size(
+            rank, num_expert=num_expert, d_model=ffn.d_model, d_hidden=hidden,
+            activation=ffn.activation, expert_dp_comm=expert_dp_comm, expert_rank=rank,
+            world_size=world_size, moe_group=moe_group, top_k=top_k, gate=gate, **moe_kwargs)
         moe.to(device=ffn.fc1.weight.device, dtype=ffn.fc1.weight.dtype)
         if upcycle:
             upcycle_experts(moe, ffn.fc1, ffn.fc2, upcycle_noise, generator, rank)

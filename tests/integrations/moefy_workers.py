@@ -3,8 +3,9 @@
 Every rank builds the same dense model (same seed) and from it two MoE models, both upcycled with
 the same noise seed: the one-process reference holding all ``world * E`` experts, and the
 expert-parallel model (``world_size=world``, ``E`` experts per rank). Upcycling draws the noise of
-all global experts and keeps the rank's slice, so the experts already agree; the gates are
-copied from the reference. Each rank feeds its own tokens; every comparison runs in the worker.
+all global experts and keeps the rank's slice, and moefy seeds each layer independently of the
+expert-parallel size, so from the same global seed the experts and the gates already agree
+(checked). Each rank feeds its own tokens; every comparison runs in the worker.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _pair(dense, world, rank, moefy_fn):
+    torch.manual_seed(1)  # the same global random state for both: the same model
     ref = moefy_fn(copy.deepcopy(dense), world_size=1, num_expert=E * world)
+    torch.manual_seed(1)
     ep = moefy_fn(copy.deepcopy(dense), world_size=world, num_expert=E)
     sl = slice(rank * E, (rank + 1) * E)
     for (name, m), (_, r) in zip(moe_layers(ep), moe_layers(ref)):
@@ -36,7 +39,11 @@ def _pair(dense, world, rank, moefy_fn):
                 continue
             torch.testing.assert_close(p, q[sl], rtol=0, atol=0, msg=f"{name}.experts.{pname}")
             assert p.dp_comm == "none" and p.allreduce is False
-        m.gate.load_state_dict(r.gate.state_dict())
+        # The gates too, and so everything after them (they once depended on the number of
+        # local experts drawn before them from the global generator).
+        for pname, p in m.gate.named_parameters():
+            q = dict(r.gate.named_parameters())[pname]
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name}.gate.{pname}")
     return ref, ep
 
 
@@ -64,6 +71,23 @@ def norm_in_the_chain_matches_one_process(rank, world):
         return moefy(model, "", top_k=2, upcycle=True, upcycle_noise=0.3, **kw)
 
     return _train_step_matches(dense, world, rank, fn)
+
+
+def plain_moefy_is_the_same_at_any_ep_size(rank, world):
+    """Without upcycling: two blocks, experts and gates (checked in _pair) equal the one-process
+    model's, and so does the rest of the model built after them."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(*[nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))
+                            for _ in range(2)])
+
+    def fn(model, **kw):
+        model = moefy(model, ["0", "1"], top_k=2, **kw)
+        model.append(nn.Linear(D, D))  # drawn from the global generator after both layers
+        return model
+
+    ref, ep = _pair(dense, world, rank, fn)
+    torch.testing.assert_close(ep[2].weight, ref[2].weight, rtol=0, atol=0)
+    return True
 
 
 def _train_step_matches(dense, world, rank, fn):

@@ -16,6 +16,10 @@ def test_norm_between_the_linears_is_reduced_as_dense():
     run_workers(w.norm_in_the_chain_matches_one_process, 2, timeout=120)
 
 
+def test_plain_moefy_is_the_same_at_any_ep_size():
+    run_workers(w.plain_moefy_is_the_same_at_any_ep_size, 2, timeout=120)
+
+
 def test_transformer_xl_expert_parallel_matches_one_process():
     pytest.importorskip("transformers")
     run_workers(w.transformer_xl_matches_one_process, 2, timeout=180)
