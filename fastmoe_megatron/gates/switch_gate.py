@@ -24,7 +24,9 @@ class SwitchGate(NaiveGate):
             jitter = torch.empty_like(logits).uniform_(1.0 - self.switch_eps, 1.0 + self.switch_eps)
             logits = logits * jitter
         probs = F.softmax(logits.float(), dim=-1)  # fp32 for stability
-        idx = torch.topk(self.selection_logits(probs), k=1, dim=-1).indices
+        # The top-1 of the softmax is that of the logits; the aux-loss-free bias goes on the
+        # logits, as in every other gate.
+        idx = torch.topk(self.selection_logits(logits.float()), k=1, dim=-1).indices
         score = probs.gather(1, idx).to(inp.dtype)
 
         self.record_load(idx)  # the demand, before the capacity cut (as every gate counts it)

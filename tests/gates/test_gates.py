@@ -321,6 +321,20 @@ def test_expert_bias_affects_selection_only(cls):
         assert idx[:, 1].tolist() == second
 
 
+@pytest.mark.parametrize("cls", [NaiveGate, SwitchGate])
+def test_expert_bias_is_added_to_the_logits(cls):
+    """The first choice is the top of logits + bias (SwitchGate once added the bias to the
+    softmax's probabilities instead, which picks other experts for the same bias)."""
+    top_k = 1 if cls is SwitchGate else 2
+    kw = {"capacity": (100.0, 100.0)} if cls is SwitchGate else {}
+    gate = make_gate(cls, top_k, expert_bias_update_rate=0.1, **kw).eval()
+    x = x_of()
+    logits = logits_of(gate, x).detach()
+    gate.expert_bias.copy_(torch.linspace(-1.0, 1.0, E))
+    idx, _ = gate(x)
+    assert idx[:, 0].tolist() == (logits + gate.expert_bias).argmax(1).tolist()
+
+
 def test_update_expert_bias_moves_toward_balance():
     assert not torch.distributed.is_initialized()
     rate = 0.05
