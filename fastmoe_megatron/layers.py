@@ -214,7 +214,9 @@ class FMoE(nn.Module):
     def _forward_sliced(self, x, idx, score):
         """The workers of the slice group hold the same batch. Each runs the gate on all of it
         (cheap, and the gate's gradients then agree across the group), sends only its slice
-        through the experts, and the slot outputs are all-gathered before the combine."""
+        through the experts, and the slot outputs are all-gathered before the combine. A gate
+        that draws random numbers therefore needs the same random state on every worker of the
+        group (Megatron seeds its tensor-parallel ranks alike)."""
         n, K = x.shape[0], self.top_k
         start, end = comm.slice_bounds(n, self.slice_size, self.slice_rank)
         buf, pos, inv = self.expert_rows(comm.take_slice(x, self.slice_group), idx[start:end])
