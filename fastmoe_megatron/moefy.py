@@ -307,7 +307,7 @@ def _moe_at_any_ep_size(rank: int, **kwargs) -> FMoETransformerMLP:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         moe = FMoETransformerMLP(**kwargs)
-    generator = torch.Generator()
+    generator = torch.Generator(device=moe.experts.htoh4.weight.device)
     for e in range(moe.num_expert):
         for part, linear in enumerate((moe.experts.htoh4, moe.experts.h4toh)):
             generator.manual_seed((seed * 1_000_003 + 2 * (rank * moe.num_expert + e) + part)
