@@ -26,6 +26,15 @@ from . import comm, ep_overlap, ops
 from .gates import NaiveGate
 
 
+def key_seed(*key: int) -> int:
+    """A seed derived from the integers of ``key`` (e.g. base seed, layer, expert index), for
+    weights that must not depend on how the experts are spread over ranks."""
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k)) % (2**62)
+    return seed
+
+
 class FMoELinear(nn.Module):
     """``num_expert`` linear layers applied to rows grouped by expert (one grouped GEMM)."""
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from . import comm
 from .gates import NaiveGate
-from .layers import FMoE, FMoETransformerMLP
+from .layers import FMoE, FMoETransformerMLP, key_seed
 
 Matcher = Union[type, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
 Match = Union[Matcher, tuple, list]
@@ -310,8 +310,7 @@ def _moe_at_any_ep_size(rank: int, **kwargs) -> FMoETransformerMLP:
     generator = torch.Generator(device=moe.experts.htoh4.weight.device)
     for e in range(moe.num_expert):
         for part, linear in enumerate((moe.experts.htoh4, moe.experts.h4toh)):
-            generator.manual_seed((seed * 1_000_003 + 2 * (rank * moe.num_expert + e) + part)
-                                  % 2**63)
+            generator.manual_seed(key_seed(seed, rank * moe.num_expert + e, part))
             linear.reset_expert(e, generator)
     return moe
 

@@ -38,7 +38,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import gates as gates_mod
-from ..layers import FMoETransformerMLP
+from ..layers import FMoETransformerMLP, key_seed
 from .stats import record_layer_stats
 
 GATES = {
@@ -113,13 +113,6 @@ def set_balance_loss_scale(scale: float) -> None:
     _BalanceLoss.scale = float(scale)
 
 
-def _seed(*key: int) -> int:
-    seed = 0
-    for k in key:
-        seed = (seed * 1_000_003 + int(k)) % (2**62)
-    return seed
-
-
 class MegatronMLP(MegatronModule):
     """An MoE feed-forward block for megatron-core's TransformerLayer (see the module doc)."""
 
@@ -188,14 +181,14 @@ class MegatronMLP(MegatronModule):
         each drawn from its own seed, with zero biases."""
         base = torch.initial_seed()
         experts = self.moe.experts
-        params = [(w, self.config.init_method, _seed(base, self.layer_number, 0, 0))
+        params = [(w, self.config.init_method, key_seed(base, self.layer_number, 0, 0))
                   for w in (p for p in self.moe.gate.parameters() if p.dim() > 1)]
         for e in range(self.num_local_experts):
             g_idx = self.ep_rank * self.num_local_experts + e
             params.append((experts.htoh4.weight[e], self.config.init_method,
-                           _seed(base, self.layer_number, 1, g_idx)))
+                           key_seed(base, self.layer_number, 1, g_idx)))
             params.append((experts.h4toh.weight[e], self.config.output_layer_init_method,
-                           _seed(base, self.layer_number, 2, g_idx)))
+                           key_seed(base, self.layer_number, 2, g_idx)))
         state = torch.get_rng_state()  # the init methods draw from the default generator
         try:
             for w, init, seed in params:
