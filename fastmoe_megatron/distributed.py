@@ -50,7 +50,8 @@ class DistributedGroupedDataParallel(nn.Module):
     expert-data-parallel group: ``expert_dp_comm="edp"`` on the layer and ``edp_group=...`` here.
     All gradients are divided by ``data_parallel_size`` (default: the size of the ``dp`` group),
     see the module docstring. Call ``allreduce_gradients()`` after ``backward()``, or pass
-    ``auto_allreduce=True`` to have it run at the end of every backward pass.
+    ``auto_allreduce=True`` to have it run at the end of every backward pass (gradients
+    accumulated over several backward passes are reduced once each, as by one call at the end).
     """
 
     def __init__(self, module, auto_allreduce=False, need_sync=True, data_parallel_size=None,
@@ -66,6 +67,7 @@ class DistributedGroupedDataParallel(nn.Module):
                                    else dist.get_world_size(self.comms["dp"]))
         self._check_tags()
         self.auto_allreduce = auto_allreduce
+        self._auto_task = None  # the backward pass whose reduction is queued
         if need_sync:
             self._sync_params()
 
@@ -102,27 +104,42 @@ class DistributedGroupedDataParallel(nn.Module):
                 p.data.copy_(buf)
 
     @torch.no_grad()
-    def allreduce_gradients(self):
+    def allreduce_gradients(self, reduced=None):
+        """Reduces every gradient over the group of its tag and divides it by
+        ``data_parallel_size``. ``reduced`` maps parameters to the part of their gradient that is
+        already reduced (what ``auto_allreduce`` held when a backward pass began): only the rest
+        is reduced, so gradients accumulated over several backward passes are right."""
         scale = 1.0 / self.data_parallel_size
         for tag, params in self._params_by_tag().items():
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
+            params = [p for p in params if p.grad is not None]
+            if not params:
                 continue
+            before = [None if reduced is None else reduced.get(p) for p in params]
+            # The part to reduce: the whole gradient, or what was added since ``before``.
+            fresh = [p.grad if b is None else p.grad - b for p, b in zip(params, before)]
             group = False if tag == "none" else self.comms[tag]
             device = None if group is False else self._device_for(group)
-            _flat_reduce(grads, group, scale, device)
+            _flat_reduce(fresh, group, scale, device)
+            for p, b, f in zip(params, before, fresh):
+                if b is not None:
+                    p.grad.copy_(b + f)
 
     allreduce_params = allreduce_gradients
 
     def forward(self, *args, **kwargs):
         out = self.module(*args, **kwargs)
         if self.auto_allreduce and torch.is_grad_enabled():
-            queued = []
-
             def queue(grad):
-                if not queued:  # once per backward, after all gradients are accumulated
-                    queued.append(True)
-                    torch.autograd.Variable._execution_engine.queue_callback(self.allreduce_gradients)
+                # Once per backward pass (several forwards may feed one), after every gradient is
+                # accumulated. The gradients held now were reduced by earlier passes (or are
+                # the user's own): keep them aside and reduce only what this pass adds.
+                task = torch._C._current_graph_task_id()
+                if self._auto_task != task:
+                    self._auto_task = task
+                    held = {p: p.grad.clone() for p in self.module.parameters()
+                            if p.grad is not None}
+                    torch.autograd.Variable._execution_engine.queue_callback(
+                        lambda: self.allreduce_gradients(reduced=held))
                 return grad
 
             for t in (out if isinstance(out, (tuple, list)) else (out,)):

@@ -233,6 +233,39 @@ def sgd_steps(rank, world, ep, e_local, steps, overlap="1"):
     return True
 
 
+def auto_allreduce_accumulates(rank, world, ep, schedule):
+    """auto_allreduce=True reduces at the end of every backward pass. Gradients accumulated over
+    micro-batches must still come out as one reduction of their sum would give: the reference's
+    gradient of the summed losses, for dense, gate and expert parameters alike.
+    ``schedule``: "passes" (a backward per micro-batch), "one_pass" (one backward over the sum of
+    the micro-batches' losses) or "kept" (grads zeroed in place, not set to None, between steps)."""
+    ep_group, edp_group, ep_rank, _ = layout(world, ep)
+    ref, model = make_models(world, ep, 2, ep_group, ep_rank)
+    ddp = DistributedGroupedDataParallel(model, auto_allreduce=True, edp_group=edp_group,
+                                         data_parallel_size=world)
+    counts = tokens_per_rank(world, None)
+    micro = [batch(world, counts, step) for step in range(3)]
+    if schedule == "kept":  # a first step whose gradients are zeroed in place, then accumulation
+        xs, ws = micro[0]
+        (ddp(xs[rank]) * ws[rank]).sum().backward()
+        model.zero_grad(set_to_none=False)
+        ref.zero_grad(set_to_none=False)
+    if schedule == "one_pass":
+        sum((ddp(xs[rank]) * ws[rank]).sum() for xs, ws in micro).backward()
+    else:
+        for xs, ws in micro:
+            (ddp(xs[rank]) * ws[rank]).sum().backward()
+    for xs, ws in micro:
+        reference_step(ref, xs, ws)
+    for name, p in model.gate.named_parameters():
+        check(f"{schedule}: gate.{name} grad", p.grad, dict(ref.gate.named_parameters())[name].grad)
+    sl = slice(ep_rank * 2, (ep_rank + 1) * 2)
+    for name, p in model.experts.named_parameters():
+        check(f"{schedule}: experts.{name} grad", p.grad,
+              dict(ref.experts.named_parameters())[name].grad[sl])
+    return True
+
+
 def slice_group_matches_full(rank, world):
     """Workers of a slice group share one batch and each send a slice through the experts. Every
     worker must end with the unsliced model's output and input gradient; the gate's gradients

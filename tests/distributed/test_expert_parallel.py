@@ -59,6 +59,15 @@ def test_nonfinite_input_on_one_rank_stops_its_group(world, ep, bad_ranks, overl
                                           for rank in range(world)]
 
 
+@pytest.mark.parametrize("world,ep,schedule", [
+    (2, 2, "one_pass"), (4, 2, "passes"), (4, 2, "kept")])
+def test_auto_allreduce_with_gradient_accumulation(world, ep, schedule):
+    """Expert gradients are divided by the data-parallel size, which is not idempotent: a second
+    reduction of an already reduced gradient divided it again (each backward pass reduced the
+    whole accumulated gradient, and one pass over two forwards reduced it twice)."""
+    run_workers(w.auto_allreduce_accumulates, world, timeout=240, args=(ep, schedule))
+
+
 def test_slice_group_matches_unsliced():
     run_workers(w.slice_group_matches_full, 2, timeout=120, args=())
 
