@@ -92,8 +92,9 @@ def main(argv=None) -> int:
         return cmd_info(args)
     if args.command == "build":
         return cmd_build(args)
-    from .demo import run
+    from .demo import check_args, run
 
+    check_args(d, args)
     return run(args)
 
 

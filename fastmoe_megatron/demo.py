@@ -18,6 +18,7 @@ from .gates import GShardGate, NaiveGate, SwitchGate
 from .layers import FMoETransformerMLP
 
 GATES = {"naive": NaiveGate, "gshard": GShardGate, "switch": SwitchGate}
+HEADS = 4
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-hidden", type=int, default=256)
     p.add_argument("--num-expert", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts per token (default: 2; 1 with --gate switch, which routes to one)")
     p.add_argument("--gate", choices=sorted(GATES), default="naive")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
@@ -36,6 +38,29 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000,
                    help="bytes of standard-library source to train on")
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuses a bad configuration through ``parser.error`` (status 2), naming the flag; fills in
+    the default top-k."""
+    for name in ("iters", "layers", "d_model", "d_hidden", "num_expert", "seq_len", "batch_size",
+                 "log_interval", "corpus_bytes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.d_model % HEADS:
+        parser.error(f"--d-model must be a multiple of {HEADS} (the attention heads), got {args.d_model}")
+    if args.top_k is None:
+        args.top_k = 1 if args.gate == "switch" else 2
+    if args.gate == "switch" and args.top_k != 1:
+        parser.error(f"--gate switch routes each token to one expert: --top-k must be 1, got {args.top_k}")
+    if not 1 <= args.top_k <= args.num_expert:
+        parser.error(f"--top-k must be between 1 and --num-expert ({args.num_expert}), got {args.top_k}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if not args.balance_loss_weight >= 0:
+        parser.error(f"--balance-loss-weight must be at least 0, got {args.balance_loss_weight}")
+    if args.corpus_bytes < args.seq_len + 2:
+        parser.error(f"--corpus-bytes ({args.corpus_bytes}) must exceed --seq-len + 1 ({args.seq_len + 1})")
 
 
 def stdlib_corpus(limit: int) -> torch.Tensor:
@@ -57,11 +82,11 @@ class Block(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.ln1 = nn.LayerNorm(args.d_model)
-        self.attn = nn.MultiheadAttention(args.d_model, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(args.d_model, HEADS, batch_first=True)
         self.ln2 = nn.LayerNorm(args.d_model)
-        gate_kwargs = {"gate": GATES[args.gate], "top_k": 1 if args.gate == "switch" else args.top_k}
         self.moe = FMoETransformerMLP(num_expert=args.num_expert, d_model=args.d_model,
-                                      d_hidden=args.d_hidden, **gate_kwargs)
+                                      d_hidden=args.d_hidden, gate=GATES[args.gate],
+                                      top_k=args.top_k)
 
     def forward(self, x, causal):
         h = self.ln1(x)
@@ -90,6 +115,9 @@ class TinyMoELM(nn.Module):
 def run(args) -> int:
     torch.manual_seed(args.seed)
     data = stdlib_corpus(args.corpus_bytes)
+    if data.numel() < args.seq_len + 2:
+        raise ValueError(f"the standard library holds only {data.numel()} bytes of source, too few "
+                         f"for --seq-len {args.seq_len}")
     model = TinyMoELM(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
@@ -124,4 +152,6 @@ def run(args) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     add_args(parser)
-    sys.exit(run(parser.parse_args()))
+    args = parser.parse_args()
+    check_args(parser, args)
+    sys.exit(run(args))
