@@ -174,8 +174,21 @@ def _build_key(kind: str, flags: list[str]) -> str:
     h.update(torch.__version__.encode())
     h.update(" ".join(flags).encode())
     if kind == "cuda":
-        h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+        h.update(_cuda_arch_key().encode())
     return h.hexdigest()[:16]
+
+
+def _cuda_arch_key() -> str:
+    """The GPU architectures a CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` when set, else (as
+    ``cpp_extension`` does) the compute capabilities of the visible GPUs. Part of the cache key, so
+    that a cache shared by nodes with different GPUs holds one library per architecture set."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        return arch
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return "detected:" + ";".join(f"{a}.{b}" for a, b in caps)
+    return ""
 
 
 def _compiler_available() -> bool:
@@ -214,32 +227,41 @@ def _plan(kind: str) -> dict:
         cflags += cxx_only
     name = f"fmoe_{kind}_{_build_key(kind, cflags + cuda_cflags + ldflags)}"
     build_dir = cache_dir() / name
-    return dict(name=name, build_dir=build_dir, lib=build_dir / f"{name}.so", sources=sources,
-                cflags=cflags, cuda_cflags=cuda_cflags, ldflags=ldflags, include=extra_include)
+    return dict(name=name, build_dir=build_dir, lib=build_dir / f"{name}.so",
+                done=build_dir / "built", sources=sources, cflags=cflags,
+                cuda_cflags=cuda_cflags, ldflags=ldflags, include=extra_include)
 
 
 def cached_library(kind: str) -> Path | None:
-    """The built library of ``kind`` for the current sources, if it is in the cache."""
+    """The built library of ``kind`` for the current sources, if its build finished."""
     try:
-        lib = _plan(kind)["lib"]
+        plan = _plan(kind)
     except (RuntimeError, FileNotFoundError):
         return None
-    return lib if lib.is_file() else None
+    return plan["lib"] if plan["done"].is_file() and plan["lib"].is_file() else None
 
 
 def _build(kind: str) -> None:
+    """Loads ``kind``'s library from the cache, building it first unless a finished build is
+    there. A build is finished once its ``built`` marker exists: the linker writes the library in
+    place, so a library without the marker may be half written (by another process that is
+    building it now, or one that died). Such a library goes through ``cpp_extension.load``,
+    which waits for the other process's lock, or rebuilds what is missing."""
     from torch.utils import cpp_extension
 
     plan = _plan(kind)
-    lib, build_dir = plan["lib"], plan["build_dir"]
-    if not lib.is_file():
+    lib, build_dir, done = plan["lib"], plan["build_dir"], plan["done"]
+    if done.is_file() and lib.is_file():
+        torch.ops.load_library(str(lib))
+    else:
         build_dir.mkdir(parents=True, exist_ok=True)
-        print(
-            f"fastmoe_megatron: building the native {kind} ops (first use; about "
-            f"{'15 s' if kind == 'cpu' else '2 min'} on 2 cores), cached in {build_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not lib.is_file():
+            print(
+                f"fastmoe_megatron: building the native {kind} ops (first use; about "
+                f"{'15 s' if kind == 'cpu' else '2 min'} on 2 cores), cached in {build_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
         t0 = time.time()
         cpp_extension.load(
             name=plan["name"],
@@ -252,10 +274,12 @@ def _build(kind: str) -> None:
             is_python_module=False,
             verbose=os.environ.get("FMOE_BUILD_VERBOSE") == "1",
         )
-        print(f"fastmoe_megatron: built the native {kind} ops in {time.time() - t0:.0f} s",
-              file=sys.stderr, flush=True)
-    else:
-        torch.ops.load_library(str(lib))
+        tmp = done.with_name(f"built.{os.getpid()}")
+        tmp.write_text(f"{lib.name}\n")
+        os.replace(tmp, done)  # atomic: the marker is there whole, or not at all
+        if time.time() - t0 > 1:
+            print(f"fastmoe_megatron: built the native {kind} ops in {time.time() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
     _state[f"{kind}_path"] = str(lib)
 
 

@@ -1,0 +1,66 @@
+"""How the native libraries are cached: a library whose build did not finish is never loaded, and
+the CUDA library's cache key follows the GPUs it is built for."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmoe_megatron import _native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LOAD = textwrap.dedent("""
+    import torch
+    from fastmoe_megatron import _native
+    assert _native.load("cpu") is True, _native.status()
+    counts = torch.ops.fmoe.expert_count(torch.tensor([[0, 2], [2, -1]]), 3)
+    assert counts.tolist() == [1, 0, 2], counts
+    print("LOADED", _native.status()["cpu_path"])
+""")
+
+
+@pytest.mark.timeout(600)
+def test_half_written_library_is_not_loaded(tmp_path):
+    """The linker writes the library in place, so a process that starts while another one links
+    (or after one died linking) finds a truncated file at the cached path. It used to load it and
+    die of SIGBUS; now it waits for the builder's lock or rebuilds, here in two processes at once."""
+    if not _native.load("cpu"):
+        pytest.skip(f"native CPU ops unavailable: {_native.status()}")
+    real = Path(_native.status()["cpu_path"]).read_bytes()
+    env = dict(os.environ, FMOE_CACHE_DIR=str(tmp_path), FMOE_NATIVE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    plan = subprocess.run(
+        [sys.executable, "-c", "from fastmoe_megatron import _native; p = _native._plan('cpu'); "
+         "print(p['lib']); print(p['done'])"], env=env, capture_output=True, text=True, check=True)
+    lib, done = map(Path, plan.stdout.split())
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(real[:4096])  # a valid ELF header, then nothing
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=500)
+        assert p.returncode == 0 and "LOADED" in out, f"exit {p.returncode}\n{out}\n{err[-3000:]}"
+    assert done.is_file() and lib.stat().st_size > 4096
+    assert _native.cached_library("cpu") is not None
+
+
+def test_cuda_cache_key_follows_the_detected_gpus(monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST, cpp_extension builds for the visible GPUs: a cache shared by
+    nodes with different GPUs must not hand one node's library to the other. (No GPU here: the
+    devices torch reports are stand-ins.)"""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    keys = {}
+    for caps in ([(9, 0), (9, 0)], [(8, 0), (8, 0)], [(8, 0), (9, 0)]):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, caps=caps: caps[i])
+        keys[tuple(caps)] = _native._build_key("cuda", ["-O3"])
+    assert len(set(keys.values())) == 3, keys
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _native._build_key("cuda", ["-O3"]) not in keys.values()
