@@ -6,9 +6,10 @@
 #                                                       (a new folder) at core_v0.16.1
 #   scripts/apply_megatron_patch.sh CHECKOUT --check    verify and `git apply --check` only
 #
-# Refuses (exit 1, nothing changed) when CHECKOUT is not a git checkout, is not at core_v0.16.1
-# (commit 55ac7082517c3878ae653c07c09c534b8aed49f6), or has changes to tracked files. A checkout
-# that already carries the patch is reported and left as it is (exit 0).
+# A checkout that already carries the patch (committed or not) is reported and left as it is
+# (exit 0). Otherwise it refuses (exit 1, nothing changed) when CHECKOUT is not a git checkout, its
+# HEAD is not core_v0.16.1 (commit 55ac7082517c3878ae653c07c09c534b8aed49f6) or a commit built on
+# it (a fork), it has changes to tracked files, or `git apply --check` fails.
 #
 # Environment: MEGATRON_LM_REPO  where --clone clones from
 #                                (default https://github.com/NVIDIA/Megatron-LM.git)
@@ -47,15 +48,19 @@ TOP="$(git -C "$CHECKOUT" rev-parse --show-toplevel)"
 [ -f "$TOP/pretrain_gpt.py" ] && [ -f "$TOP/megatron/training/training.py" ] \
     || die "$TOP does not look like Megatron-LM (no pretrain_gpt.py / megatron/training/training.py)"
 
+if git -C "$TOP" apply --reverse --check "$PATCH" >/dev/null 2>&1; then
+    echo "apply_megatron_patch: $TOP already carries the patch; nothing to do"
+    exit 0
+fi
+
 HEAD="$(git -C "$TOP" rev-parse HEAD)"
 if [ "$HEAD" != "$COMMIT" ]; then
     DESC="$(git -C "$TOP" describe --tags --always HEAD 2>/dev/null || echo "$HEAD")"
-    die "$TOP is at $DESC ($HEAD), not $TAG ($COMMIT). The patch is for $TAG only: check out $TAG (git -C $TOP checkout $TAG), or use the launcher (python -m fastmoe_megatron.launch), see patches/README.md"
-fi
-
-if git -C "$TOP" apply --reverse --check "$PATCH" >/dev/null 2>&1; then
-    echo "apply_megatron_patch: $TOP ($TAG) already carries the patch; nothing to do"
-    exit 0
+    if git -C "$TOP" merge-base --is-ancestor "$COMMIT" HEAD 2>/dev/null; then
+        echo "apply_megatron_patch: $TOP is at $DESC, a commit built on $TAG; the patch is made for $TAG, so git apply --check decides"
+    else
+        die "$TOP is at $DESC ($HEAD), which is neither $TAG ($COMMIT) nor built on it. The patch is for $TAG only: check out $TAG (git -C '$TOP' checkout $TAG), or use the launcher (python -m fastmoe_megatron.launch), see patches/README.md"
+    fi
 fi
 
 if ! git -C "$TOP" diff --quiet HEAD --; then

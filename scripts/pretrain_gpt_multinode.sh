@@ -10,7 +10,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FMOE_VENV:-$ROOT/.venv}
-cd "$ROOT"
+# No cd: relative paths in the arguments (@FILE, --save, --data-path, ...) are the caller's.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 NNODES=${NNODES:-2}
 source "$ROOT/scripts/torchrun_nodes.sh"
 torchrun_nodes pretrain_gpt_multinode.sh

@@ -15,12 +15,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  # A venv made without pip, or one whose creation stopped before ensurepip ran.
+  echo "setup: $VENV has no pip; installing it with ensurepip"
+  "$VENV/bin/python" -m ensurepip --upgrade >/dev/null \
+    || { echo "setup: ensurepip failed in $VENV (on Debian/Ubuntu: apt install python3-venv), or remove $VENV" >&2; exit 1; }
+fi
 stamp="$VENV/.fastmoe-megatron-setup"
-want="$TORCH_SPEC $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+want="$TORCH_SPEC $ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing $TORCH_SPEC and fastmoe-megatron[megatron,megatron-lm,test,transformerxl] (a few minutes the first time)"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TORCH_SPEC" 2> >(grep -v "is ignored: it is neither" >&2)
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[megatron,megatron-lm,test,transformerxl]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[megatron,megatron-lm,test,transformerxl]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -m fastmoe_megatron build

@@ -120,12 +120,17 @@ def test_launch_scripts_need_a_node_rank_or_a_rendezvous(script, tmp_path):
 
 
 def test_multinode_script_two_nodes_on_localhost(tmp_path):
-    """scripts/pretrain_gpt_multinode.sh as 2 nodes x 1 process on 127.0.0.1 (static rendezvous)."""
+    """scripts/pretrain_gpt_multinode.sh as 2 nodes x 1 process on 127.0.0.1 (static rendezvous),
+    started from another folder: relative paths in the arguments (an @file, --save) are the
+    caller's, not the checkout's."""
     env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), FMOE_VENV=sys.prefix, PYTHONPATH=str(ROOT))
-    args = w.TINY + ["--train-iters", "4", "--threads", "1", "--log-interval", "2"]
+               MASTER_PORT=str(_free_port()), FMOE_VENV=sys.prefix)
+    env.pop("PYTHONPATH", None)  # the script makes the checkout importable itself
+    (tmp_path / "tiny.args").write_text("\n".join(w.TINY) + "\n")
+    args = ["@tiny.args", "--train-iters", "4", "--threads", "1", "--log-interval", "2",
+            "--save", "ckpt", "--save-interval", "4"]
     procs = [subprocess.Popen(["bash", str(ROOT / "scripts" / "pretrain_gpt_multinode.sh"), *args],
-                              env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
+                              cwd=tmp_path, env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = []
     try:
@@ -139,3 +144,4 @@ def test_multinode_script_two_nodes_on_localhost(tmp_path):
         assert p.returncode == 0, f"node {r} exited with {p.returncode}:\n{out[-3000:]}"
     assert "2 processes" in outs[0] and "EP=2" in outs[0], outs[0][-2000:]
     assert re.search(r"lm loss [0-9.]+ -> [0-9.]+", outs[0]), outs[0][-2000:]
+    assert (tmp_path / "ckpt").is_dir() and not (ROOT / "ckpt").exists()

@@ -408,11 +408,21 @@ def test_apply_script_refuses_wrong_or_dirty_checkouts(checkout, tmp_path):
     if parent:
         _git("-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet", parent)
         out = _run(["bash", str(script), str(dest)])
-        assert out.returncode == 1 and f"not {CHECKED_TAG}" in out.stderr
+        assert out.returncode == 1 and f"neither {CHECKED_TAG}" in out.stderr
     _git("-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet", CHECKED_COMMIT)
     with open(dest / "pretrain_gpt.py", "a") as f:
         f.write("# local change\n")
     out = _run(["bash", str(script), str(dest)])
     assert out.returncode == 1 and "changes to tracked files" in out.stderr
     assert _git("-C", str(dest), "diff", "--name-only").stdout.split() == ["pretrain_gpt.py"]
+
+    # A fork: commits on top of the tag. The patch applies if it applies; committed, it is seen.
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    assert _git("-C", str(dest), *ident, "commit", "--quiet", "-am", "fork").returncode == 0
+    out = _run(["bash", str(script), str(dest)])
+    assert out.returncode == 0 and "built on" in out.stdout and "applied" in out.stdout, \
+        out.stdout + out.stderr
+    assert _git("-C", str(dest), *ident, "commit", "--quiet", "-am", "patched").returncode == 0
+    out = _run(["bash", str(script), str(dest)])
+    assert out.returncode == 0 and "already carries the patch" in out.stdout, out.stdout + out.stderr
     shutil.rmtree(dest, ignore_errors=True)
