@@ -3,8 +3,9 @@
 # transformerxl extras), and builds the native CPU ops. Safe to re-run: it reinstalls only when the requirements changed.
 #   FMOE_VENV     where the virtual environment goes (default: .venv in the checkout)
 #   FMOE_TORCH    the torch requirement (default: torch==2.14.1, the CUDA 13.0 build, which also
-#                 runs on CPUs and lets CI compile the CUDA ops; on a CPU-only machine
-#                 FMOE_TORCH=torch==2.13.0 is a 200 MB install instead of 5.5 GB)
+#                 runs on CPUs and lets CI compile the CUDA ops; a CPU-only build is a 200 MB
+#                 install instead of 5.5 GB: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+#                 FMOE_TORCH=torch==2.13.0+cpu)
 #   PYTHON        the interpreter to create the venv with (default: python3)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
