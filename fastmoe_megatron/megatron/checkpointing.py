@@ -22,8 +22,9 @@ Two formats (``--ckpt-format``):
   global key and offset, so this format also reshards when the layout changes.
 
 What a checkpoint holds: the model, the optimizer state (megatron-core's, or a torch optimizer's
-per rank), the lr scheduler, the iteration (which is also the data position: pretrain_gpt's
-``BatchIterator`` resumes at any iteration), every rank's RNG states (Python, NumPy, torch CPU
+per rank), the lr scheduler, the iteration and the samples consumed (the data position:
+pretrain_gpt's ``BatchIterator`` resumes at that sample, whatever the global batch size is now),
+every rank's RNG states (Python, NumPy, torch CPU
 and CUDA generators, megatron-core's tensor-parallel RNG tracker) and the aux-loss-free balancing
 state (the gates' ``expert_bias`` buffers, part of the model). Resuming at the same layout
 continues bitwise as if the run had not stopped. At another layout the RNG states are not
@@ -46,6 +47,9 @@ Failure handling:
 - A model whose shapes differ from the checkpoint's raises ``CheckpointError`` listing the
   differing tensors (and the differing flags, when both sides come from pretrain_gpt) before
   anything is loaded.
+- ``--load`` of a folder that does not exist or holds no checkpoint starts from scratch (and
+  says so); a checkpoint folder without its manifest, or a root with checkpoints but no
+  ``latest`` file, raises ``CheckpointError`` (a fresh start would overwrite them).
 
 Fault injection (tests and ``scripts/soak_test.py``): ``FMOE_FAULT_INJECT`` holds comma-separated
 ``point:iteration[:rank[:action]]`` entries; ``point`` is ``step`` (pretrain_gpt, between the
@@ -372,12 +376,15 @@ def _jsonable_args(args) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------- save
 
 def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
-         fmt: Optional[str] = None, rng: bool = True, with_optimizer: bool = True) -> Path:
+         fmt: Optional[str] = None, rng: bool = True, with_optimizer: bool = True,
+         consumed_samples: Optional[int] = None) -> Path:
     """Saves ``<root>/iter_<iteration>`` atomically (see the module doc) and points ``latest``
     at it. Collective: every rank calls it. ``fmt``: ``torch_dist`` (default, or
     ``args.ckpt_format``) or ``torch``. ``with_optimizer=False`` leaves the optimizer's state out
     (and the manifest says so), e.g. when it was not loaded and no step has run since: a fresh
-    optimizer's state saved as if it were the run's would reset Adam silently on the next load."""
+    optimizer's state saved as if it were the run's would reset Adam silently on the next load.
+    ``consumed_samples``: the training samples read so far (the data position, which a run with
+    another global batch size resumes from)."""
     from megatron.core import dist_checkpointing
 
     fmt = fmt or getattr(args, "ckpt_format", None) or "torch_dist"
@@ -388,6 +395,11 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
     tmp = final.with_name(final.name + ".tmp")
     if _rank0():
         root.mkdir(parents=True, exist_ok=True)
+        newer = latest_iteration(root) if (root / LATEST).is_file() else None
+        if newer is not None and newer > iteration:
+            print(f"warning: --save {root} holds iteration {newer}, newer than this save's "
+                  f"{iteration}; its latest checkpoint will be iteration {iteration}",
+                  file=sys.stderr, flush=True)
         for stale in root.glob("iter_*.tmp"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
         for old in root.glob("iter_*.old"):  # replaced by a re-save that was not cleaned up
@@ -415,6 +427,7 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
             model_meta.update(g["model"])
         manifest = {
             "format": fmt, "version": VERSION, "iteration": iteration,
+            "consumed_samples": consumed_samples,
             "layout": current_layout(), "saved_at": time.time(),
             "contents": {"optimizer": with_optimizer, "scheduler": scheduler is not None,
                          "rng": rng,
@@ -816,10 +829,63 @@ def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
         if name in saved_args and name in now and saved_args[name] != now[name]:
             flags.append(f"--{name.replace('_', '-')} {saved_args[name]} in the checkpoint, "
                          f"{now[name]} now")
+    saved_tp = (manifest.get("layout") or {}).get("tp")
+    tp = current_layout().get("tp")
+    multiple = saved_args.get("make_vocab_size_divisible_by")
+    if not flags and saved_tp and tp and saved_tp != tp and multiple and all(
+            "word_embeddings" in p or "output_layer" in p for p in problems):
+        # The padded vocabulary is a multiple of --make-vocab-size-divisible-by x TP.
+        want = multiple * saved_tp
+        fix = (f"--make-vocab-size-divisible-by {want // tp}" if want % tp == 0 else
+               f"a --make-vocab-size-divisible-by that times TP={tp} makes {want}")
+        flags.append(f"the vocabulary is padded to a multiple of --make-vocab-size-divisible-by "
+                     f"x TP, {multiple} x {saved_tp} = {want} in the checkpoint: at TP={tp} pass "
+                     f"{fix}")
     raise CheckpointError(
         f"checkpoint {folder} is from another model shape"
         + (f" ({'; '.join(flags)})" if flags else "") + ": "
         + "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+
+
+#: FMoEConfig fields that change how tokens are routed but not the tensors' shapes, and the
+#: pretrain_gpt flag of each.
+ROUTING_FLAGS = {"top_k": "--fmoe-top-k", "gate": "--balance-strategy",
+                 "capacity_factor": "--fmoe-capacity-factor"}
+
+
+def _warn_routing_changes(folder: Path, saved: Optional[dict], now: Optional[dict]) -> None:
+    """Loading with another top-k, gate or capacity is allowed (the weights fit), but changes the
+    model the weights were trained for: say so, naming the flags."""
+    if not saved or not now:
+        return
+    changed = [f"{flag} {saved[k]} in the checkpoint, {now[k]} now"
+               for k, flag in ROUTING_FLAGS.items()
+               if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        _warn0(f"{folder} was trained with other routing: {'; '.join(changed)}")
+
+
+def _nothing_to_load(root: Path) -> None:
+    """``root`` holds neither a manifest nor a ``latest`` file: fine when it does not exist or
+    holds no checkpoint (a first run with ``--load`` and ``--save`` on the same folder); an error
+    when it is a checkpoint folder without its manifest, or a root whose ``latest`` file is gone
+    while complete checkpoints remain (starting from scratch there would overwrite them)."""
+    if root.is_file():
+        raise CheckpointError(f"--load {root} is a file, not a checkpoint folder")
+    if re.fullmatch(r"iter_\d+(\.old|\.tmp)?", root.name):
+        if not root.exists():
+            raise CheckpointError(f"--load {root}: no such checkpoint folder")
+        read_manifest(root)  # raises: missing manifest (a partial checkpoint) or no such folder
+    found = sorted(p.name for p in root.glob("iter_*")
+                   if re.fullmatch(r"iter_\d+(\.old)?", p.name) and (p / MANIFEST).is_file())
+    if found:
+        raise CheckpointError(
+            f"--load {root} holds checkpoints ({', '.join(found[-3:])}) but no {LATEST}: pass "
+            f"one of them (--load {root / found[-1]}), or write its iteration into {root / LATEST}")
+    if _rank0():
+        why = "no such folder" if not root.exists() else "no checkpoint in it"
+        print(f"checkpoint: nothing to load in --load {root} ({why}); starting from scratch",
+              flush=True)
 
 
 def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: bool = True,
@@ -828,15 +894,16 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
     model, optimizer and scheduler and restores the RNG states; returns its iteration (0 when
     there is none). Collective. Works at any expert-parallel size (see the module doc);
     ``load_optim=False`` (``--no-load-optim``) loads the model and scheduler only. ``report``,
-    when given, gets ``"optimizer"``: whether the optimizer's state was loaded."""
+    when given, gets ``"optimizer"``: whether the optimizer's state was loaded, and
+    ``"consumed_samples"``: the training samples the run had read (None when not known)."""
     if report is not None:
         report["optimizer"] = False
+        report["consumed_samples"] = None
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     if not (root / MANIFEST).is_file() and latest_iteration(root) is None:
-        if _rank0():
-            print(f"checkpoint: nothing to load in {root}; starting from scratch", flush=True)
+        _nothing_to_load(root)
         return 0
     folder = resolve(root)
     manifest = verify(folder)
@@ -867,6 +934,7 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
             f"{describe_layout(saved_layout)}; megatron-core reshards it over data parallel only, "
             f"not to {describe_layout(layout)} ({', '.join(m.upper() for m in moved)} changed): "
             "load the model only with --no-load-optim (load_optim=False)")
+    _warn_routing_changes(folder, manifest.get("fmoe"), _fmoe_meta(model))
     rng = load_rng and contents.get("rng", False)
     if rng and not same_layout:
         _warn0(f"{folder} was saved at {describe_layout(manifest.get('layout'))}, this run has "
@@ -905,6 +973,11 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
             optimizer.reload_model_params()  # fp32 main copies (bf16, distributed) from the weights
     if report is not None:
         report["optimizer"] = with_optim
+        consumed = manifest.get("consumed_samples")
+        saved_batch = (manifest.get("args") or {}).get("global_batch_size")
+        if consumed is None and saved_batch:  # written before consumed_samples was recorded
+            consumed = int(loaded["iteration"]) * int(saved_batch)
+        report["consumed_samples"] = consumed
     if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng:

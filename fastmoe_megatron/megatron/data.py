@@ -53,24 +53,25 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, seed: int, spli
 class BatchIterator:
     """Microbatches for one data-parallel rank, in a fixed order.
 
-    Iteration ``i`` consumes samples ``[i * G, (i + 1) * G)`` of the dataset (G = global batch);
-    data-parallel rank ``r`` takes its contiguous share and cuts it into microbatches. Ranks of
-    one model replica (tensor and pipeline parallel) read the same samples, so nothing has to
-    be broadcast, and starting at iteration ``i`` resumes exactly where a run stopped.
+    Each iteration consumes the next ``G`` samples of the dataset (G = global batch), from
+    ``start_sample`` on; data-parallel rank ``r`` takes its contiguous share and cuts it into
+    microbatches. Ranks of one model replica (tensor and pipeline parallel) read the same
+    samples, so nothing has to be broadcast, and starting at the samples a run had consumed
+    resumes exactly where it stopped, whatever the global batch size is now.
     """
 
     def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 start_iteration: int = 0, device: str | torch.device = "cpu"):
+                 start_sample: int = 0, device: str | torch.device = "cpu"):
         self.dataset = dataset
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.per_rank = global_batch // dp_size
-        self.iteration = start_iteration
+        self.sample = start_sample  # samples of the dataset consumed before this iteration
         self.device = device
         self._queue: list[dict] = []
 
     def _fill(self):
-        base = self.iteration * self.global_batch + self.dp_rank * self.per_rank
+        base = self.sample + self.dp_rank * self.per_rank
         for m in range(0, self.per_rank, self.micro_batch):
             idx = [(base + m + j) % len(self.dataset) for j in range(self.micro_batch)]
             samples = [self.dataset[i] for i in idx]
@@ -78,7 +79,7 @@ class BatchIterator:
             for key in samples[0]:
                 batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(self.device)
             self._queue.append(batch)
-        self.iteration += 1
+        self.sample += self.global_batch
 
     def __iter__(self):
         return self

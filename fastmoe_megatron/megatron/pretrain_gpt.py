@@ -198,6 +198,9 @@ def validate_args(args, world_size: int):
         args.fmoe.validate(ep)
     if args.save_interval is not None and args.save_interval <= 0:
         raise ValueError("--save-interval must be > 0")
+    if args.save_interval is not None and not args.save and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --save-interval {args.save_interval} without --save: no checkpoints will "
+              "be written", file=sys.stderr)
     if args.exit_interval is not None and args.exit_interval <= 0:
         raise ValueError("--exit-interval must be > 0")
     cache = Path(args.cache_dir) if args.cache_dir else Path(
@@ -326,6 +329,7 @@ class TrainResult:
     args: argparse.Namespace
     losses: list  # lm loss of every iteration (the same on every rank)
     grad_norms: list  # gradient norm used for clipping, every iteration
+    consumed_samples: int = 0  # training samples read, from the start of the run it resumed
 
 
 def run(argv=None) -> TrainResult:
@@ -474,6 +478,14 @@ def train(args, use_cuda: bool) -> int:
                                        load_optim=not args.no_load_optim,
                                        load_rng=not args.no_load_rng, report=loaded)
     start_iteration = iteration
+    # The data position: the samples consumed so far (a resumed run may have another global batch
+    # size, e.g. after a change of the data-parallel size with the default --global-batch-size).
+    consumed = loaded.get("consumed_samples")
+    if consumed is None:
+        consumed = iteration * args.global_batch_size
+    elif consumed != iteration * args.global_batch_size:
+        log0(f"pretrain_gpt: resuming at sample {consumed} of the data (iteration {iteration}; "
+             f"the global batch is now {args.global_batch_size})")
 
     def optimizer_has_state() -> bool:
         """Whether the optimizer holds the run's state: loaded, or made by a step of this run (a
@@ -483,7 +495,7 @@ def train(args, use_cuda: bool) -> int:
     data = None if train_ds is None else BatchIterator(
         train_ds, args.global_batch_size, args.micro_batch_size,
         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-        start_iteration=iteration, device=device)
+        start_sample=consumed, device=device)
 
     ep, dp = args.expert_model_parallel_size, args.data_parallel_size
     log0(f"pretrain_gpt: {dist.get_world_size()} processes ({'NCCL' if use_cuda else 'gloo, CPU'}): "
@@ -525,6 +537,7 @@ def train(args, use_cuda: bool) -> int:
         for m in moes:
             m.moe.gate.update_expert_bias(parallel_state.get_tensor_and_data_parallel_group())
         iteration += 1
+        consumed += args.global_batch_size
         window_iters += 1
 
         total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -574,19 +587,20 @@ def train(args, use_cuda: bool) -> int:
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
             checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                               with_optimizer=optimizer_has_state())
+                               with_optimizer=optimizer_has_state(), consumed_samples=consumed)
     unchanged = (iteration == start_iteration and not args.skip_train and args.load
                  and Path(args.load).resolve() == Path(args.save or "").resolve())
     if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \
             and not unchanged:  # (a finished run started again: its checkpoint is the latest)
         checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                           with_optimizer=optimizer_has_state())
+                           with_optimizer=optimizer_has_state(), consumed_samples=consumed)
     if writer is not None:
         writer.close()
     if first_loss is not None:
         log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} "
              f"({(1 - last_loss / first_loss) * 100:.1f}% lower) in {time.time() - t_start:.0f} s")
-    return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms)
+    return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms,
+                       consumed_samples=consumed)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ expert-parallel sizes, and compare losses, weights and outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -325,9 +329,37 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
             base + ["--load", sources[0] + "_distopt"])),
         "nan": _error_of(lambda: run(TINY + ["--train-iters", "4", "--lr", "1e30",
                                              "--expert-model-parallel-size", "1"])),
+        "untracked": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "untracked")])),
+        "partial": _error_of(lambda: run(
+            base + ["--load", str(Path(corrupt_root).parent / "partial" / "iter_0000003")])),
+        "missing": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "new")])),
     }
     return portable(result)
 
 
 def load_and_save(rank, world, ep, sources, ref, save_to):
     return load_at(rank, world, ep, sources, ref, save_to)
+
+
+def another_batch_size_and_tp(rank, world, root):
+    """Saved at TP=2 (DP=1, global batch 2) after 3 iterations; loaded on the same 2 processes at
+    TP=1 (DP=2, global batch 4 by default). Returns what the test checks: the TP error's hint,
+    the samples consumed after 2 more iterations, the resume message and the routing warning."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    base = TINY + ["--expert-model-parallel-size", "1"]
+    first = run(base + ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--save", root])
+    out = {"saved_consumed": first.consumed_samples}
+    out["tp_error"] = _error_of(lambda: run(base + ["--train-iters", "5", "--load", root,
+                                                   "--skip-train"]))
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        second = run(base + ["--train-iters", "5", "--load", root,
+                             "--make-vocab-size-divisible-by", "256"])
+    out.update(consumed=second.consumed_samples, losses=len(second.losses), log=log.getvalue())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        run(base + ["--train-iters", "5", "--load", root, "--make-vocab-size-divisible-by", "256",
+                    "--fmoe-top-k", "1", "--skip-train"])
+    out["routing_warning"] = err.getvalue()
+    return out

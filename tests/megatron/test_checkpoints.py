@@ -106,6 +106,13 @@ def at_ep1(source, work):
     victim = sorted((corrupt / "iter_0000003").glob("*.distcp"))[0]
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
+    # A root whose latest file is gone, and a checkpoint folder without its manifest.
+    untracked = work / "untracked"
+    shutil.copytree(roots["dist"], untracked)
+    (untracked / "latest_checkpointed_iteration.txt").unlink()
+    partial = work / "partial"
+    shutil.copytree(roots["dist"], partial)
+    (partial / "iter_0000003" / "fmoe_checkpoint.json").unlink()
     (result,) = run_workers(
         w.ep1_suite, 1, timeout=600, threads_per_worker=1,
         args=([roots["dist"], roots["torch"], str(cli)], source["ref"], str(work / "ep1"),
@@ -195,6 +202,35 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(at_ep1):
     assert "--fmoe-num-experts 4 in the checkpoint, 8 now" in errors["num_experts"]
     assert "moe.experts.htoh4.weight is [2, 4, 64, 32] in the checkpoint, [2, 8, 64, 32]" \
         in errors["num_experts"]
+
+
+def test_load_never_starts_from_scratch_beside_checkpoints(at_ep1, work):
+    """--load of a root whose latest file is gone while checkpoints remain, or of a checkpoint
+    folder without its manifest, used to start from scratch (and --save on the same root then
+    overwrote the checkpoints): both are errors naming --load and what is there."""
+    err = at_ep1["errors"]["untracked"]
+    assert err.startswith("CheckpointError"), err
+    assert f"--load {work / 'untracked'} holds checkpoints (iter_0000003)" in err, err
+    assert "latest_checkpointed_iteration.txt" in err
+    err = at_ep1["errors"]["partial"]
+    assert err.startswith("CheckpointError") and "partial checkpoint" in err, err
+    assert at_ep1["errors"]["missing"] == "no error"  # a first run: --load of a new folder
+
+
+def test_resume_with_another_global_batch_and_tp_size(tmp_path):
+    """The data position is the samples consumed, not iteration x global batch: a run saved at
+    global batch 2 (iteration 3: 6 samples) resumes at sample 6 with global batch 4 (it used to
+    start at 3 x 4 = 12, skipping samples 6-11). Loading a TP=2 checkpoint at TP=1 names
+    --make-vocab-size-divisible-by (the padded vocabulary depends on TP), and a load with
+    another top-k warns, naming --fmoe-top-k."""
+    out = run_workers(w.another_batch_size_and_tp, 2, timeout=600, threads_per_worker=1,
+                      args=(str(tmp_path / "c"),))[0]
+    assert out["saved_consumed"] == 6
+    assert out["tp_error"].startswith("CheckpointError"), out["tp_error"]
+    assert "at TP=1 pass --make-vocab-size-divisible-by 256" in out["tp_error"], out["tp_error"]
+    assert "resuming at sample 6 of the data (iteration 3; the global batch is now 4)" in out["log"]
+    assert out["losses"] == 2 and out["consumed"] == 6 + 2 * 4, out
+    assert "--fmoe-top-k 2 in the checkpoint, 1 now" in out["routing_warning"], out["routing_warning"]
 
 
 def test_corrupt_checkpoint_load_names_the_file(at_ep1):

@@ -74,3 +74,30 @@ def test_preprocess_writes_a_dataset_megatron_reads(tmp_path):
     bad.write_text('{"body": "no text key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         main(["--input", str(bad), "--output-prefix", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("start,global_batch,dp", [(0, 4, 2), (6, 4, 2), (6, 2, 1), (5, 6, 3)])
+def test_batch_iterator_reads_the_next_samples_from_the_start_sample(start, global_batch, dp):
+    """Every iteration reads the next global batch of samples from start_sample on, each data-
+    parallel rank its contiguous share in microbatches of 2: together the ranks read every
+    sample once, in order, whatever the global batch size of the run that consumed the first
+    start_sample samples."""
+    import torch
+
+    from fastmoe_megatron.megatron.data import BatchIterator
+
+    dataset = [{"i": torch.tensor(i)} for i in range(40)]
+    per_rank = global_batch // dp
+    iters = 3
+    seen = []  # one iteration, over all ranks
+    for r in range(dp):
+        batches = BatchIterator(dataset, global_batch, 2, r, dp, start_sample=start)
+        for _ in range(per_rank // 2):
+            seen += next(batches)["i"].tolist()
+    assert seen == list(range(start, start + global_batch))
+    # Several iterations on one rank: the rank's shares of consecutive global batches.
+    batches = BatchIterator(dataset, global_batch, 2, dp - 1, dp, start_sample=start)
+    rows = [v for _ in range(iters * per_rank // 2) for v in next(batches)["i"].tolist()]
+    want = [start + it * global_batch + (dp - 1) * per_rank + j
+            for it in range(iters) for j in range(per_rank)]
+    assert rows == want
