@@ -1,11 +1,18 @@
 """Training data for pretrain_gpt: megatron-core's GPTDataset over indexed (.bin/.idx) data, and
-a deterministic data-parallel batch order that can resume at any iteration.
+a deterministic data-parallel batch order that can resume at any sample.
 
 Without ``--data-path`` the default corpus is used: the Python standard library's source,
-tokenized once into ``<cache>/data/stdlib_<tokenizer>`` (rank 0 writes it, the others wait).
+tokenized once into ``<cache>/data/stdlib_<tokenizer>_<bytes>`` (by each node's local rank 0, the
+others wait; the cache may be node-local). Its indices are built in memory on every rank (they
+take milliseconds). With ``--data-path``, megatron-core's GPTDataset indices are cached under
+``--data-cache-path`` (default: ``index_cache/`` beside the data, as Megatron-LM does), in a
+folder named after the ``.idx`` file's contents, so a re-preprocessed dataset never reuses stale
+indices. Global rank 0 builds them and the other ranks read them: the folder must be visible to
+every rank (shared storage, like the data).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,22 +22,43 @@ import torch.distributed as dist
 from .preprocess_data import preprocess
 
 
-def default_data_prefix(cache_dir: Path, tokenizer_name: str, limit_bytes: int) -> str:
-    """Tokenizes the stdlib corpus on the first call (rank 0; the others wait) and returns the
-    dataset prefix."""
-    prefix = cache_dir / "data" / f"stdlib_{tokenizer_name}_{limit_bytes}"
+def _file_digest(*paths, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def default_data_prefix(cache_dir: Path, limit_bytes: int, vocab_file=None, merge_file=None) -> str:
+    """Tokenizes the stdlib corpus on the first call (each node's local rank 0; the others
+    wait) with the byte-level tokenizer, or with the BPE of ``vocab_file``/``merge_file`` (the
+    cache is named after their contents), and returns the dataset prefix."""
+    name = "bytes" if vocab_file is None else f"bpe-{_file_digest(vocab_file, merge_file)}"
+    prefix = cache_dir / "data" / f"stdlib_{name}_{limit_bytes}"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not Path(str(prefix) + ".idx").is_file():
-        preprocess("stdlib", str(prefix), limit_bytes=limit_bytes,
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if local_rank == 0 and not Path(str(prefix) + ".idx").is_file():
+        preprocess("stdlib", str(prefix), vocab_file, merge_file, limit_bytes=limit_bytes,
                    log=lambda m: print(m, flush=True))
     if dist.is_initialized():
         dist.barrier()
     return str(prefix)
 
 
+def index_cache_for(data_prefix: str, data_cache_path=None) -> str:
+    """Where the GPTDataset indices of ``data_prefix`` are cached: a folder under
+    ``data_cache_path`` (default: ``index_cache`` beside the data) named after the dataset and
+    its ``.idx`` file's contents."""
+    base = Path(data_cache_path) if data_cache_path else Path(data_prefix).parent / "index_cache"
+    return str(base / f"{Path(data_prefix).name}-{_file_digest(data_prefix + '.idx')}")
+
+
 def build_datasets(data_prefix: str, tokenizer, seq_length: int, seed: int, split: str,
-                   num_samples: list[int], cache_dir: Path):
-    """(train, valid, test) GPTDatasets of at least ``num_samples`` samples each (None if 0)."""
+                   num_samples: list[int], index_cache: str = ""):
+    """(train, valid, test) GPTDatasets of at least ``num_samples`` samples each (None where 0).
+    ``index_cache``: where the indices are cached ("": built in memory on every rank)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -44,9 +72,13 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, seed: int, spli
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=True,
-        path_to_cache=str(cache_dir / "index_cache"),
+        path_to_cache=index_cache,
     )
-    os.makedirs(config.path_to_cache, exist_ok=True)
+    # Splits nothing reads are not built: megatron-core would build them anyway, and one that
+    # the split leaves without documents never finishes (its epoch count loops forever).
+    config.split_matrix = [s if n else None for s, n in zip(config.split_matrix, num_samples)]
+    if index_cache:
+        os.makedirs(index_cache, exist_ok=True)
     return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
 
 

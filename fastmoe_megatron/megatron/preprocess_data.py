@@ -4,15 +4,18 @@
     python -m fastmoe_megatron.megatron.preprocess_data --input corpus.jsonl --json-key text \\
         --output-prefix data/corpus --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt
 
-``--input`` is a .jsonl file (one document per line, text under ``--json-key``), a text file
-(one document), a folder (every .py/.txt/.md file under it is a document), or ``stdlib``: the
-Python standard library's own source, present on every machine. Every document ends with the
-tokenizer's end-of-document token.
+``--input`` is a .jsonl or .json file (JSON lines, as Megatron-LM's preprocessing reads: one
+document per line, its text under ``--json-key``, a string or a list of strings that are joined),
+a text file (one document), a folder (every .py/.txt/.md/.rst file under it is a document), or
+``stdlib``: the Python standard library's own source, present on every machine. Every document
+ends with the tokenizer's end-of-document token. The files appear under their names only when
+complete; a failure leaves nothing behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -31,6 +34,17 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _lines(path):
+    """The lines of the file ``path``, decoded one by one: invalid UTF-8 is an error naming the
+    file and line."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 ({exc})") from None
+
+
 def iter_documents(source: str, json_key: str = "text", limit_bytes: int | None = None) -> Iterator[str]:
     """Documents of ``source`` in a fixed order, up to about ``limit_bytes`` of text."""
     path = stdlib_root() if source == "stdlib" else Path(source)
@@ -47,19 +61,24 @@ def iter_documents(source: str, json_key: str = "text", limit_bytes: int | None 
             yield path
 
     for f in files():
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        doc = json.loads(line)[json_key]
-                    except (json.JSONDecodeError, KeyError) as exc:
-                        raise ValueError(f"{f}:{n}: not a JSON object with key {json_key!r} ({exc})") from None
-                    seen += len(doc)
-                    yield doc
-                    if limit_bytes and seen >= limit_bytes:
-                        return
+        if f.suffix in (".jsonl", ".json"):
+            for n, line in enumerate(_lines(f), 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)[json_key]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
+                    raise ValueError(f"{f}:{n}: not a JSON object with key {json_key!r} "
+                                     f"({type(exc).__name__}: {exc})") from None
+                if isinstance(doc, list) and all(isinstance(d, str) for d in doc):
+                    doc = "".join(doc)  # a document given as its sentences
+                if not isinstance(doc, str):
+                    raise ValueError(f"{f}:{n}: {json_key!r} is a {type(doc).__name__}, not a "
+                                     "string (or a list of strings)")
+                seen += len(doc)
+                yield doc
+                if limit_bytes and seen >= limit_bytes:
+                    return
         else:
             doc = f.read_text(encoding="utf-8", errors="replace")
             seen += len(doc)
@@ -76,22 +95,31 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = numpy.uint16 if tokenizer.vocab_size < 65500 else numpy.int32
     bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
-    tmp_bin = bin_path + ".tmp"
+    # Temporary names of this process: two processes writing the same dataset (two jobs sharing
+    # a cache) do not write into each other's files.
+    tmp_bin, tmp_idx = f"{bin_path}.{os.getpid()}.tmp", f"{idx_path}.{os.getpid()}.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     t0, docs, tokens = time.time(), 0, 0
-    for doc in iter_documents(source, json_key, limit_bytes):
-        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        docs += 1
-        tokens += len(ids)
-        if docs % 200 == 0:
-            log(f"preprocess: {docs} documents, {tokens} tokens, {time.time() - t0:.0f} s")
-    if docs == 0:
-        raise ValueError(f"--input {source}: no documents found")
-    builder.finalize(idx_path + ".tmp")
-    # Rename last, so an interrupted run never leaves a half-written dataset under the real name.
-    Path(tmp_bin).replace(bin_path)
-    Path(idx_path + ".tmp").replace(idx_path)
+    try:
+        for doc in iter_documents(source, json_key, limit_bytes):
+            ids = tokenizer.tokenize(doc) + [tokenizer.eod]
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            docs += 1
+            tokens += len(ids)
+            if docs % 200 == 0:
+                log(f"preprocess: {docs} documents, {tokens} tokens, {time.time() - t0:.0f} s")
+        if docs == 0:
+            raise ValueError(f"--input {source}: no documents found")
+        builder.finalize(tmp_idx)
+        # The .idx last: a dataset whose .idx is there is complete (the default corpus is
+        # checked that way), and an interrupted run leaves nothing under the real names.
+        Path(tmp_bin).replace(bin_path)
+        Path(tmp_idx).replace(idx_path)
+    except BaseException:
+        builder.data_file.close()
+        for p in (tmp_bin, tmp_idx):
+            Path(p).unlink(missing_ok=True)
+        raise
     log(f"preprocess: wrote {bin_path} and {idx_path}: {docs} documents, {tokens} tokens "
         f"(vocab {tokenizer.vocab_size}) in {time.time() - t0:.1f} s")
     return {"documents": docs, "tokens": tokens, "vocab_size": tokenizer.vocab_size}

@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--default-corpus-bytes", type=int, default=4_000_000,
                    help="how much stdlib source the default corpus holds")
     d.add_argument("--cache-dir", default=None,
-                   help="tokenized default corpus and dataset indices (default ~/.cache/fastmoe_megatron)")
+                   help="the tokenized default corpus (default ~/.cache/fastmoe_megatron)")
+    d.add_argument("--data-cache-path", default=None,
+                   help="where the dataset indices of --data-path are cached (default: index_cache/ "
+                        "beside the data); global rank 0 writes them and every rank reads them, so "
+                        "all ranks must see it")
 
     c = p.add_argument_group("checkpoints and logging")
     c.add_argument("--save", default=None, help="checkpoint folder")
@@ -203,6 +207,24 @@ def validate_args(args, world_size: int):
               "be written", file=sys.stderr)
     if args.exit_interval is not None and args.exit_interval <= 0:
         raise ValueError("--exit-interval must be > 0")
+    if (args.vocab_file is None) != (args.merge_file is None):
+        raise ValueError("--vocab-file and --merge-file go together (GPT-2 BPE); without both the "
+                         "tokenizer is byte-level")
+    for flag in ("vocab_file", "merge_file"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.data_path:
+        prefix = str(args.data_path)
+        if prefix.endswith((".bin", ".idx")):
+            prefix = prefix[:-4]
+        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(
+                f"--data-path {args.data_path}: {' and '.join(missing)} not found (a dataset is "
+                "PREFIX.bin and PREFIX.idx, as python -m fastmoe_megatron.megatron.preprocess_data "
+                "writes them)")
+        args.data_path = prefix
     cache = Path(args.cache_dir) if args.cache_dir else Path(
         os.environ.get("FMOE_CACHE_DIR", Path.home() / ".cache" / "fastmoe_megatron"))
     args.cache_dir = cache
@@ -422,7 +444,7 @@ def train(args, use_cuda: bool) -> int:
     from megatron.core.transformer.module import Float16Module
 
     from . import checkpointing, stats
-    from .data import BatchIterator, build_datasets, default_data_prefix
+    from .data import BatchIterator, build_datasets, default_data_prefix, index_cache_for
     from .fmoefy import moe_modules
     from .layer import set_balance_loss_scale
     from .tokenizer import build_tokenizer
@@ -467,11 +489,16 @@ def train(args, use_cuda: bool) -> int:
 
     train_ds = None
     if not args.skip_train:
-        data_prefix = args.data_path or default_data_prefix(
-            args.cache_dir, "bytes" if args.vocab_file is None else "gpt2", args.default_corpus_bytes)
+        if args.data_path:
+            data_prefix = args.data_path
+            index_cache = index_cache_for(data_prefix, args.data_cache_path)
+        else:
+            data_prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes,
+                                              args.vocab_file, args.merge_file)
+            index_cache = args.data_cache_path or ""  # in memory: the cache may be node-local
         train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
                                         args.split, [args.train_iters * args.global_batch_size, 0, 0],
-                                        args.cache_dir)
+                                        index_cache)
     iteration, loaded = 0, {}
     if args.load:  # last before the loop: it restores the RNG states
         iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,

@@ -109,3 +109,17 @@ def losses_and_norms(rank, world, extra, iters):
     argv = TINY + ["--train-iters", str(iters), "--seed", "7", "--threads", "1"] + list(extra)
     res = run(argv)
     return {"losses": list(res.losses), "norms": list(res.grad_norms)}
+
+
+def node_local_caches(rank, world, root):
+    """Each rank plays the first process of its own node, with a cache folder only it sees: the
+    default corpus is made on every node and its indices in memory, so every rank trains. (Only
+    global rank 0 used to make them, and the other nodes found no corpus.)"""
+    import os
+
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    os.environ["LOCAL_RANK"] = "0"
+    res = run(TINY + ["--train-iters", "2", "--threads", "1", "--expert-model-parallel-size", "2",
+                      "--default-corpus-bytes", "200000", "--cache-dir", f"{root}/node{rank}"])
+    return {"losses": res.losses, "files": sorted(os.listdir(f"{root}/node{rank}/data"))}

@@ -101,3 +101,132 @@ def test_batch_iterator_reads_the_next_samples_from_the_start_sample(start, glob
     want = [start + it * global_batch + (dp - 1) * per_rank + j
             for it in range(iters) for j in range(per_rank)]
     assert rows == want
+
+
+@pytest.mark.parametrize("line,why", [
+    ('["a"]', "not a JSON object"), ('"abc"', "not a JSON object"), ('{"text": null}', "NoneType"),
+    ('{"text": 5}', "is a int"), ('{"text": "ok"', "not a JSON object"),
+    (b'{"text": "\xff\xfe"}', "not UTF-8"),
+])
+def test_preprocess_names_the_bad_line_and_leaves_nothing(tmp_path, line, why):
+    from fastmoe_megatron.megatron.preprocess_data import preprocess
+
+    src = tmp_path / "docs.json"  # .json is read as JSON lines, as Megatron-LM reads it
+    good = b'{"text": "fine"}\n'
+    src.write_bytes(good + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    with pytest.raises(ValueError, match=f"docs.json:2: .*{why}"):
+        preprocess(str(src), str(tmp_path / "out" / "d"), log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_preprocess_reads_json_lines_and_sentence_lists(tmp_path):
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from fastmoe_megatron.megatron.preprocess_data import preprocess
+
+    src = tmp_path / "docs.json"
+    src.write_text(json.dumps({"text": "one", "id": 1}) + "\n"
+                   + json.dumps({"text": ["two ", "sentences"]}) + "\n")
+    assert preprocess(str(src), str(tmp_path / "d"), log=lambda m: None)["documents"] == 2
+    tok = ByteLevelTokenizer()
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert [list(np.asarray(ds[i])) for i in range(2)] == [
+        tok.tokenize("one") + [tok.eod], tok.tokenize("two sentences") + [tok.eod]]
+
+
+def test_two_processes_preprocessing_the_same_dataset(tmp_path):
+    """Two jobs sharing a cache make the same default corpus at once: both finish (they used to
+    write the same temporary file, and the second rename failed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("from fastmoe_megatron.megatron.preprocess_data import preprocess; "
+            f"preprocess('stdlib', {str(tmp_path / 'c' / 'd')!r}, limit_bytes=400000, log=print)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["d.bin", "d.idx"]
+
+
+def test_default_corpus_uses_the_bpe_files(tmp_path):
+    """With --vocab-file/--merge-file the default corpus is tokenized with them (it was written
+    byte-level), under a name that depends on their contents."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from fastmoe_megatron.megatron.data import default_data_prefix
+    from fastmoe_megatron.megatron.preprocess_data import iter_documents
+
+    _, vf, mf = _tiny_gpt2_files(tmp_path)
+    prefix = default_data_prefix(tmp_path / "cache", 20000, vf, mf)
+    assert prefix != default_data_prefix(tmp_path / "cache", 20000)
+    tok = build_tokenizer(vf, mf)
+    first = next(iter_documents("stdlib", limit_bytes=20000))
+    ds = IndexedDataset(prefix)  # kept alive: its arrays are views of its memory map
+    assert list(np.asarray(ds[0])) == tok.tokenize(first) + [tok.eod]
+
+
+def _dataset(tmp_path, docs):
+    from fastmoe_megatron.megatron.preprocess_data import preprocess
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess(str(src), str(tmp_path / "data" / "corpus"), log=lambda m: None)
+    return str(tmp_path / "data" / "corpus")
+
+
+@pytest.mark.timeout(120)
+def test_unread_splits_are_not_built(tmp_path):
+    """--split 969,30,1 over 40 documents leaves the test split none; megatron-core's
+    GPTDataset looped forever building it although nothing reads it."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from fastmoe_megatron.megatron.data import build_datasets
+
+    prefix = _dataset(tmp_path, [f"document {i} " * 20 for i in range(40)])
+    train, valid, test = build_datasets(prefix, ByteLevelTokenizer(), 32, 1, "969,30,1",
+                                        [50, 0, 0])
+    assert len(train) >= 50 and valid is None and test is None
+
+
+def test_index_cache_follows_the_data(tmp_path):
+    """Indices are cached beside the data in a folder named after the .idx file's contents: a
+    dataset preprocessed again under the same prefix gets fresh indices (it used to train on
+    the old documents' indices)."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from fastmoe_megatron.megatron.data import build_datasets, index_cache_for
+
+    def documents_read(prefix):
+        cache = index_cache_for(prefix)
+        train, _, _ = build_datasets(prefix, ByteLevelTokenizer(), 16, 1, "100,0,0", [400, 0, 0],
+                                     cache)
+        return cache, len({int(d) for d in train.document_index})
+
+    cache20, read20 = documents_read(_dataset(tmp_path, [f"doc {i} " * 8 for i in range(20)]))
+    cache200, read200 = documents_read(_dataset(tmp_path, [f"doc {i} " * 8 for i in range(200)]))
+    assert cache20.startswith(str(tmp_path / "data" / "index_cache" / "corpus-"))
+    assert cache20 != cache200 and (read20, read200) == (20, 200)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--data-path", "nowhere/corpus"], "--data-path nowhere/corpus: nowhere/corpus.bin and"),
+    (["--vocab-file", "v.json"], "--vocab-file and --merge-file go together"),
+    (["--vocab-file", "v.json", "--merge-file", "m.txt"], "--vocab-file v.json: no such file"),
+])
+def test_data_flags_are_checked_at_start(flags, named):
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        validate_args(build_parser().parse_args(flags), 1)
+
+
+def test_data_path_may_name_the_bin_file(tmp_path):
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    prefix = _dataset(tmp_path, ["a document"])
+    args = validate_args(build_parser().parse_args(["--data-path", prefix + ".bin"]), 1)
+    assert args.data_path == prefix

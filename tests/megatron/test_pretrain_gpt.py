@@ -39,3 +39,10 @@ def test_sequence_parallel_keeps_the_gate_loss_gradient():
             for sp in (False, True)}
     for key in ("losses", "norms"):
         assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4), (key, runs)
+
+
+def test_default_corpus_with_a_cache_per_node(tmp_path):
+    out = run_workers(w.node_local_caches, 2, timeout=300, args=(str(tmp_path),),
+                      threads_per_worker=1)
+    assert out[0]["losses"] == out[1]["losses"] and len(out[0]["losses"]) == 2
+    assert out[0]["files"] == out[1]["files"] == ["stdlib_bytes_200000.bin", "stdlib_bytes_200000.idx"]
