@@ -60,11 +60,13 @@ int row_threads(int64_t D) {
   return static_cast<int>(t);
 }
 
-// A small int64 tensor (counts, capacity, keep) on `device`, converted to int64. A CPU tensor is
-// copied asynchronously on the current stream (pageable memory is staged by the driver before the
-// call returns, so the source may die right after).
+// A small int64 tensor (counts, capacity, keep) on `device`, converted to int64. A pageable CPU
+// tensor is copied without blocking the host (the driver stages pageable memory before the call
+// returns, so the caller may change or free it right after). A pinned one would be read by the
+// device later, racing a caller that refills it: it is copied synchronously.
 Tensor long_on(const Tensor& t, const at::Device& device) {
-  return t.to(device, at::kLong, /*non_blocking=*/true).contiguous();
+  const bool pinned = t.is_cpu() && t.is_pinned();
+  return t.to(device, at::kLong, /*non_blocking=*/!pinned).contiguous();
 }
 
 // Products in the CPU kernels are written `a * b` and then added; nvcc would fuse them into an
