@@ -59,7 +59,9 @@ class FMoELinear(nn.Module):
             nn.init.uniform_(self.bias[e], -bound, bound, generator=generator)
 
     def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
-        return ops.grouped_linear(inp, self.weight, fwd_expert_count, self.bias)
+        # Rows in another dtype (autocast) run in the weights' dtype, as in FastMoE.
+        return ops.grouped_linear(inp.to(self.weight.dtype), self.weight, fwd_expert_count,
+                                  self.bias)
 
     def extra_repr(self):
         return (f"num_expert={self.num_expert}, in_features={self.in_feat}, "
@@ -74,6 +76,25 @@ def _all_finite(x: torch.Tensor) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool, device=x.device)
     lo, hi = torch.aminmax(x)
     return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def _takes_count(expert: nn.Module) -> bool:
+    """Whether an expert's forward takes the row count as its second argument, as FastMoE's
+    experts do (``forward(inp, fwd_expert_count)``): a second positional parameter without a
+    default."""
+    try:
+        params = list(inspect.signature(expert.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+
+
+def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
+    """Tags every parameter of ``module`` with ``dp_comm = comm`` (FastMoE's helper)."""
+    for p in module.parameters():
+        p.dp_comm = comm
 
 
 def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
@@ -150,12 +171,15 @@ class FMoE(nn.Module):
     # ------------------------------------------------------------------ experts
 
     def expert_fn(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
-        """Runs the local experts on rows grouped by expert (``fwd_expert_count`` rows each)."""
+        """Runs the local experts on rows grouped by expert (``fwd_expert_count`` rows each).
+        An expert whose forward takes two arguments gets its row count too, as a one-element
+        tensor (FastMoE's ``forward(inp, fwd_expert_count)``)."""
         if self.experts_fused:
             return self.experts(inp, fwd_expert_count)
         sizes = [int(c) for c in fwd_expert_count.tolist()]
         total = sum(sizes)
-        outs = [expert(part) for expert, part in zip(self.experts, torch.split(inp[:total], sizes))]
+        outs = [expert(part, torch.tensor([n])) if _takes_count(expert) else expert(part)
+                for expert, part, n in zip(self.experts, torch.split(inp[:total], sizes), sizes)]
         pad = inp.new_zeros((inp.shape[0] - total,) + tuple(inp.shape[1:]))
         return torch.cat(outs + [pad]) if outs else pad
 
@@ -185,6 +209,8 @@ class FMoE(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, moe_inp: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(moe_inp):
+            return self._forward_nest(moe_inp)
         if moe_inp.dim() != 2 or moe_inp.shape[1] != self.d_model:
             raise ValueError(f"FMoE expects [tokens, d_model={self.d_model}] input, got "
                              f"{tuple(moe_inp.shape)}")
@@ -201,12 +227,74 @@ class FMoE(nn.Module):
         # Checked with the counts' host copy in expert_rows: no extra synchronisation.
         self._input_finite = _all_finite(x) if self.check_finite else None
         idx, score = self.gate(x)
-        if idx.shape != (x.shape[0], self.top_k) or score.shape != idx.shape:
+        want = (x.shape[0], self.top_k)
+        # FastMoE's gates may return flat [T*K] indices and [T, 1, K] scores.
+        if idx.shape != want and idx.numel() == want[0] * want[1]:
+            idx = idx.reshape(want)
+        if score.shape != want and score.numel() == want[0] * want[1]:
+            score = score.reshape(want)
+        if idx.shape != want or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
                                f"{tuple(score.shape)}; expected [{x.shape[0]}, {self.top_k}] each")
         if self.gate_hook is not None:
             self.gate_hook(idx, score, None)
         return idx, score
+
+    def _forward_nest(self, nest):
+        """FastMoE's nests of tensors (tuples, lists, dicts of ``[tokens, ...]`` tensors with the
+        same number of tokens): the gate gets the nest and returns one routing for all of it;
+        every tensor's rows travel with it; the experts (a fused ``self.experts`` or an
+        ``expert_fn`` that takes nests) get the nest of grouped rows and return a nest, whose
+        tensors are combined with the scores. The input is not checked for NaN or Inf here."""
+        from torch.utils import _pytree as pytree
+
+        leaves, spec = pytree.tree_flatten(nest)
+        if not leaves or not all(torch.is_tensor(t) and t.dim() >= 1 for t in leaves):
+            raise TypeError(f"{type(self).__name__} takes a tensor or a nest (tuple, list, dict) "
+                            f"of tensors, got {type(nest).__name__}")
+        rows = {t.shape[0] for t in leaves}
+        if len(rows) != 1:
+            raise ValueError(f"the tensors of a nested MoE input must have the same number of "
+                             f"tokens (first dimension), got {sorted(rows)}")
+        if self.mask is not None or self.slice_size > 1:
+            raise NotImplementedError("nested MoE inputs cannot be combined with mask or a slice group")
+        n, K = rows.pop(), self.top_k
+        self._input_finite = None
+        idx, score = self.gate(nest)
+        if idx.numel() == n * K and score.numel() == n * K:
+            idx, score = idx.reshape(n, K), score.reshape(n, K)
+        else:
+            raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and "
+                               f"score {tuple(score.shape)}; expected [{n}, {K}] each")
+        if self.gate_hook is not None:
+            self.gate_hook(idx, score, None)
+        counts = ops.expert_count(idx, self.num_expert * self.world_size)
+        pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group)
+                   if self.world_size > 1 else None)
+        pos, inv = ops.assign_pos(idx, counts)
+        bufs = [ops.scatter_rows(t.contiguous().reshape(n, -1), pos, inv, K) for t in leaves]
+        local_count = counts.cpu()
+        self.last_expert_count = local_count
+
+        def run(flat, fwd_count):  # the experts on flat [rows, -1] buffers, shaped as the input
+            shaped = [b.reshape((b.shape[0],) + tuple(t.shape[1:])) for b, t in zip(flat, leaves)]
+            out_leaves, out_spec = pytree.tree_flatten(self.expert_fn(
+                pytree.tree_unflatten(shaped, spec), fwd_count))
+            return [o.reshape(o.shape[0], -1) for o in out_leaves], out_leaves, out_spec
+
+        if self.world_size > 1:
+            global_count = pending.wait()
+            recv = [comm.global_scatter(b, local_count, global_count, self.num_expert,
+                                        self.moe_group) for b in bufs]
+            flat, out_leaves, out_spec = run(
+                recv, global_count.view(self.world_size, self.num_expert).sum(0))
+            flat = [comm.global_gather(o, local_count, global_count, self.num_expert,
+                                       self.moe_group, out_rows=n * K) for o in flat]
+        else:
+            flat, out_leaves, out_spec = run(bufs, local_count)
+        outs = [ops.gather_rows(b, pos, inv, K, score.to(b.dtype)).reshape(
+            (n,) + tuple(o.shape[1:])) for b, o in zip(flat, out_leaves)]
+        return pytree.tree_unflatten(outs, out_spec)
 
     def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask.reshape(-1).to(x.device)
@@ -217,7 +305,7 @@ class FMoE(nn.Module):
         out = x.new_zeros(x.shape)
         out = out.index_put((routed.nonzero().squeeze(1),), self.route(xr, *self._gate(xr)))
         for value, fill in (self.mask_dict or {}).items():
-            out[mask == value] = fill.to(out)
+            out[mask == value] = torch.as_tensor(fill, dtype=out.dtype, device=out.device)
         return out
 
     def _forward_sliced(self, x, idx, score):
@@ -237,6 +325,8 @@ class FMoE(nn.Module):
         """Runs every slot of ``idx`` [T, K] through its expert. Returns ``(buf, pos, inv)``: the
         outputs [T*K, d] grouped by expert (zero rows for dropped slots) and the positions."""
         tot_expert = self.num_expert * self.world_size
+        if isinstance(self.experts, _Expert) and x.dtype != self.experts.htoh4.weight.dtype:
+            x = x.to(self.experts.htoh4.weight.dtype)  # autocast: the experts' dtype, as FastMoE
         counts = ops.expert_count(idx, tot_expert)
         finite = getattr(self, "_input_finite", None)
         self._input_finite = None
@@ -275,8 +365,11 @@ class FMoE(nn.Module):
                     f"rank(s) {bad} of the expert-parallel group (they raise the same error), so "
                     "this rank stops too instead of waiting for their rows; set "
                     "check_finite=False on every rank to skip this check")
-            activation = (self.experts.fused_activation() if isinstance(self.experts, _Expert)
-                          else None)
+            # The overlapped exchange runs FMoETransformerMLP's own experts: not an overridden
+            # expert_fn or a subclass of its experts.
+            own = (type(self.experts) is _Expert
+                   and type(self).expert_fn is FMoE.expert_fn)
+            activation = self.experts.fused_activation() if own else None
             if activation is not None and ep_overlap.usable(buf, self.moe_group):
                 # The exchange overlapped with the experts (CPU, gloo): see ep_overlap.
                 e = self.experts
@@ -317,11 +410,23 @@ class _Expert(nn.Module):
         self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=True, rank=rank)
         self.activation = activation
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # FastMoE 1.0.1+ keeps each expert as its own one-expert module: experts.{i}.htoh4.weight
+        # [1, d_hidden, d_model], ... Those state dicts load here, stacked into [E, ...].
+        if prefix + "htoh4.weight" not in state_dict and prefix + "0.htoh4.weight" in state_dict:
+            n = self.htoh4.num_expert
+            for name in ("htoh4.weight", "htoh4.bias", "h4toh.weight", "h4toh.bias"):
+                keys = [f"{prefix}{i}.{name}" for i in range(n)]
+                if all(k in state_dict for k in keys):
+                    state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def fused_activation(self) -> str | None:
         """The ``expert_mlp`` activation name when the experts run as that one op, else None."""
         return ops.activation_name(self.activation) if ops.fused_experts_enabled() else None
 
     def forward(self, inp, fwd_expert_count):
+        inp = inp.to(self.htoh4.weight.dtype)  # autocast: the experts' dtype, as FastMoE
         name = self.fused_activation()
         if name is not None:  # one fused op (fastmoe_megatron.ops.expert_mlp)
             return ops.expert_mlp(inp, fwd_expert_count, self.htoh4.weight, self.htoh4.bias,

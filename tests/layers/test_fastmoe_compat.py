@@ -1,0 +1,191 @@
+"""What FastMoE (v1.1) code does with the layers, against the brute-force per-token reference:
+experts whose forward takes the row count, nests of tensors, FastMoE's gate output shapes,
+scalar mask fills, inputs under autocast, FastMoE 1.1's per-expert state dicts and its module
+paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastmoe_megatron import FMoE, FMoELinear, FMoETransformerMLP
+from fastmoe_megatron.gates import NaiveGate
+from tests import reference as ref
+
+D, H, T = 8, 16, 11
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class CountingExpert(nn.Module):
+    """A FastMoE-style expert: ``forward(inp, fwd_expert_count)``."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_model)
+        self.seen = []
+
+    def forward(self, inp, fwd_expert_count):
+        self.seen.append(int(fwd_expert_count.reshape(-1)[0]))
+        assert fwd_expert_count.numel() == 1 and int(fwd_expert_count[0]) == inp.shape[0]
+        return torch.tanh(self.fc(inp))
+
+
+def _params_equal_grads(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_experts_that_take_the_row_count():
+    torch.manual_seed(0)
+    layer = FMoE(num_expert=3, d_model=D, top_k=2, expert=CountingExpert)
+    x = torch.randn(T, D, requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    idx, score = layer.gate(x.detach())
+    experts = ref.copy_modules(layer.experts)
+    for e in experts:
+        e.seen = []
+    xr = x.detach().clone().requires_grad_(True)
+    want = ref.moe(xr, idx, score.detach(),
+                   [lambda v, m=m: torch.tanh(m.fc(v.unsqueeze(0))).squeeze(0) for m in experts])
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(y, want, **TOL)
+    counts = torch.bincount(idx.reshape(-1), minlength=3).tolist()
+    assert [m.seen[0] for m in layer.experts] == counts
+    for m, r in zip(layer.experts, experts):
+        _params_equal_grads(m, r)
+
+
+class PairGate(NaiveGate):
+    """A gate over a nest: routes on its tensor "a"."""
+
+    def forward(self, inp):
+        return super().forward(inp["a"])
+
+
+class PairExperts(nn.Module):
+    """Fused experts over a nest {"a": [rows, D], "b": [rows, 2, D]}."""
+
+    def __init__(self, num_expert):
+        super().__init__()
+        self.fa = FMoELinear(num_expert, D, D)
+        self.fb = FMoELinear(num_expert, D, D)
+
+    def forward(self, inp, fwd_expert_count):
+        b = inp["b"]
+        fb = self.fb(b[:, 0], fwd_expert_count) + self.fb(b[:, 1], fwd_expert_count)
+        return {"a": self.fa(inp["a"], fwd_expert_count), "b": fb}
+
+
+class PairMoE(FMoE):
+    def __init__(self, num_expert=3):
+        super().__init__(num_expert=num_expert, d_model=D, top_k=2, gate=PairGate)
+        self.experts = PairExperts(num_expert)
+
+
+def test_nests_of_tensors():
+    torch.manual_seed(1)
+    layer = PairMoE()
+    a = torch.randn(T, D, requires_grad=True)
+    b = torch.randn(T, 2, D, requires_grad=True)
+    out = layer({"a": a, "b": b})
+    assert set(out) == {"a", "b"} and out["a"].shape == (T, D) and out["b"].shape == (T, D)
+    (out["a"].pow(2).sum() + out["b"].sin().sum()).backward()
+
+    wa, ba, wb, bb = (ref.leaf_copy(p) for p in (layer.experts.fa.weight, layer.experts.fa.bias,
+                                                  layer.experts.fb.weight, layer.experts.fb.bias))
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    idx, score = layer.gate({"a": a2})  # the scores carry the gradient of "a" through the gate
+    want_a = ref.moe(a2, idx, score, [lambda v, e=e: wa[e] @ v + ba[e] for e in range(3)])
+    rows = []  # expert e on token t of "b": fb(b[t, 0]) + fb(b[t, 1])
+    for t in range(T):
+        acc = b2[t, 0] * 0
+        for j in range(2):
+            e = int(idx[t, j])
+            acc = acc + score[t, j] * (wb[e] @ b2[t, 0] + bb[e] + wb[e] @ b2[t, 1] + bb[e])
+        rows.append(acc)
+    want_b = torch.stack(rows)
+    (want_a.pow(2).sum() + want_b.sin().sum()).backward()
+    torch.testing.assert_close(out["a"], want_a, **TOL)
+    torch.testing.assert_close(out["b"], want_b, **TOL)
+    torch.testing.assert_close(a.grad, a2.grad, **TOL)
+    torch.testing.assert_close(b.grad, b2.grad, **TOL)
+    for mine, want in zip((layer.experts.fa.weight, layer.experts.fa.bias, layer.experts.fb.weight,
+                           layer.experts.fb.bias), (wa, ba, wb, bb)):
+        torch.testing.assert_close(mine.grad, want.grad, **TOL)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        layer({"a": a, "b": b[:3]})
+
+
+class FastMoEShapedGate(NaiveGate):
+    """Returns idx flat [T*K] and score [T, 1, K], as FastMoE's gates may."""
+
+    def forward(self, inp):
+        idx, score = super().forward(inp)
+        return idx.reshape(-1), score.unsqueeze(1)
+
+
+def test_fastmoe_gate_output_shapes():
+    torch.manual_seed(2)
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, top_k=2, gate=FastMoEShapedGate)
+    plain = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, top_k=2)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(T, D)
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+def test_mask_dict_with_scalar_fills():
+    torch.manual_seed(3)
+    mask = torch.tensor([0, 1, 0, 2, 0, 0, 1, 0, 0, 0, 0])
+    layer = FMoE(num_expert=2, d_model=D, top_k=1, expert=lambda d: nn.Linear(d, d),
+                 mask=mask, mask_dict={1: 0.5, 2: torch.full((D,), -1.0)})
+    y = layer(torch.randn(T, D))
+    assert torch.all(y[mask == 1] == 0.5) and torch.all(y[mask == 2] == -1.0)
+
+
+def test_autocast_runs_the_experts_in_their_dtype():
+    """Under CPU autocast the layer's input arrives in bf16 (from an autocast linear): the experts
+    run in their own fp32 weights on it, as FastMoE's FMoELinear casts (it used to raise)."""
+    torch.manual_seed(4)
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, top_k=2)
+    proj = nn.Linear(D, D)
+    x = torch.randn(T, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = proj(x)
+        y = layer(h)
+        idx, score = layer.gate(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    y.sum().backward()
+    assert layer.experts.htoh4.weight.grad is not None and proj.weight.grad is not None
+    params = ref.mlp_params(layer)
+    want = ref.moe(h.detach().float(), idx, score.detach().float(),
+                   ref.mlp_experts(params, nn.GELU()))
+    torch.testing.assert_close(y.detach(), want.detach(), **TOL)
+
+
+def test_fastmoe_1_1_per_expert_state_dict_loads():
+    """FastMoE 1.0.1+ keeps each expert of FMoETransformerMLP as its own one-expert module
+    (experts.{i}.htoh4.weight [1, H, D], ...); such a state dict loads into the stacked form."""
+    torch.manual_seed(5)
+    src = FMoETransformerMLP(num_expert=3, d_model=D, d_hidden=H, top_k=2)
+    per_expert = {k: v for k, v in src.state_dict().items() if not k.startswith("experts.")}
+    for name, v in src.experts.state_dict().items():
+        for i in range(3):
+            per_expert[f"experts.{i}.{name}"] = v[i:i + 1].clone()
+    dst = FMoETransformerMLP(num_expert=3, d_model=D, d_hidden=H, top_k=2)
+    dst.load_state_dict(per_expert)
+    for (name, p), q in zip(src.named_parameters(), dst.parameters()):
+        assert torch.equal(p, q), name
+    x = torch.randn(T, D)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_fastmoe_module_paths():
+    from fastmoe_megatron.layers import mark_module_parallel_comm
+    from fastmoe_megatron.linear import FMoELinear as Linear
+    from fastmoe_megatron.transformer import FMoETransformerMLP as MLP
+
+    assert Linear is FMoELinear and MLP is FMoETransformerMLP
+    m = nn.Linear(2, 2)
+    mark_module_parallel_comm(m, "dp")
+    assert {p.dp_comm for p in m.parameters()} == {"dp"}
