@@ -20,8 +20,10 @@ import torch.nn as nn
 _DEFAULT_TAGS = ("dp", "gate", "moe", "world")
 
 
-def _flat_reduce(tensors: list[torch.Tensor], group, scale: float, device=None):
-    """All-reduces (sum) ``tensors`` in place as one flat buffer per dtype, then scales them."""
+def _flat_reduce(tensors: list[torch.Tensor], group, scale: float, device=None,
+                 fp32: bool = False):
+    """All-reduces (sum) ``tensors`` in place as one flat buffer per dtype (in fp32 with
+    ``fp32``), then scales them."""
     by_dtype = defaultdict(list)
     for t in tensors:
         by_dtype[t.dtype].append(t)
@@ -29,6 +31,8 @@ def _flat_reduce(tensors: list[torch.Tensor], group, scale: float, device=None):
         flat = torch.cat([t.reshape(-1) for t in ts])
         if device is not None:
             flat = flat.to(device)
+        if fp32 and flat.is_floating_point():
+            flat = flat.float()
         if group is not False:
             dist.all_reduce(flat, group=group)
         if scale != 1.0:
@@ -104,12 +108,17 @@ class DistributedGroupedDataParallel(nn.Module):
                 p.data.copy_(buf)
 
     @torch.no_grad()
-    def allreduce_gradients(self, reduced=None):
+    def allreduce_gradients(self, no_scale: bool = False, reduce_after: bool = False,
+                            fp32_allreduce: bool = False, *, reduced=None):
         """Reduces every gradient over the group of its tag and divides it by
-        ``data_parallel_size``. ``reduced`` maps parameters to the part of their gradient that is
-        already reduced (what ``auto_allreduce`` held when a backward pass began): only the rest
-        is reduced, so gradients accumulated over several backward passes are right."""
-        scale = 1.0 / self.data_parallel_size
+        ``data_parallel_size`` (FastMoE's arguments: ``no_scale`` leaves out the division,
+        ``fp32_allreduce`` reduces in fp32; ``reduce_after``, whether FastMoE divides before or
+        after the sum, changes nothing here). ``reduced`` maps parameters to the part of their
+        gradient that is already reduced (what ``auto_allreduce`` held when a backward pass
+        began): only the rest is reduced, so gradients accumulated over several backward passes
+        are right."""
+        del reduce_after
+        scale = 1.0 if no_scale else 1.0 / self.data_parallel_size
         for tag, params in self._params_by_tag().items():
             params = [p for p in params if p.grad is not None]
             if not params:
@@ -119,7 +128,7 @@ class DistributedGroupedDataParallel(nn.Module):
             fresh = [p.grad if b is None else p.grad - b for p, b in zip(params, before)]
             group = False if tag == "none" else self.comms[tag]
             device = None if group is False else self._device_for(group)
-            _flat_reduce(fresh, group, scale, device)
+            _flat_reduce(fresh, group, scale, device, fp32=fp32_allreduce)
             for p, b, f in zip(params, before, fresh):
                 if b is not None:
                     p.grad.copy_(b + f)
@@ -142,7 +151,10 @@ class DistributedGroupedDataParallel(nn.Module):
                         lambda: self.allreduce_gradients(reduced=held))
                 return grad
 
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            from torch.utils import _pytree as pytree
+
+            # Any nest of outputs (tuples, dicts, ModelOutput): every tensor that needs a gradient.
+            for t in pytree.tree_leaves(out):
                 if torch.is_tensor(t) and t.requires_grad:
                     t.register_hook(queue)
         return out

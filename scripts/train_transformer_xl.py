@@ -51,7 +51,7 @@ def parse_args(argv=None):
     moe.add_argument("--moe-num-expert", "--moe_num_expert", type=int, default=4,
                      help="experts per process")
     moe.add_argument("--moe-top-k", "--moe-top_k", "--moe_top_k", dest="moe_top_k", type=int,
-                     default=2, help="experts per token")
+                     default=None, help="experts per token (default 2; 1 with --moe-gate switch)")
     moe.add_argument("--moe-gate", choices=sorted(GATES), default="naive")
     moe.add_argument("--balance-loss-weight", type=float, default=0.01)
     m = p.add_argument_group("model")
@@ -81,7 +81,23 @@ def parse_args(argv=None):
                    help="expert parallel over gloo: start --world-size local processes "
                         "(implied when launched by torchrun)")
     d.add_argument("--world-size", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("moe_num_expert", "n_layer", "d_model", "n_head", "d_inner", "tgt_len", "iters",
+                 "batch_size", "log_interval", "eval_segments", "corpus_bytes", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.mem_len < 0 or args.warmup < 0:
+        p.error("--mem-len and --warmup must be at least 0")
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} must be a multiple of --n-head {args.n_head}")
+    if args.moe_top_k is None:
+        args.moe_top_k = 1 if args.moe_gate == "switch" else 2
+    if args.moe_gate == "switch" and args.moe_top_k != 1:
+        p.error(f"--moe-gate switch routes each token to one expert: --moe-top-k must be 1, "
+                f"got {args.moe_top_k}")
+    if args.moe_top_k < 1:
+        p.error(f"--moe-top-k must be at least 1, got {args.moe_top_k}")
+    return args
 
 
 def streams(data: torch.Tensor, n: int) -> torch.Tensor:

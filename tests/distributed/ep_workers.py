@@ -233,16 +233,38 @@ def sgd_steps(rank, world, ep, e_local, steps, overlap="1"):
     return True
 
 
+class DictOutput(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return {"y": self.module(x), "aux": [x.sum()]}
+
+
+class UnwrapDict(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)["y"]
+
+
 def auto_allreduce_accumulates(rank, world, ep, schedule):
     """auto_allreduce=True reduces at the end of every backward pass. Gradients accumulated over
     micro-batches must still come out as one reduction of their sum would give: the reference's
     gradient of the summed losses, for dense, gate and expert parameters alike.
     ``schedule``: "passes" (a backward per micro-batch), "one_pass" (one backward over the sum of
-    the micro-batches' losses) or "kept" (grads zeroed in place, not set to None, between steps)."""
+    the micro-batches' losses), "kept" (grads zeroed in place, not set to None, between steps)
+    or "dict" (as "passes", with a module whose output is a dict)."""
     ep_group, edp_group, ep_rank, _ = layout(world, ep)
     ref, model = make_models(world, ep, 2, ep_group, ep_rank)
-    ddp = DistributedGroupedDataParallel(model, auto_allreduce=True, edp_group=edp_group,
+    wrapped = DictOutput(model) if schedule == "dict" else model
+    ddp = DistributedGroupedDataParallel(wrapped, auto_allreduce=True, edp_group=edp_group,
                                          data_parallel_size=world)
+    if schedule == "dict":  # the output is a dict: the reduction hooks onto its tensors
+        ddp = UnwrapDict(ddp)
     counts = tokens_per_rank(world, None)
     micro = [batch(world, counts, step) for step in range(3)]
     if schedule == "kept":  # a first step whose gradients are zeroed in place, then accumulation
@@ -263,6 +285,97 @@ def auto_allreduce_accumulates(rank, world, ep, schedule):
     for name, p in model.experts.named_parameters():
         check(f"{schedule}: experts.{name} grad", p.grad,
               dict(ref.experts.named_parameters())[name].grad[sl])
+    return True
+
+
+class DoubledExperts(FMoETransformerMLP):
+    """A subclass with its own expert_fn: expert parallelism must call it (the overlapped path
+    runs the experts' weights itself, so it must step aside)."""
+
+    def expert_fn(self, inp, fwd_expert_count):
+        return 2 * super().expert_fn(inp, fwd_expert_count)
+
+
+def overridden_expert_fn_is_used(rank, world):
+    ep_group, _, ep_rank, _ = layout(world, world)
+    ref, model = make_models(world, world, 2, ep_group, ep_rank)
+    doubled = DoubledExperts(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K,
+                             gate=NaiveGate, world_size=world, moe_group=ep_group)
+    doubled.load_state_dict(model.state_dict())
+    counts = tokens_per_rank(world, None)
+    xs, ws = batch(world, counts, 0)
+    y = doubled(xs[rank])
+    assert "_OverlappedExpertsBackward" not in graph_nodes(y)
+    y_ref, _ = reference_step(ref, xs, ws)
+    start = sum(counts[:rank])
+    check("doubled output", y.detach(), 2 * y_ref[start:start + counts[rank]])
+    return True
+
+
+def nested_input_matches_one_process(rank, world):
+    """A nest {"a", "b"} through FMoE subclass experts at EP=world, against the one-process layer
+    holding all experts: outputs and input gradients of each tensor of the nest."""
+    from fastmoe_megatron import FMoE, FMoELinear
+
+    class Gate(NaiveGate):
+        def forward(self, inp):
+            return super().forward(inp["a"])
+
+    class Experts(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.fa, self.fb = FMoELinear(n, D_MODEL, D_MODEL), FMoELinear(n, D_MODEL, D_MODEL)
+
+        def forward(self, inp, count):
+            return {"a": self.fa(inp["a"], count), "b": torch.tanh(self.fb(inp["b"], count))}
+
+    class Layer(FMoE):
+        def __init__(self, n, world_size=1, moe_group=None):
+            super().__init__(num_expert=n, d_model=D_MODEL, top_k=TOP_K, gate=Gate,
+                             world_size=world_size, moe_group=moe_group)
+            self.experts = Experts(n)
+
+    ep_group, _, ep_rank, _ = layout(world, world)
+    torch.manual_seed(0)
+    ref = Layer(2 * world)
+    model = Layer(2, world, ep_group)
+    sl = slice(ep_rank * 2, ep_rank * 2 + 2)
+    with torch.no_grad():
+        model.gate.load_state_dict(ref.gate.state_dict())
+        for name, p in model.experts.named_parameters():
+            p.copy_(dict(ref.experts.named_parameters())[name][sl])
+    counts = tokens_per_rank(world, None)
+    xs, ws = batch(world, counts, 0)
+    bs, _ = batch(world, counts, 1)
+    a, b = xs[rank].clone().requires_grad_(True), bs[rank].clone().requires_grad_(True)
+    out = model({"a": a, "b": b})
+    ((out["a"] * ws[rank]).sum() + out["b"].sum()).backward()
+    a_all, b_all = torch.cat(xs).requires_grad_(True), torch.cat(bs).requires_grad_(True)
+    want = ref({"a": a_all, "b": b_all})
+    ((want["a"] * torch.cat(ws)).sum() + want["b"].sum()).backward()
+    start = sum(counts[:rank])
+    rows = slice(start, start + counts[rank])
+    check("nest a", out["a"].detach(), want["a"].detach()[rows])
+    check("nest b", out["b"].detach(), want["b"].detach()[rows])
+    check("nest a grad", a.grad, a_all.grad[rows])
+    check("nest b grad", b.grad, b_all.grad[rows])
+    return True
+
+
+def fastmoe_allreduce_arguments(rank, world):
+    """allreduce_gradients takes FastMoE's (no_scale, reduce_after, fp32_allreduce): no_scale
+    leaves the sum undivided, fp32_allreduce reduces bf16 gradients in fp32."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    ddp = DistributedGroupedDataParallel(model)
+    grads = [torch.full((3, 4), 0.1 * (r + 1)) for r in range(world)]
+    for no_scale in (False, True):
+        model.weight.grad = grads[rank].to(torch.bfloat16)
+        model.bias.grad = None
+        ddp.allreduce_gradients(no_scale=no_scale, reduce_after=True, fp32_allreduce=True)
+        want = sum(g.to(torch.bfloat16).float() for g in grads)
+        want = (want if no_scale else want / world).to(torch.bfloat16)
+        check(f"no_scale={no_scale}", model.weight.grad, want, rtol=0, atol=0)
     return True
 
 

@@ -60,12 +60,24 @@ def test_nonfinite_input_on_one_rank_stops_its_group(world, ep, bad_ranks, overl
 
 
 @pytest.mark.parametrize("world,ep,schedule", [
-    (2, 2, "one_pass"), (4, 2, "passes"), (4, 2, "kept")])
+    (2, 2, "one_pass"), (4, 2, "passes"), (4, 2, "kept"), (2, 2, "dict")])
 def test_auto_allreduce_with_gradient_accumulation(world, ep, schedule):
     """Expert gradients are divided by the data-parallel size, which is not idempotent: a second
     reduction of an already reduced gradient divided it again (each backward pass reduced the
     whole accumulated gradient, and one pass over two forwards reduced it twice)."""
     run_workers(w.auto_allreduce_accumulates, world, timeout=240, args=(ep, schedule))
+
+
+def test_overridden_expert_fn_is_used_under_expert_parallel():
+    run_workers(w.overridden_expert_fn_is_used, 2, timeout=120, args=())
+
+
+def test_nested_input_under_expert_parallel():
+    run_workers(w.nested_input_matches_one_process, 2, timeout=120, args=())
+
+
+def test_allreduce_takes_fastmoe_arguments():
+    run_workers(w.fastmoe_allreduce_arguments, 2, timeout=120, args=())
 
 
 def test_slice_group_matches_unsliced():

@@ -138,3 +138,19 @@ def test_training_script_runs_and_its_loss_falls(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "MoE: 2 layers x 2 experts" in out and "held-out loss" in out
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--moe-gate", "switch", "--moe-top-k", "2"], "--moe-top-k must be 1"),
+    (["--moe-num-expert", "0"], "--moe-num-expert must be at least 1"),
+    (["--d-model", "30", "--n-head", "4"], "--d-model 30 must be a multiple of --n-head 4"),
+    (["--iters", "0"], "--iters must be at least 1"),
+])
+def test_training_script_refuses_bad_flags(flags, named, capsys):
+    spec = importlib.util.spec_from_file_location("train_txl", ROOT / "scripts" / "train_transformer_xl.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(flags)
+    assert info.value.code == 2 and named in capsys.readouterr().err
+    assert script.parse_args(["--moe-gate", "switch"]).moe_top_k == 1
