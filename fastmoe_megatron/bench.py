@@ -568,7 +568,20 @@ def case_memory(args, shapes, device) -> list[dict]:
     profiler's allocation events (``profile_memory``: every allocation of torch's CPU allocator,
     native kernels included, replayed in order); on a GPU from the caching allocator's peak. The
     layer's reuse of its weight-gradient buffers is turned off here, so that its weight gradients
-    are allocated inside the step as the dense MLP's are (and both are counted, or both not)."""
+    are allocated inside the step as the dense MLP's are (and both are counted, or both not).
+    On the CPU the step runs on one thread: the profiler sees only the allocations of the thread
+    it profiles, and the native kernels allocate per-thread buffers in their worker threads."""
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _case_memory(args, shapes, device, threads=1)
+        finally:
+            torch.set_num_threads(threads)
+    return _case_memory(args, shapes, device, threads=torch.get_num_threads())
+
+
+def _case_memory(args, shapes, device, threads) -> list[dict]:
     results = []
     for s in shapes:
         torch.manual_seed(0)
@@ -576,8 +589,8 @@ def case_memory(args, shapes, device) -> list[dict]:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(s.T, s.d, generator=g).to(device)
         gy = torch.randn(s.T, s.d, generator=g).to(device)
-        row = {"shape": s.name, "dims": dataclasses.asdict(s), "peak_mb": {}, "working_peak_mb": {},
-               "param_mb": {}, "ratios": {}}
+        row = {"shape": s.name, "dims": dataclasses.asdict(s), "threads": threads, "peak_mb": {},
+               "working_peak_mb": {}, "param_mb": {}, "ratios": {}}
         for name, m in mods.items():
             params = [p for p in m.parameters() if p.requires_grad]
             step = make_step(m, x, gy)
@@ -988,7 +1001,9 @@ def parse_args(argv=None):
                         "shared cores are the noisiest figures)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--tiny", action="store_true", help="toy sizes, a few seconds per case (CI)")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes, a few seconds per case (CI); overrides --shapes, --e2e-configs "
+                        "and --e2e-iters")
     p.add_argument("--skip", default="",
                    help=f"comma-separated contenders to leave out: {', '.join(CONTENDERS)}")
     p.add_argument("--gemm-ref", action="store_true",
@@ -1030,11 +1045,15 @@ def parse_args(argv=None):
     for c in sorted(args.skip - set(CONTENDERS)):
         p.error(f"--skip {c!r}: valid contenders are {', '.join(CONTENDERS)}")
     args.e2e_configs = [c.strip() for c in args.e2e_configs.split(",") if c.strip()]
+    if not args.e2e_configs:
+        p.error(f"--e2e-configs: name at least one of {', '.join(E2E_CONFIGS)}")
     for c in args.e2e_configs:
         if c not in E2E_CONFIGS:
             p.error(f"--e2e-configs {c!r}: valid configs are {', '.join(E2E_CONFIGS)}")
     if args.shapes is not None:
         names = [x.strip() for x in args.shapes.split(",") if x.strip()]
+        if not names:
+            p.error(f"--shapes: name at least one of {', '.join(SHAPES)}")
         for n in names:
             if n not in SHAPES:
                 p.error(f"--shapes {n!r}: valid shapes are {', '.join(SHAPES)}")
@@ -1133,6 +1152,11 @@ def main(argv=None) -> int:
     _LOG = sys.stderr if args.json else sys.stdout
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"bench: error: --device {args.device}: CUDA is not available", file=sys.stderr)
+            return 2
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     threads0 = torch.get_num_threads()
     report = {"environment": environment(device), "args": {

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,7 @@ def test_memory_case(report):
         for key in ("peak_mb", "working_peak_mb", "param_mb"):
             assert set(r[key]) == {"fmoe", "dense"} and all(_number(v) for v in r[key].values())
         assert r["working_peak_mb"]["fmoe"] <= r["peak_mb"]["fmoe"]
+        assert r["threads"] == 1  # the profiler sees only its own thread's allocations
         assert all(_number(v) for v in r["ratios"].values())
 
 
@@ -197,6 +199,8 @@ def test_e2e_runs_differ_only_in_the_mlp():
     (["--e2e-iters", "0"], "--e2e-iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--device", "tpu"], "--device"),
+    (["--shapes", ","], "--shapes: name at least one"),
+    (["--e2e-configs", ","], "--e2e-configs: name at least one"),
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     from fastmoe_megatron.bench import parse_args
@@ -205,3 +209,13 @@ def test_bad_options_name_the_option(argv, message, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(capsys):
+    """--device cuda resolves to the current GPU (torch.device("cuda") has no index, which
+    torch.cuda.set_device refuses); without CUDA it is an error naming the option."""
+    from fastmoe_megatron.bench import main
+
+    assert main(["--device", "cuda", "--case", "layer", "--tiny"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
