@@ -875,7 +875,7 @@ def _nothing_to_load(root: Path) -> None:
     if re.fullmatch(r"iter_\d+(\.old|\.tmp)?", root.name):
         if not root.exists():
             raise CheckpointError(f"--load {root}: no such checkpoint folder")
-        read_manifest(root)  # raises: missing manifest (a partial checkpoint) or no such folder
+        read_manifest(root)  # raises: its manifest is missing (a partial checkpoint)
     found = sorted(p.name for p in root.glob("iter_*")
                    if re.fullmatch(r"iter_\d+(\.old)?", p.name) and (p / MANIFEST).is_file())
     if found:
