@@ -117,9 +117,11 @@ class FMoE(nn.Module):
     ``num_expert`` experts live on each of ``world_size`` workers of ``moe_group``; the gate picks
     among all ``num_expert * world_size``. Workers of ``slice_group`` (alias ``mp_group``) receive
     the same batch and each route a slice of it. ``expert`` is a constructor (called with
-    ``d_model``) or a list of constructors; ``None`` means the subclass sets ``self.experts``, a
-    fused module called as ``experts(rows, fwd_expert_count)``. Tokens where ``mask`` is nonzero
-    skip the experts; their output is ``mask_dict[mask value]``.
+    ``d_model``; an expert whose forward takes a second argument also gets its row count) or a
+    list of constructors; ``None`` means the subclass sets ``self.experts``, a fused module called
+    as ``experts(rows, fwd_expert_count)``. Tokens where ``mask`` is nonzero skip the experts;
+    their output is ``mask_dict[mask value]``. The input is ``[tokens, d_model]``, or a nest of
+    ``[tokens, ...]`` tensors for a gate and experts that take nests (``_forward_nest``).
     """
 
     def __init__(self, num_expert=32, d_model=1024, world_size=1, mp_group=None, slice_group=None,
