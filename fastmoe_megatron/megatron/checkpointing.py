@@ -56,7 +56,7 @@ Fault injection (tests and ``scripts/soak_test.py``): ``FMOE_FAULT_INJECT`` hold
 backward pass and the optimizer step), ``save`` (after this rank wrote its files, before the
 checkpoint is committed) or ``commit`` (rank 0, after the folder rename, before ``latest`` is
 updated); ``action`` is ``kill`` (SIGKILL itself, the default), ``exit`` (``os._exit(17)``) or
-``sleepN`` (sleep N seconds).
+``term`` (SIGTERM itself, as a scheduler's preemption does) or ``sleepN`` (sleep N seconds).
 """
 from __future__ import annotations
 
@@ -182,6 +182,8 @@ def fault_point(point: str, iteration: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "exit":
             os._exit(17)
+        elif action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
         elif action.startswith("sleep"):
             time.sleep(float(action[5:] or 3600))
         else:

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 from functools import partial
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after a checkpoint, with --save) when the iteration is a multiple "
                         "of this")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (a scheduler's preemption or time limit), finish the iteration, "
+                        "save a checkpoint (with --save) and exit 0")
+    c.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (after a checkpoint, with --save) once the run has trained this long")
     c.add_argument("--skip-train", action="store_true",
                    help="load (--load), save (--save) and exit without training: converts a "
                         "checkpoint to this run's layout and --ckpt-format")
@@ -207,6 +213,8 @@ def validate_args(args, world_size: int):
               "be written", file=sys.stderr)
     if args.exit_interval is not None and args.exit_interval <= 0:
         raise ValueError("--exit-interval must be > 0")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise ValueError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
     if (args.vocab_file is None) != (args.merge_file is None):
         raise ValueError("--vocab-file and --merge-file go together (GPT-2 BPE); without both the "
                          "tokenizer is byte-level")
@@ -430,7 +438,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(args, use_cuda: bool) -> int:
+def train(args, use_cuda: bool) -> TrainResult:
+    """Builds the model and trains it (``_train``); then restores the SIGTERM handler that
+    ``--exit-signal-handler`` replaces, so that an in-process caller gets its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train(args, use_cuda)
+    finally:
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(args, use_cuda: bool) -> TrainResult:
     if not use_cuda:
         from . import cpu_compat
 
@@ -550,6 +569,14 @@ def train(args, use_cuda: bool) -> int:
     window_t, window_iters = time.time(), 0
     history, norms = [], []
     stop_early = False
+    stop_requested = None
+    if args.exit_signal_handler or args.exit_duration_in_mins:
+        stop_requested = {"signal": False}
+        if args.exit_signal_handler:  # restored by run() when training ends
+            def on_term(signum, frame):
+                stop_requested["signal"] = True
+
+            signal.signal(signal.SIGTERM, on_term)
     while iteration < args.train_iters and not args.skip_train:
         optimizer.zero_grad()
         model.zero_grad_buffer()
@@ -611,6 +638,18 @@ def train(args, use_cuda: bool) -> int:
             stop_early = True
             log0(f"pretrain_gpt: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
             break
+        if stop_requested is not None:
+            # Every rank stops at the same iteration: a signal may reach only some of them.
+            flags = torch.tensor([int(stop_requested["signal"]), int(
+                bool(args.exit_duration_in_mins)
+                and time.time() - t_start >= args.exit_duration_in_mins * 60)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags.any():
+                stop_early = True
+                why = ("SIGTERM (--exit-signal-handler)" if flags[0] else
+                       f"--exit-duration-in-mins {args.exit_duration_in_mins}")
+                log0(f"pretrain_gpt: exiting at iteration {iteration} ({why})")
+                break
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
             checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,

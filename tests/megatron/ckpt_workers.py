@@ -363,3 +363,28 @@ def another_batch_size_and_tp(rank, world, root):
                     "--fmoe-top-k", "1", "--skip-train"])
     out["routing_warning"] = err.getvalue()
     return out
+
+
+def stop_on_sigterm_or_duration(rank, world, root):
+    """--exit-signal-handler: SIGTERM reaches rank 1 only, in iteration 3; both ranks finish that
+    iteration, save it and return (the default action would kill rank 1 and lose the run since
+    the last checkpoint), and the run resumes from it. --exit-duration-in-mins: a tiny budget
+    stops after the first iteration, with a checkpoint."""
+    import os
+    import signal
+
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    base = TINY + ["--train-iters", "6", "--expert-model-parallel-size", "2"]
+    os.environ[ckpt.FAULT_ENV] = "step:3:1:term"
+    try:
+        first = run(base + ["--save", f"{root}/sig", "--exit-signal-handler"])
+    finally:
+        del os.environ[ckpt.FAULT_ENV]
+    out = {"first": len(first.losses), "handler_restored": signal.getsignal(signal.SIGTERM)
+           == signal.SIG_DFL, "latest": ckpt.latest_iteration(f"{root}/sig")}
+    out["resumed"] = len(run(base + ["--load", f"{root}/sig"]).losses)
+    timed = run(base + ["--save", f"{root}/time", "--exit-duration-in-mins", "1e-6"])
+    out.update(timed=len(timed.losses), timed_latest=ckpt.latest_iteration(f"{root}/time"))
+    return out

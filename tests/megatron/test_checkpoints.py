@@ -388,6 +388,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def test_sigterm_and_time_limit_stop_with_a_checkpoint(tmp_path):
+    out = run_workers(w.stop_on_sigterm_or_duration, 2, timeout=600, threads_per_worker=1,
+                      args=(str(tmp_path),))
+    for o in out:
+        assert o["first"] == 3 and o["latest"] == 3 and o["resumed"] == 3, o
+        assert o["handler_restored"], o
+        assert o["timed"] == 1 and o["timed_latest"] == 1, o
+
+
 @pytest.mark.parametrize("fault", ["exit", "hang"])
 def test_failed_worker_ends_the_job_with_a_message(tmp_path, fault):
     """2 processes (no torchrun). exit: rank 1 os._exit()s in the middle of iteration 2; rank 0
