@@ -228,16 +228,21 @@ class FMoE(nn.Module):
     def _gate(self, x: torch.Tensor):
         # Checked with the counts' host copy in expert_rows: no extra synchronisation.
         self._input_finite = _all_finite(x) if self.check_finite else None
-        idx, score = self.gate(x)
-        want = (x.shape[0], self.top_k)
+        return self._run_gate(x, x.shape[0])
+
+    def _run_gate(self, inp, n: int):
+        """The gate on ``inp`` (a tensor or a nest of ``n`` tokens): ``(idx, score)`` as
+        ``[n, top_k]`` each, then the gate hook."""
+        idx, score = self.gate(inp)
+        want = (n, self.top_k)
         # FastMoE's gates may return flat [T*K] indices and [T, 1, K] scores.
-        if idx.shape != want and idx.numel() == want[0] * want[1]:
+        if idx.shape != want and idx.numel() == n * self.top_k:
             idx = idx.reshape(want)
-        if score.shape != want and score.numel() == want[0] * want[1]:
+        if score.shape != want and score.numel() == n * self.top_k:
             score = score.reshape(want)
         if idx.shape != want or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "
-                               f"{tuple(score.shape)}; expected [{x.shape[0]}, {self.top_k}] each")
+                               f"{tuple(score.shape)}; expected [{n}, {self.top_k}] each")
         if self.gate_hook is not None:
             self.gate_hook(idx, score, None)
         return idx, score
@@ -262,14 +267,7 @@ class FMoE(nn.Module):
             raise NotImplementedError("nested MoE inputs cannot be combined with mask or a slice group")
         n, K = rows.pop(), self.top_k
         self._input_finite = None
-        idx, score = self.gate(nest)
-        if idx.numel() == n * K and score.numel() == n * K:
-            idx, score = idx.reshape(n, K), score.reshape(n, K)
-        else:
-            raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and "
-                               f"score {tuple(score.shape)}; expected [{n}, {K}] each")
-        if self.gate_hook is not None:
-            self.gate_hook(idx, score, None)
+        idx, score = self._run_gate(nest, n)
         counts = ops.expert_count(idx, self.num_expert * self.world_size)
         pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group)
                    if self.world_size > 1 else None)
