@@ -22,6 +22,7 @@ import glob
 import hashlib
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -274,7 +275,7 @@ def _build(kind: str) -> None:
             is_python_module=False,
             verbose=os.environ.get("FMOE_BUILD_VERBOSE") == "1",
         )
-        tmp = done.with_name(f"built.{os.getpid()}")
+        tmp = done.with_name(f"built.{socket.gethostname()}.{os.getpid()}")  # unique on shared disks
         tmp.write_text(f"{lib.name}\n")
         os.replace(tmp, done)  # atomic: the marker is there whole, or not at all
         if time.time() - t0 > 1:

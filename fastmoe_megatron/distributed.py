@@ -55,7 +55,8 @@ class DistributedGroupedDataParallel(nn.Module):
     All gradients are divided by ``data_parallel_size`` (default: the size of the ``dp`` group),
     see the module docstring. Call ``allreduce_gradients()`` after ``backward()``, or pass
     ``auto_allreduce=True`` to have it run at the end of every backward pass (gradients
-    accumulated over several backward passes are reduced once each, as by one call at the end).
+    accumulated over several backward passes are reduced once each: the result is what one call
+    at the end gives, up to rounding).
     """
 
     def __init__(self, module, auto_allreduce=False, need_sync=True, data_parallel_size=None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import sysconfig
 import time
@@ -95,9 +96,10 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = numpy.uint16 if tokenizer.vocab_size < 65500 else numpy.int32
     bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
-    # Temporary names of this process: two processes writing the same dataset (two jobs sharing
-    # a cache) do not write into each other's files.
-    tmp_bin, tmp_idx = f"{bin_path}.{os.getpid()}.tmp", f"{idx_path}.{os.getpid()}.tmp"
+    # Temporary names of this process: two processes writing the same dataset (two jobs, or two
+    # nodes, sharing a cache) do not write into each other's files.
+    me = f"{socket.gethostname()}.{os.getpid()}"
+    tmp_bin, tmp_idx = f"{bin_path}.{me}.tmp", f"{idx_path}.{me}.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     t0, docs, tokens = time.time(), 0, 0
     try:

@@ -21,6 +21,7 @@ import random
 import shlex
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -445,7 +446,7 @@ def train(args, use_cuda: bool) -> TrainResult:
     try:
         return _train(args, use_cuda)
     finally:
-        if args.exit_signal_handler:
+        if args.exit_signal_handler and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -572,7 +573,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
     stop_requested = None
     if args.exit_signal_handler or args.exit_duration_in_mins:
         stop_requested = {"signal": False}
-        if args.exit_signal_handler:  # restored by run() when training ends
+        if args.exit_signal_handler and threading.current_thread() is not threading.main_thread():
+            log0("pretrain_gpt: warning: --exit-signal-handler needs the main thread (Python "
+                 "handles signals there only); SIGTERM is not handled in this run")
+        elif args.exit_signal_handler:  # restored by train() when training ends
             def on_term(signum, frame):
                 stop_requested["signal"] = True
 

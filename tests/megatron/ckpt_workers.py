@@ -388,3 +388,25 @@ def stop_on_sigterm_or_duration(rank, world, root):
     timed = run(base + ["--save", f"{root}/time", "--exit-duration-in-mins", "1e-6"])
     out.update(timed=len(timed.losses), timed_latest=ckpt.latest_iteration(f"{root}/time"))
     return out
+
+
+def exit_signal_handler_off_the_main_thread(rank, world):
+    """Python handles signals on the main thread only: run() in another thread with
+    --exit-signal-handler trains (with a warning) instead of raising after all the setup."""
+    import threading
+
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    out = {}
+
+    def body():
+        try:
+            out["losses"] = len(run(TINY + ["--train-iters", "2", "--expert-model-parallel-size", "1",
+                                            "--exit-signal-handler"]).losses)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["error"] = repr(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return out
