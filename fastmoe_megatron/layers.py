@@ -15,6 +15,7 @@ the layer to pass such tokens through).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -78,12 +79,13 @@ def _all_finite(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def _takes_count(expert: nn.Module) -> bool:
-    """Whether an expert's forward takes the row count as its second argument, as FastMoE's
-    experts do (``forward(inp, fwd_expert_count)``): a second positional parameter without a
-    default."""
+@functools.lru_cache(maxsize=None)
+def _takes_count(expert_cls: type) -> bool:
+    """Whether an expert class's forward takes the row count as its second argument, as
+    FastMoE's experts do (``forward(self, inp, fwd_expert_count)``): a second positional parameter
+    after ``self`` without a default. Cached per class: it is asked for every expert call."""
     try:
-        params = list(inspect.signature(expert.forward).parameters.values())
+        params = list(inspect.signature(expert_cls.forward).parameters.values())[1:]  # no self
     except (TypeError, ValueError):
         return False
     positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
@@ -180,7 +182,7 @@ class FMoE(nn.Module):
             return self.experts(inp, fwd_expert_count)
         sizes = [int(c) for c in fwd_expert_count.tolist()]
         total = sum(sizes)
-        outs = [expert(part, torch.tensor([n])) if _takes_count(expert) else expert(part)
+        outs = [expert(part, torch.tensor([n])) if _takes_count(type(expert)) else expert(part)
                 for expert, part, n in zip(self.experts, torch.split(inp[:total], sizes), sizes)]
         pad = inp.new_zeros((inp.shape[0] - total,) + tuple(inp.shape[1:]))
         return torch.cat(outs + [pad]) if outs else pad
