@@ -331,8 +331,9 @@ def test_dispatch_round_trip_through_autograd_ops():
     w = torch.rand(T, K)
     outs = []
     for dev in ("cpu", DEV):
-        xi = x.to(dev).requires_grad_()
-        wi = w.to(dev).requires_grad_()
+        # copies: x.to("cpu") would be x itself, and the cuda copy of it then a non-leaf
+        xi = x.to(dev, copy=True).requires_grad_()
+        wi = w.to(dev, copy=True).requires_grad_()
         counts = fops.expert_count(idx.to(dev), E)
         pos, inv = fops.assign_pos(idx.to(dev), counts)
         buf = fops.scatter_rows(xi, pos, inv, K)
