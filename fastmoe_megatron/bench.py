@@ -235,6 +235,10 @@ def megatron_env(device) -> str | None:
             from .megatron import cpu_compat
 
             cpu_compat.apply()
+        else:
+            from .megatron import te_compat
+
+            te_compat.apply()
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

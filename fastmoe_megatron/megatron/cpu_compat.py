@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
+from . import te_compat
+
 __all__ = [
     "CHECKED_VERSIONS",
     "UNCHECKED_ENV",
@@ -454,7 +456,8 @@ _runs_on_cpu(
 
 
 # ---------------------------------------------------------------------------------------------
-# optimizer/distrib_optimizer.py without Apex or Transformer Engine (always the case on a CPU):
+# optimizer/distrib_optimizer.py without Apex or Transformer Engine (always the case on a CPU;
+# te_compat.apply() installs the same two fixes for GPU runs, with the same helpers):
 # megatron-core falls back to torch.optim.Adam, whose per-parameter state only exists after the
 # first step. DistributedOptimizer.state_dict() reads the iteration from that state and asserts
 # there is exactly one value, so it fails on an optimizer that has not stepped yet, which is
@@ -468,15 +471,7 @@ _runs_on_cpu(
         "a fresh Adam would create (step 0, zero moments), which changes no later update")
 def _distrib_state_dict_before_first_step(original):
     def state_dict(self):
-        inner = self.optimizer
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and not inner.state:
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    inner.state[param].update(
-                        step=torch.tensor(0.0, dtype=torch.float32),
-                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
-                    )
+        te_compat.seed_adam_state(self.optimizer)
         return original(self)
 
     return state_dict
@@ -493,17 +488,7 @@ def _distrib_load_state_dict_cpu(original):
     def load_state_dict(self, state_dict):
         with cuda_means_cpu():
             original(self, state_dict)
-        inner = self.optimizer
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            return
-        groups = state_dict.get("optimizer", {}).get("param_groups", [])
-        saved_steps = {g["step"] for g in groups if g.get("step") is not None}
-        if len(saved_steps) != 1:
-            return
-        iteration = float(saved_steps.pop())
-        for param_state in inner.state.values():
-            if "step" in param_state:
-                param_state["step"] = torch.tensor(iteration, dtype=torch.float32)
+        te_compat.restore_adam_steps(self.optimizer, state_dict)
 
     return load_state_dict
 

@@ -266,6 +266,16 @@ def initialize(args, use_cuda: bool):
     model_parallel_cuda_manual_seed(seed)
 
 
+def fused_softmax_available() -> bool:
+    """Whether the fused masked-softmax kernels (Megatron-LM's ``fused_kernels`` or apex's build of
+    them) are importable. megatron-core imports them only when a bf16/fp16 attention fits their
+    sizes, so asking for the fusion without them fails in the first forward with ImportError."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in (
+        "scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
+
+
 def transformer_config(args, use_cuda: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -293,9 +303,10 @@ def transformer_config(args, use_cuda: bool):
         pipeline_dtype=dtype,
         use_cpu_initialization=not use_cuda,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=use_cuda,
+        # megatron-core's fused bias-GeLU needs a bias: it refuses the fusion without one
+        bias_activation_fusion=use_cuda and not args.disable_bias_linear,
         bias_dropout_fusion=use_cuda,
-        masked_softmax_fusion=use_cuda,
+        masked_softmax_fusion=use_cuda and fused_softmax_available(),
         apply_rope_fusion=False,
         persist_layer_norm=False,
         add_bias_linear=not args.disable_bias_linear,
@@ -455,6 +466,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
         from . import cpu_compat
 
         cpu_compat.apply()
+    else:
+        from . import te_compat
+
+        te_compat.apply()
     from megatron.core import parallel_state
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)

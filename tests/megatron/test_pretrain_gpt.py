@@ -46,3 +46,38 @@ def test_default_corpus_with_a_cache_per_node(tmp_path):
                       threads_per_worker=1)
     assert out[0]["losses"] == out[1]["losses"] and len(out[0]["losses"]) == 2
     assert out[0]["files"] == out[1]["files"] == ["stdlib_bytes_200000.bin", "stdlib_bytes_200000.idx"]
+
+
+def test_masked_softmax_fusion_only_with_its_kernels(monkeypatch, tmp_path):
+    """On a GPU the config asks megatron-core for the fused masked softmax only where its kernels
+    (Megatron-LM's fused_kernels, or apex) can be imported: megatron-core imports them in the first
+    bf16 attention forward, and without them training died there with ImportError."""
+    from fastmoe_megatron.megatron import pretrain_gpt as ptg
+
+    args = ptg.build_parser().parse_args(["--num-layers", "2", "--hidden-size", "64",
+                                          "--num-attention-heads", "4", "--seq-length", "32",
+                                          "--micro-batch-size", "2", "--bf16"])
+    assert ptg.transformer_config(args, use_cuda=False).masked_softmax_fusion is False
+    assert not ptg.fused_softmax_available()
+    assert ptg.transformer_config(args, use_cuda=True).masked_softmax_fusion is False
+    for m in ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+              "scaled_softmax_cuda"):
+        (tmp_path / f"{m}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ptg.fused_softmax_available()
+    assert ptg.transformer_config(args, use_cuda=True).masked_softmax_fusion is True
+
+
+@pytest.mark.parametrize("no_bias", [False, True])
+def test_gpu_config_fuses_bias_gelu_only_with_biases(no_bias):
+    """megatron-core refuses bias_activation_fusion without linear biases (ValueError in
+    TransformerConfig); on a GPU --disable-bias-linear (the e2e benchmark's runs, and any
+    --num-experts run) died there before training."""
+    from fastmoe_megatron.megatron import pretrain_gpt as ptg
+
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2"] + (["--disable-bias-linear"] if no_bias else [])
+    config = ptg.transformer_config(ptg.build_parser().parse_args(argv), use_cuda=True)
+    assert config.bias_activation_fusion is (not no_bias)
+    assert config.add_bias_linear is (not no_bias)
+
