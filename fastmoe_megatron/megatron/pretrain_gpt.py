@@ -682,8 +682,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
     if writer is not None:
         writer.close()
     if first_loss is not None:
-        log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} "
-             f"({(1 - last_loss / first_loss) * 100:.1f}% lower) in {time.time() - t_start:.0f} s")
+        change = (1 - last_loss / first_loss) * 100
+        trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% higher"
+        log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} ({trend}) in "
+             f"{time.time() - t_start:.0f} s")
     return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms,
                        consumed_samples=consumed)
 
