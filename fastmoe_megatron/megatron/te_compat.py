@@ -1,7 +1,9 @@
 """megatron-core without Transformer Engine or Apex, on a GPU as on a CPU.
 
 megatron-core 0.16.1 has three gaps that show whenever neither is installed (always on a CPU, and
-on a GPU with a plain ``pip install megatron-core``). Each was seen on an H200:
+on a GPU with a plain ``pip install megatron-core``). The first two were seen on an H200; the
+third was found on the CPU, and with the fix a GPU resume trains to the same losses as an
+uninterrupted run:
 
 * Its MoE router (``RouterGatingLinearFunction`` in ``megatron.core.transformer.moe.moe_utils``)
   tests ``if te_general_gemm is not None``, but that module binds ``te_general_gemm`` only when
