@@ -189,10 +189,13 @@ class MegatronMLP(MegatronModule):
                            key_seed(base, self.layer_number, 1, g_idx)))
             params.append((experts.h4toh.weight[e], self.config.output_layer_init_method,
                            key_seed(base, self.layer_number, 2, g_idx)))
-        state = torch.get_rng_state()  # the init methods draw from the default generator
+        # The init methods draw from the default CPU generator; torch.manual_seed would also
+        # reseed every GPU's generator, which megatron-core seeded alike on the ranks of a TP group
+        # (their dropout masks must agree) and these seeds differ by expert-parallel rank.
+        state = torch.get_rng_state()
         try:
             for w, init, seed in params:
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 fresh = torch.empty(w.shape, dtype=torch.float32)
                 init(fresh)
                 w.copy_(fresh)

@@ -160,3 +160,22 @@ def checkpoint_restores_experts(rank, world, folder):
     pieces = _gather(w, None)
     assert not torch.equal(pieces[0], pieces[1]), "the EP ranks saved the same experts"
     return True
+
+
+def init_leaves_gpu_generators_alone(rank, world):
+    """Building MegatronMLP (its per-expert init seeds) reseeds no GPU generator: megatron-core
+    seeded them alike on the ranks of a tensor-parallel group, whose dropout masks must agree, and
+    the init seeds differ by expert-parallel rank. Without CUDA, a GPU reseed is queued in
+    torch.cuda's lazy seed tracker (torch.manual_seed queues one); with CUDA it changes the state."""
+    _megatron_setup()
+    from fastmoe_megatron.megatron.layer import FMoEConfig, MegatronMLP
+
+    tracker = torch.cuda._lazy_seed_tracker
+    before = (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+              tracker.manual_seed_all_cb, tracker.manual_seed_cb)
+    MegatronMLP(_config(), FMoEConfig(num_experts=4, top_k=2), layer_number=1)
+    after = (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+             tracker.manual_seed_all_cb, tracker.manual_seed_cb)
+    assert after[1] is before[1] and after[2] is before[2], "a GPU generator was reseeded"
+    if before[0] is not None:
+        assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))

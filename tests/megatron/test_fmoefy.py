@@ -22,6 +22,10 @@ def test_matches_megatron_core_moelayer():
     assert diff < 1e-5
 
 
+def test_expert_init_reseeds_no_gpu_generator():
+    run_workers(w.init_leaves_gpu_generators_alone, 1, timeout=240)
+
+
 def test_wrappers_tags_and_layer_spec():
     run_workers(w.fmoefy_wrappers_and_spec, 1, timeout=240)
 
