@@ -380,6 +380,8 @@ def run(argv=None) -> TrainResult:
     args = build_parser().parse_args(argv)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # as main() does: each process of a node on its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "WORLD_SIZE" in os.environ:  # launched by torchrun: env:// rendezvous
             dist.init_process_group(backend)
         else:
