@@ -48,6 +48,22 @@ class BaseGate(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(self.tot_expert))
             self.register_buffer("expert_load", torch.zeros(self.tot_expert))
 
+    _FP32_BUFFERS = ("expert_bias", "expert_load")
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves and casts as ``nn.Module`` does, except that ``expert_bias`` and ``expert_load``
+        stay in fp32 (they still move with the module). Under ``.bfloat16()`` (megatron's
+        Float16Module, ``--bf16``) a bias update of 1e-3 rounded away on biases of 0.5 and more,
+        and load counts above 256 lost integers. megatron-core keeps its router's expert bias in
+        fp32 for the same reason."""
+        kept = {n: b for n, b in self._buffers.items() if n in self._FP32_BUFFERS and b is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
     def _check_top_k(self, top_k: int, name: str = "top_k") -> int:
         return check_top_k(top_k, self.tot_expert, name)
 

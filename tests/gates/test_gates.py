@@ -429,3 +429,33 @@ def test_capacity_gates_same_on_both_backends(cls, top_k):
             out[backend] = gate(x)[0]
     assert (out["native"] < 0).any()
     assert torch.equal(out["native"], out["torch"])
+
+
+def test_expert_bias_and_load_stay_fp32_under_bf16():
+    """--bf16 (megatron's Float16Module calls .bfloat16()) kept the gate's expert_bias and
+    expert_load in bf16: updates of the rate below rounded away once a bias reached 0.5, and
+    counts above 256 lost integers. They stay fp32 and move with the module; the bf16 gate's
+    biases follow an fp32 gate's update for update."""
+    rate = 1e-3
+    fp32 = make_gate(NaiveGate, 1, expert_bias_update_rate=rate).train()
+    bf16 = make_gate(NaiveGate, 1, expert_bias_update_rate=rate).train()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.bfloat16()
+    assert bf16.gate.weight.dtype == torch.bfloat16
+    assert bf16.expert_bias.dtype == torch.float32 and bf16.expert_load.dtype == torch.float32
+    start = torch.tensor([0.75, 0.0, 0.0, 0.0])  # bf16's spacing at 0.75 is 2**-7 > 2 * rate
+    for g in (fp32, bf16):
+        g.expert_bias.copy_(start)
+    x = x_of(300)
+    for _ in range(3):
+        idx, score = bf16(x.bfloat16())
+        assert score.dtype == torch.bfloat16
+        assert bf16.expert_load.sum() == 300  # exact above 256
+        fp32.expert_load.copy_(bf16.expert_load)  # the same load, so the same update
+        fp32.update_expert_bias()
+        bf16.update_expert_bias()
+    torch.testing.assert_close(bf16.expert_bias, fp32.expert_bias, rtol=0, atol=0)
+    assert bf16.expert_bias[0] < 0.75  # the updates did not round away
+    bf16.double()
+    assert bf16.expert_bias.dtype == torch.float32
+    assert dict(bf16.state_dict())["expert_bias"].dtype == torch.float32
