@@ -52,7 +52,7 @@ class BaseGate(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """Moves and casts as ``nn.Module`` does, except that ``expert_bias`` and ``expert_load``
-        stay in fp32 (they still move with the module). Under ``.bfloat16()`` (megatron's
+        are kept in (or brought to) fp32; they still move with the module. Under ``.bfloat16()`` (megatron's
         Float16Module, ``--bf16``) a bias update of 1e-3 rounded away on biases of 0.5 and more,
         and load counts above 256 lost integers. megatron-core keeps its router's expert bias in
         fp32 for the same reason."""
@@ -60,8 +60,9 @@ class BaseGate(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         for name, old in kept.items():
             new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
+            if new is not None and new.dtype != torch.float32:  # from the fp32 values, if any
+                src = old if old.dtype == torch.float32 else new
+                self._buffers[name] = src.to(device=new.device, dtype=torch.float32)
         return out
 
     def _check_top_k(self, top_k: int, name: str = "top_k") -> int:

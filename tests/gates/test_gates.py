@@ -459,3 +459,13 @@ def test_expert_bias_and_load_stay_fp32_under_bf16():
     bf16.double()
     assert bf16.expert_bias.dtype == torch.float32
     assert dict(bf16.state_dict())["expert_bias"].dtype == torch.float32
+    # Buffers made in bf16 (a bf16 default dtype) are brought to fp32 by the next cast.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        made = make_gate(NaiveGate, 1, expert_bias_update_rate=rate)
+    finally:
+        torch.set_default_dtype(old)
+    assert made.expert_bias.dtype == torch.bfloat16
+    made.bfloat16()
+    assert made.expert_bias.dtype == torch.float32 and made.expert_load.dtype == torch.float32
