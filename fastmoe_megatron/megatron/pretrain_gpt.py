@@ -268,12 +268,18 @@ def initialize(args, use_cuda: bool):
 
 def fused_softmax_available() -> bool:
     """Whether the fused masked-softmax kernels (Megatron-LM's ``fused_kernels`` or apex's build of
-    them) are importable. megatron-core imports them only when a bf16/fp16 attention fits their
-    sizes, so asking for the fusion without them fails in the first forward with ImportError."""
-    import importlib.util
+    them) import. megatron-core imports them only when a bf16/fp16 attention fits their sizes, so
+    asking for the fusion without them (or with a build for another torch, which fails to load)
+    fails in the first forward with ImportError."""
+    import importlib
 
-    return all(importlib.util.find_spec(m) is not None for m in (
-        "scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
+    try:
+        for name in ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+                     "scaled_softmax_cuda"):
+            importlib.import_module(name)
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def transformer_config(args, use_cuda: bool):

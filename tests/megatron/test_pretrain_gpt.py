@@ -50,22 +50,39 @@ def test_default_corpus_with_a_cache_per_node(tmp_path):
 
 def test_masked_softmax_fusion_only_with_its_kernels(monkeypatch, tmp_path):
     """On a GPU the config asks megatron-core for the fused masked softmax only where its kernels
-    (Megatron-LM's fused_kernels, or apex) can be imported: megatron-core imports them in the first
-    bf16 attention forward, and without them training died there with ImportError."""
+    (Megatron-LM's fused_kernels, or apex) import: megatron-core imports them in the first bf16
+    attention forward, and without them training died there with ImportError."""
+    import importlib
+    import importlib.util
+    import sys
+
     from fastmoe_megatron.megatron import pretrain_gpt as ptg
 
+    names = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+             "scaled_softmax_cuda")
     args = ptg.build_parser().parse_args(["--num-layers", "2", "--hidden-size", "64",
                                           "--num-attention-heads", "4", "--seq-length", "32",
                                           "--micro-batch-size", "2", "--bf16"])
     assert ptg.transformer_config(args, use_cuda=False).masked_softmax_fusion is False
-    assert not ptg.fused_softmax_available()
-    assert ptg.transformer_config(args, use_cuda=True).masked_softmax_fusion is False
-    for m in ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
-              "scaled_softmax_cuda"):
-        (tmp_path / f"{m}.py").write_text("")
+    # Kernels that import; then one that is there but fails to load (a build for another torch).
     monkeypatch.syspath_prepend(str(tmp_path))
+    for m in names:
+        (tmp_path / f"{m}.py").write_text("")
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    importlib.invalidate_caches()
     assert ptg.fused_softmax_available()
     assert ptg.transformer_config(args, use_cuda=True).masked_softmax_fusion is True
+    (tmp_path / f"{names[1]}.py").write_text("raise ImportError('undefined symbol')")
+    monkeypatch.delitem(sys.modules, names[1], raising=False)
+    assert not ptg.fused_softmax_available()
+    assert ptg.transformer_config(args, use_cuda=True).masked_softmax_fusion is False
+    (tmp_path / f"{names[1]}.py").unlink()
+    monkeypatch.delitem(sys.modules, names[1], raising=False)
+    importlib.invalidate_caches()
+    if importlib.util.find_spec(names[1]) is None:  # not installed on this machine either
+        assert not ptg.fused_softmax_available()
+    for m in names:
+        monkeypatch.delitem(sys.modules, m, raising=False)
 
 
 @pytest.mark.parametrize("no_bias", [False, True])
