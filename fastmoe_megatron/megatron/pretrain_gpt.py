@@ -380,6 +380,12 @@ class TrainResult:
     consumed_samples: int = 0  # training samples read, from the start of the run it resumed
 
 
+def local_gpu(local_rank: int) -> int:
+    """The GPU of a node's ``local_rank``-th process: its local rank, modulo the GPUs it sees (a
+    launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES shows it as GPU 0)."""
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def run(argv=None) -> TrainResult:
     """Parses ``argv`` and trains, in a process where torch.distributed is initialised (or a
     single process: it is initialised here)."""
@@ -387,7 +393,7 @@ def run(argv=None) -> TrainResult:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():  # as main() does: each process of a node on its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_gpu(int(os.environ.get("LOCAL_RANK", "0"))))
         if "WORLD_SIZE" in os.environ:  # launched by torchrun: env:// rendezvous
             dist.init_process_group(backend)
         else:
@@ -412,7 +418,7 @@ def main(argv=None) -> int:
         return 2
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_gpu(local_rank))
     elif args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // local_world)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
