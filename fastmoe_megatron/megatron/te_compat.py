@@ -22,7 +22,9 @@ uninterrupted run:
   holding the iteration saved in the parameter groups.
 
 ``apply()`` installs the three for GPU runs (``pretrain_gpt``, the benchmark). On the CPU,
-``cpu_compat.apply()`` installs them among its patches, with the same two helpers.
+``cpu_compat.apply()`` installs them among its patches, with the same two helpers; after
+``cpu_compat.apply()`` this ``apply()`` changes nothing, so a later ``cpu_compat.remove()`` (tests)
+leaves none of the fixes in place until ``apply()`` runs again.
 """
 from __future__ import annotations
 
@@ -91,15 +93,16 @@ def apply() -> list[str]:
     cls = importlib.import_module(_OPTIMIZER).DistributedOptimizer
 
     def state_dict(original):
-        def wrapper(self):
+        def wrapper(self, *args, **kwargs):
             seed_adam_state(self.optimizer)
-            return original(self)
+            return original(self, *args, **kwargs)
         return wrapper
 
     def load_state_dict(original):
-        def wrapper(self, sd):
-            original(self, sd)
-            restore_adam_steps(self.optimizer, sd)
+        def wrapper(self, state_dict, *args, **kwargs):
+            out = original(self, state_dict, *args, **kwargs)
+            restore_adam_steps(self.optimizer, state_dict)
+            return out
         return wrapper
 
     for name, make in (("state_dict", state_dict), ("load_state_dict", load_state_dict)):

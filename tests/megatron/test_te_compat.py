@@ -52,6 +52,30 @@ def test_router_gating_runs_without_transformer_engine():
     assert "DistributedOptimizer.state_dict" in out and "DistributedOptimizer.load_state_dict" in out
 
 
+def test_state_dict_wrapper_seeds_adam_then_calls_megatron():
+    """Without cpu_compat (the GPU set-up), DistributedOptimizer.state_dict first seeds the
+    torch Adam's state and then runs megatron-core's own method (here on an object with only an
+    optimizer, where megatron-core's method then fails on the missing attributes)."""
+    out = run_python("""
+        import types, torch
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D
+        from fastmoe_megatron.megatron import te_compat
+        original = D.state_dict
+        te_compat.apply()
+        assert D.state_dict is not original and D.state_dict.__wrapped__ is original
+        p = torch.nn.Parameter(torch.ones(3))
+        holder = types.SimpleNamespace(optimizer=torch.optim.Adam([p]))
+        try:
+            D.state_dict(holder)
+            raise SystemExit("megatron-core's state_dict was not called")
+        except AttributeError:
+            pass
+        assert float(holder.optimizer.state[p]["step"]) == 0.0
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_apply_leaves_cpu_compat_patches_alone():
     """After cpu_compat.apply() (the CPU), te_compat.apply() wraps nothing a second time."""
     out = run_python("""
