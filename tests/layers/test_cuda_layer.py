@@ -257,8 +257,8 @@ def test_fmoe_custom_experts():
 
 
 def test_torch_compile_inductor():
-    """torch.compile (inductor, Triton kernels on the GPU) of a block containing the layer matches
-    eager execution, forward and backward."""
+    """torch.compile (inductor, Triton kernels on the GPU, one graph) of a block containing the
+    layer matches eager execution, forward and backward."""
     torch._dynamo.reset()
 
     class Block(nn.Module):
@@ -274,7 +274,7 @@ def test_torch_compile_inductor():
     eager = Block().to(DEV)
     compiled = Block().to(DEV)
     compiled.load_state_dict(eager.state_dict())
-    fn = torch.compile(compiled)
+    fn = torch.compile(compiled, fullgraph=True)  # a graph break would run the ops eagerly
     x, gy = inputs(256, 64)
     results = []
     for model, call in ((eager, eager), (compiled, fn)):
