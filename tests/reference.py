@@ -171,3 +171,33 @@ def prune_by_capacity(idx: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:
             else:
                 idx[t, j] = -1
     return idx
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+MLP_PARAMS = ["gate.weight", "gate.bias", "htoh4.weight", "htoh4.bias", "h4toh.weight", "h4toh.bias"]
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float,
+                 scaled: bool = False) -> None:
+    """``got`` against the (fp32) ``want``; with ``scaled``, ``atol`` is relative to the largest
+    entry of ``want`` (at least 1): bf16 sums over many tokens err with the tensor's magnitude."""
+    want = want.float()
+    if scaled and want.numel():
+        atol = atol * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_all_close(got, want, **tol) -> None:
+    """``(output, input grad, {name: grad})`` of a model against the reference's, for every
+    FastMoE parameter (``MLP_PARAMS``); a grad the reference never touched is 0."""
+    y, gx, grads = got
+    y_ref, gx_ref, grads_ref = want[:3]
+    assert_close("output", y, y_ref, **tol)
+    assert_close("input grad", gx, gx_ref, **tol)
+    for name in MLP_PARAMS:
+        g = grads[name]
+        assert g is not None, f"{name}: the model produced no gradient"
+        r = grads_ref[name]
+        r = torch.zeros_like(g, dtype=torch.float32) if r is None else r
+        assert_close(f"{name} grad", g, r, **tol)

@@ -18,12 +18,13 @@ import torch.nn as nn
 from fastmoe_megatron import FMoE, FMoETransformerMLP, ops
 from fastmoe_megatron.gates import GShardGate, NaiveGate, SwitchGate
 from tests import reference as ref
+from tests.reference import MLP_PARAMS as PARAMS
+from tests.reference import assert_all_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="CUDA is not available: the GPU layer tests cannot run here")
 
 BACKENDS = ["native", "torch"]
-PARAMS = ["gate.weight", "gate.bias", "htoh4.weight", "htoh4.bias", "h4toh.weight", "h4toh.bias"]
 # fp32 on the GPU: other summation orders and fused multiply-adds than the CPU reference.
 FP32_TOL = dict(rtol=1e-4, atol=1e-4)
 # bf16 against the fp32 reference: 2e-2 relative, and 2e-2 of the tensor's largest entry.
@@ -79,23 +80,6 @@ def run_reference(model, x, gy, idx, score_fn=None):
     y = ref.moe(xr, idx, score, ref.mlp_experts(p, model.experts.activation))
     y.backward(gy.cpu().float())
     return y.detach(), xr.grad, {k: v.grad for k, v in p.items()}
-
-
-def assert_close(name, got, want, rtol, atol, scaled=False):
-    want = want.float()
-    if scaled and want.numel():
-        atol = atol * max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-def assert_all_close(got, want, **tol):
-    y, gx, grads = got
-    assert_close("output", y, want[0], **tol)
-    assert_close("input grad", gx, want[1], **tol)
-    for name in PARAMS:
-        g, r = grads[name], want[2][name]
-        assert g is not None, f"{name}: the model produced no gradient"
-        assert_close(f"{name} grad", g, torch.zeros_like(g, dtype=torch.float32) if r is None else r, **tol)
 
 
 def gate_choice(model, x):

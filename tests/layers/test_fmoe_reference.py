@@ -24,6 +24,8 @@ import torch.nn as nn
 from fastmoe_megatron import FMoE, FMoELinear, FMoETransformerMLP, ops
 from fastmoe_megatron.gates import GShardGate, NaiveGate, SwitchGate
 from tests import reference as ref
+from tests.reference import MLP_PARAMS as PARAMS
+from tests.reference import assert_all_close
 
 D, H, T = 16, 32, 24
 BACKENDS = ["native", "torch"]
@@ -32,7 +34,6 @@ FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 # gradients are sums over many tokens whose rounding error scales with the tensor's magnitude, not
 # with each (possibly cancelled, near-zero) entry. Measured: max error <= 0.8% of the largest entry.
 BF16_TOL = dict(rtol=2e-2, atol=2e-2, scaled=True)
-PARAMS = ["gate.weight", "gate.bias", "htoh4.weight", "htoh4.bias", "h4toh.weight", "h4toh.bias"]
 
 
 # ---------------------------------------------------------------------------- custom gates
@@ -116,27 +117,6 @@ def run_reference(model, x, gy, dtype=None, idx=None, route=None):
     y = ref.moe(flat, idx, score, ref.mlp_experts(p, model.experts.activation)).reshape(xr.shape)
     y.backward(gy.to(y.dtype))
     return y.detach(), xr.grad, {k: v.grad for k, v in p.items()}, idx
-
-
-def assert_close(name, got, want, rtol, atol, scaled=False):
-    want = want.float()
-    if scaled and want.numel():
-        atol = atol * max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-def assert_all_close(got, want, **tol):
-    """Output, input grad and every parameter grad; a grad the reference never touched is 0."""
-    y, gx, grads = got
-    y_ref, gx_ref, grads_ref = want[:3]
-    assert_close("output", y, y_ref, **tol)
-    assert_close("input grad", gx, gx_ref, **tol)
-    for name in PARAMS:
-        g = grads[name]
-        assert g is not None, f"{name}: the model produced no gradient"
-        r = grads_ref[name]
-        r = torch.zeros_like(g, dtype=torch.float32) if r is None else r
-        assert_close(f"{name} grad", g, r, **tol)
 
 
 def assert_finite(*tensors):
