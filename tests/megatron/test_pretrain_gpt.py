@@ -97,4 +97,3 @@ def test_gpu_config_fuses_bias_gelu_only_with_biases(no_bias):
     config = ptg.transformer_config(ptg.build_parser().parse_args(argv), use_cuda=True)
     assert config.bias_activation_fusion is (not no_bias)
     assert config.add_bias_linear is (not no_bias)
-
