@@ -465,16 +465,11 @@ _runs_on_cpu(
 # ---------------------------------------------------------------------------------------------
 
 
-@_wraps("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
-        "asserts one 'step' value in torch Adam's per-parameter state, which is empty before "
-        "the first step (resuming from a checkpoint); we first give every parameter the state "
-        "a fresh Adam would create (step 0, zero moments), which changes no later update")
-def _distrib_state_dict_before_first_step(original):
-    def state_dict(self):
-        te_compat.seed_adam_state(self.optimizer)
-        return original(self)
-
-    return state_dict
+_wraps("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
+       "asserts one 'step' value in torch Adam's per-parameter state, which is empty before "
+       "the first step (resuming from a checkpoint); we first give every parameter the state "
+       "a fresh Adam would create (step 0, zero moments), which changes no later update",
+       )(te_compat.seeding_state_dict)
 
 
 @_wraps("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
@@ -485,12 +480,11 @@ def _distrib_state_dict_before_first_step(original):
         "non-persistent). Runs in cuda_means_cpu(), then gives each parameter its own step "
         "tensor holding the iteration saved in the param groups")
 def _distrib_load_state_dict_cpu(original):
-    def load_state_dict(self, state_dict):
+    def on_cpu(self, state_dict, *args, **kwargs):
         with cuda_means_cpu():
-            original(self, state_dict)
-        te_compat.restore_adam_steps(self.optimizer, state_dict)
+            return original(self, state_dict, *args, **kwargs)
 
-    return load_state_dict
+    return te_compat.restoring_load_state_dict(on_cpu)
 
 
 # ---------------------------------------------------------------------------------------------

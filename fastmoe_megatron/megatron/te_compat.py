@@ -71,6 +71,23 @@ def restore_adam_steps(optimizer, state_dict: dict) -> None:
             param_state["step"] = torch.tensor(iteration, dtype=torch.float32)
 
 
+def seeding_state_dict(original):
+    """``DistributedOptimizer.state_dict`` that first seeds a fresh torch Adam's state."""
+    def state_dict(self, *args, **kwargs):
+        seed_adam_state(self.optimizer)
+        return original(self, *args, **kwargs)
+    return state_dict
+
+
+def restoring_load_state_dict(original):
+    """``DistributedOptimizer.load_state_dict`` that then gives each parameter its own step."""
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        out = original(self, state_dict, *args, **kwargs)
+        restore_adam_steps(self.optimizer, state_dict)
+        return out
+    return load_state_dict
+
+
 def _wrap(cls, name: str, make) -> bool:
     current = vars(cls)[name]
     if getattr(current, _MARK, False) or getattr(current, "__fmoe_cpu_compat__", None):
@@ -92,20 +109,8 @@ def apply() -> list[str]:
         changed.append(f"{ROUTER_MODULE}:{ROUTER_NAME}")
     cls = importlib.import_module(_OPTIMIZER).DistributedOptimizer
 
-    def state_dict(original):
-        def wrapper(self, *args, **kwargs):
-            seed_adam_state(self.optimizer)
-            return original(self, *args, **kwargs)
-        return wrapper
-
-    def load_state_dict(original):
-        def wrapper(self, state_dict, *args, **kwargs):
-            out = original(self, state_dict, *args, **kwargs)
-            restore_adam_steps(self.optimizer, state_dict)
-            return out
-        return wrapper
-
-    for name, make in (("state_dict", state_dict), ("load_state_dict", load_state_dict)):
+    for name, make in (("state_dict", seeding_state_dict),
+                       ("load_state_dict", restoring_load_state_dict)):
         if _wrap(cls, name, make):
             changed.append(f"{_OPTIMIZER}:DistributedOptimizer.{name}")
     return changed
