@@ -387,7 +387,7 @@ _runs_on_cpu(
     "allocates the per-layer aux-loss tracker with device='cuda' (force_initialize=True)",
 )
 _PATCHES.append(_Patch(
-    "megatron.core.transformer.moe.moe_utils:te_general_gemm",
+    f"{te_compat.ROUTER_MODULE}:{te_compat.ROUTER_NAME}",  # the name te_compat binds on GPUs
     lambda original: None,
     "read by RouterGatingLinearFunction (`if te_general_gemm is not None`) but only defined when "
     "Transformer Engine imports: a NameError in the router without TE; defined as None",
