@@ -114,7 +114,10 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
             raise ValueError(f"--input {source}: no documents found")
         builder.finalize(tmp_idx)
         # The .idx last: a dataset whose .idx is there is complete (the default corpus is
-        # checked that way), and an interrupted run leaves nothing under the real names.
+        # checked that way), and an interrupted run leaves nothing under the real names. An
+        # older dataset's .idx goes first, so that a crash between the two renames leaves a
+        # .bin without an .idx (incomplete), never the new .bin under the old .idx.
+        Path(idx_path).unlink(missing_ok=True)
         Path(tmp_bin).replace(bin_path)
         Path(tmp_idx).replace(idx_path)
     except BaseException:

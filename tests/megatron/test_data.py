@@ -119,6 +119,33 @@ def test_preprocess_names_the_bad_line_and_leaves_nothing(tmp_path, line, why):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
+def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monkeypatch):
+    """Re-preprocessing over an existing dataset, killed after the new .bin is in place but
+    before its .idx: what is left is a .bin without an .idx (incomplete, and made again by the
+    default-corpus check), not the new .bin under the old .idx."""
+    from pathlib import Path
+
+    from fastmoe_megatron.megatron.preprocess_data import preprocess
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "the old corpus, which is longer"}) + "\n")
+    out = tmp_path / "out"
+    preprocess(str(src), str(out / "d"), log=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == ["d.bin", "d.idx"]
+    src.write_text(json.dumps({"text": "new"}) + "\n")
+    real_replace = Path.replace
+
+    def replace(self, target):
+        if str(target).endswith(".idx"):
+            raise KeyboardInterrupt  # the job is killed between the two renames
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(str(src), str(out / "d"), log=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == ["d.bin"]
+
+
 def test_preprocess_reads_json_lines_and_sentence_lists(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
