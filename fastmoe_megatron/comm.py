@@ -8,15 +8,20 @@ Layouts (W workers in the MoE group, E local experts each, global expert g = w *
 - the receive buffer holds rows grouped by (local expert e, source j), as in FastMoE, so each
   local expert's rows are one contiguous block for the grouped GEMM.
 
-Back ends: the native NCCL communicator (``ops.nccl``) for CUDA tensors when it is built, else
-``torch.distributed.all_to_all_single`` with split sizes (gloo on the CPU, NCCL on GPUs).
+Back ends: the native NCCL communicator (``ops.nccl``) for CUDA tensors when every rank of the
+group has it built, else ``torch.distributed.all_to_all_single`` with split sizes (gloo on the CPU,
+NCCL on GPUs). The ranks agree on it at the group's first exchange (``_native_comm``).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
 
-_native_comms: dict = {}
+# Communicators by process group, held weakly: a destroyed group's entry goes with it, so a
+# later init_process_group never meets a stale communicator.
+_native_comms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def group_size(group) -> int:
@@ -33,26 +38,43 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _agreed(usable: bool, group) -> bool:
+    """Whether ``usable`` holds on every rank of ``group`` (a collective over the group). The ranks
+    of a group must all take the same exchange path: a rank on the native communicator and one
+    on ``torch.distributed`` would each wait for messages the other never sends."""
+    flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=_comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 def _native_comm(group, t: torch.Tensor):
-    """The native NCCL communicator for ``group`` when ``t`` is a CUDA tensor and it is built."""
+    """The native NCCL communicator for ``group`` when ``t`` is a CUDA tensor and every rank of the
+    group has it built; else None, and the exchanges go through ``torch.distributed``. None as
+    well while the torch kernels are forced (``FMOE_BACKEND=torch`` or ``ops.use_backend``, which
+    must then be alike on every rank). The first call for a group is collective over it."""
     if not t.is_cuda:
         return None
     from . import ops
+
+    if ops._forced() == "torch":
+        return None
+    key = group if group is not None else dist.group.WORLD
+    if key not in _native_comms:
+        _native_comms[key] = _make_native_comm(group)
+    return _native_comms[key]
+
+
+def _make_native_comm(group):
     from .ops import native
 
-    if ops._forced() == "torch" or not native.cuda_available():
-        return None
     try:
-        from .ops.nccl import NcclCommunicator
+        from .ops.nccl import NcclCommunicator, available
+        usable = native.cuda_available() and available()
     except ImportError:
-        return None
-    key = id(group) if group is not None else 0
-    if key not in _native_comms:
-        try:
-            _native_comms[key] = NcclCommunicator(group)
-        except (RuntimeError, AttributeError):
-            _native_comms[key] = None  # NCCL ops not built: stay on torch.distributed
-    return _native_comms[key]
+        usable = False
+    # Agreed first: a rank whose CUDA library failed to build (or was turned off with
+    # FMOE_CUDA_OPS=0) takes the whole group onto torch.distributed with it.
+    return NcclCommunicator(group) if _agreed(usable, group) else None
 
 
 def exchange_counts(local_count: torch.Tensor, num_expert: int, group=None) -> torch.Tensor:

@@ -47,7 +47,6 @@ class NcclCommunicator:
             raise RuntimeError("NcclCommunicator needs an initialized torch.distributed")
         if not available():
             raise RuntimeError("the native NCCL ops are not built (see `python -m fastmoe_megatron info`)")
-        self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if self.rank < 0:

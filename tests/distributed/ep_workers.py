@@ -466,3 +466,24 @@ def nonfinite_input_stops_every_rank(rank, world, ep, bad_ranks, overlap):
     start = sum(counts[:rank])
     check("output after the error", y.detach(), y_ref[start:start + counts[rank]])
     return {"raised": raised}
+
+
+def exchange_path_is_agreed(rank, world):
+    """``comm._agreed``: one rank that cannot use the native communicator takes the whole group
+    onto torch.distributed; and a destroyed group's cached communicator goes with it."""
+    import gc
+
+    from fastmoe_megatron import comm
+
+    sub = dist.new_group(list(range(world)))
+    got = {name: [comm._agreed(usable, group) for group in (None, sub)]
+           for name, usable in (("all", True), ("none", False), ("one", rank != world - 1))}
+    assert got == {"all": [True, True], "none": [False, False], "one": [False, False]}, got
+    # Cached communicators are held by group, weakly.
+    comm._native_comms[sub] = "a communicator"
+    assert len(comm._native_comms) == 1
+    dist.destroy_process_group(sub)
+    del sub
+    gc.collect()
+    assert len(comm._native_comms) == 0
+    return True

@@ -101,3 +101,8 @@ def test_overlap_switch(monkeypatch):
     monkeypatch.setenv("FMOE_EP_OVERLAP", "yes")
     with pytest.raises(ValueError, match="FMOE_EP_OVERLAP='yes' is not valid; allowed values: 0, 1"):
         ep_overlap.enabled()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_takes_the_same_exchange_path(world):
+    assert run_workers(w.exchange_path_is_agreed, world, timeout=120, args=()) == [True] * world

@@ -113,13 +113,7 @@ def nccl_exchange_worker(rank: int, world: int, num_expert: int, width: tuple, d
     return True
 
 
-@pytest.mark.parametrize("num_expert,width,dtype_name,use_subgroup", [
-    (1, (8,), "float32", False),
-    (3, (16,), "bfloat16", False),
-    (2, (4, 5), "float16", True),
-    (4, (1,), "float64", False),
-])
-def test_nccl_scatter_gather_match_brute_force(num_expert, width, dtype_name, use_subgroup):
+def _require_native_nccl():
     from fastmoe_megatron.ops import nccl
 
     for var in ("FMOE_NATIVE", "FMOE_CUDA_OPS"):
@@ -128,7 +122,55 @@ def test_nccl_scatter_gather_match_brute_force(num_expert, width, dtype_name, us
     if not nccl.available():
         pytest.fail("the native NCCL ops are not built (FMOE_WITH_NCCL): see "
                     "`python -m fastmoe_megatron info`")
+
+
+@pytest.mark.parametrize("num_expert,width,dtype_name,use_subgroup", [
+    (1, (8,), "float32", False),
+    (3, (16,), "bfloat16", False),
+    (2, (4, 5), "float16", True),
+    (4, (1,), "float64", False),
+])
+def test_nccl_scatter_gather_match_brute_force(num_expert, width, dtype_name, use_subgroup):
+    _require_native_nccl()
     out = run_workers(nccl_exchange_worker, 2, timeout=300,
                       args=(num_expert, width, dtype_name, use_subgroup),
+                      init_process_group=False)
+    assert out == [True, True]
+
+
+def exchange_path_worker(rank: int, world: int, cuda_ops_off_on_last_rank: bool):
+    """``comm``'s choice of back end on real GPUs: the native communicator on every rank, or, when
+    one rank has no CUDA library (``FMOE_CUDA_OPS=0`` there, as after a failed build),
+    torch.distributed on every rank (not a hang)."""
+    if cuda_ops_off_on_last_rank and rank == world - 1:
+        os.environ["FMOE_CUDA_OPS"] = "0"  # before the first load of the library
+    import torch.distributed as dist
+
+    from fastmoe_megatron import comm
+    from fastmoe_megatron.ops.nccl import NcclCommunicator
+
+    _init_nccl(rank, world)
+    dev = torch.device("cuda", rank)
+    chosen = comm._native_comm(None, torch.zeros(1, device=dev))
+    if cuda_ops_off_on_last_rank:
+        assert chosen is None, chosen
+    else:
+        assert isinstance(chosen, NcclCommunicator), chosen
+    E = 2
+    local_count = torch.arange(world * E, dtype=torch.int64) + rank
+    global_count = comm.exchange_counts(local_count.to(dev), E)
+    all_lc = _all_gather_rows(local_count.to(dev), world)
+    want = torch.stack([all_lc[j][rank * E:(rank + 1) * E] for j in range(world)]).reshape(-1)
+    assert torch.equal(global_count, want.cpu()), (global_count, want)
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+@pytest.mark.parametrize("cuda_ops_off_on_last_rank", [False, True])
+def test_every_rank_takes_the_same_exchange_path(cuda_ops_off_on_last_rank):
+    _require_native_nccl()
+    out = run_workers(exchange_path_worker, 2, timeout=300, args=(cuda_ops_off_on_last_rank,),
                       init_process_group=False)
     assert out == [True, True]
