@@ -194,6 +194,25 @@ def checkpoint_dir(root, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def _consumed_samples(manifest: dict, iteration: int) -> Optional[int]:
+    consumed = manifest.get("consumed_samples")
+    saved_batch = (manifest.get("args") or {}).get("global_batch_size")
+    if consumed is None and saved_batch:  # written before consumed_samples was recorded
+        consumed = iteration * int(saved_batch)
+    return consumed
+
+
+def saved_progress(root) -> tuple[int, Optional[int]]:
+    """(iteration, consumed samples or None) of the checkpoint that ``load(root)`` would load,
+    from its manifest alone (nothing verified or unpickled); (0, None) when there is none. For
+    sizing the training data before ``load`` (which restores the RNG states, so comes last)."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file() and latest_iteration(root) is None:
+        return 0, None
+    manifest = read_manifest(resolve(root))
+    return int(manifest["iteration"]), _consumed_samples(manifest, int(manifest["iteration"]))
+
+
 def latest_iteration(root) -> int | None:
     path = Path(root) / LATEST
     if not path.is_file():
@@ -975,11 +994,7 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
             optimizer.reload_model_params()  # fp32 main copies (bf16, distributed) from the weights
     if report is not None:
         report["optimizer"] = with_optim
-        consumed = manifest.get("consumed_samples")
-        saved_batch = (manifest.get("args") or {}).get("global_batch_size")
-        if consumed is None and saved_batch:  # written before consumed_samples was recorded
-            consumed = int(loaded["iteration"]) * int(saved_batch)
-        report["consumed_samples"] = consumed
+        report["consumed_samples"] = _consumed_samples(manifest, int(loaded["iteration"]))
     if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng:

@@ -380,6 +380,17 @@ class TrainResult:
     consumed_samples: int = 0  # training samples read, from the start of the run it resumed
 
 
+def training_samples(train_iters: int, global_batch: int, saved_iteration: int = 0,
+                     saved_consumed: int | None = None) -> int:
+    """Samples the training data must hold: ``train_iters x global_batch``, or more when a run
+    resumes at ``saved_consumed`` samples with a smaller global batch than it had (the rest of
+    its iterations read on from there). Without this the data would wrap around to its start."""
+    samples, left = train_iters * global_batch, train_iters - saved_iteration
+    if saved_consumed is not None and left > 0:
+        samples = max(samples, saved_consumed + left * global_batch)
+    return samples
+
+
 def local_gpu(local_rank: int) -> int:
     """The GPU of a node's ``local_rank``-th process: its local rank, modulo the GPUs it sees (a
     launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES shows it as GPU 0)."""
@@ -545,9 +556,13 @@ def _train(args, use_cuda: bool) -> TrainResult:
             data_prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes,
                                               args.vocab_file, args.merge_file)
             index_cache = args.data_cache_path or ""  # in memory: the cache may be node-local
+        samples = args.train_iters * args.global_batch_size
+        if args.load:  # a run resumed with a smaller global batch reads past that
+            saved_iteration, saved_consumed = checkpointing.saved_progress(args.load)
+            samples = training_samples(args.train_iters, args.global_batch_size,
+                                       saved_iteration, saved_consumed)
         train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
-                                        args.split, [args.train_iters * args.global_batch_size, 0, 0],
-                                        index_cache)
+                                        args.split, [samples, 0, 0], index_cache)
     iteration, loaded = 0, {}
     if args.load:  # last before the loop: it restores the RNG states
         iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,

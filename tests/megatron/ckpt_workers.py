@@ -349,7 +349,9 @@ def another_batch_size_and_tp(rank, world, root):
 
     base = TINY + ["--expert-model-parallel-size", "1"]
     first = run(base + ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--save", root])
-    out = {"saved_consumed": first.consumed_samples}
+    from fastmoe_megatron.megatron import checkpointing
+
+    out = {"saved_consumed": first.consumed_samples, "progress": checkpointing.saved_progress(root)}
     out["tp_error"] = _error_of(lambda: run(base + ["--train-iters", "5", "--load", root,
                                                    "--skip-train"]))
     log = io.StringIO()

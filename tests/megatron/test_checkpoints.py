@@ -225,7 +225,7 @@ def test_resume_with_another_global_batch_and_tp_size(tmp_path):
     another top-k warns, naming --fmoe-top-k."""
     out = run_workers(w.another_batch_size_and_tp, 2, timeout=600, threads_per_worker=1,
                       args=(str(tmp_path / "c"),))[0]
-    assert out["saved_consumed"] == 6
+    assert out["saved_consumed"] == 6 and out["progress"] == (3, 6), out
     assert out["tp_error"].startswith("CheckpointError"), out["tp_error"]
     assert "at TP=1 pass --make-vocab-size-divisible-by 256" in out["tp_error"], out["tp_error"]
     assert "resuming at sample 6 of the data (iteration 3; the global batch is now 4)" in out["log"]
