@@ -115,9 +115,12 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
         builder.finalize(tmp_idx)
         # The .idx last: a dataset whose .idx is there is complete (the default corpus is
         # checked that way), and an interrupted run leaves nothing under the real names. An
-        # older dataset's .idx goes first, so that a crash between the two renames leaves a
-        # .bin without an .idx (incomplete), never the new .bin under the old .idx.
-        Path(idx_path).unlink(missing_ok=True)
+        # older, different .idx goes first, so that a crash between the two renames leaves a
+        # .bin without an .idx (incomplete), never the new .bin under the old .idx. One equal
+        # to the new .idx stays (another process that wrote the same dataset may be reading it).
+        old_idx = Path(idx_path)
+        if old_idx.is_file() and old_idx.read_bytes() != Path(tmp_idx).read_bytes():
+            old_idx.unlink(missing_ok=True)
         Path(tmp_bin).replace(bin_path)
         Path(tmp_idx).replace(idx_path)
     except BaseException:

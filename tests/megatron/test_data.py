@@ -122,7 +122,8 @@ def test_preprocess_names_the_bad_line_and_leaves_nothing(tmp_path, line, why):
 def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monkeypatch):
     """Re-preprocessing over an existing dataset, killed after the new .bin is in place but
     before its .idx: what is left is a .bin without an .idx (incomplete, and made again by the
-    default-corpus check), not the new .bin under the old .idx."""
+    default-corpus check), not the new .bin under the old .idx. The same dataset written again
+    (two jobs making one corpus) keeps its .idx, which the other job may be reading."""
     from pathlib import Path
 
     from fastmoe_megatron.megatron.preprocess_data import preprocess
@@ -131,8 +132,8 @@ def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monk
     src.write_text(json.dumps({"text": "the old corpus, which is longer"}) + "\n")
     out = tmp_path / "out"
     preprocess(str(src), str(out / "d"), log=lambda m: None)
-    assert sorted(p.name for p in out.iterdir()) == ["d.bin", "d.idx"]
-    src.write_text(json.dumps({"text": "new"}) + "\n")
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(files) == ["d.bin", "d.idx"]
     real_replace = Path.replace
 
     def replace(self, target):
@@ -141,6 +142,10 @@ def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monk
         return real_replace(self, target)
 
     monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(str(src), str(out / "d"), log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    src.write_text(json.dumps({"text": "new"}) + "\n")
     with pytest.raises(KeyboardInterrupt):
         preprocess(str(src), str(out / "d"), log=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == ["d.bin"]
