@@ -22,6 +22,24 @@ def test_matches_megatron_core_moelayer():
     assert diff < 1e-5
 
 
+def test_version_check_and_its_override(monkeypatch):
+    """fmoefy refuses an unchecked megatron-core, naming both ways to try anyway: an explicit
+    megatron_version, or FMOE_MEGATRON_UNCHECKED=1 (which cpu_compat and the launcher honour too:
+    pretrain_gpt --fmoefy used to stop here even with it set)."""
+    from fastmoe_megatron.megatron import fmoefy as f
+
+    assert f.check_version() == f.megatron_core_version()  # the installed, checked one
+    monkeypatch.setattr(f, "megatron_core_version", lambda: "0.99.0")
+    monkeypatch.delenv("FMOE_MEGATRON_UNCHECKED", raising=False)
+    with pytest.raises(RuntimeError, match=r"found 0\.99\.0; pass megatron_version='0\.16' "
+                                           r"\(or set FMOE_MEGATRON_UNCHECKED=1\)"):
+        f.check_version()
+    assert f.check_version("0.16") == "0.16"
+    monkeypatch.setenv("FMOE_MEGATRON_UNCHECKED", "1")
+    with pytest.warns(UserWarning, match="megatron-core 0.99.0 was not checked"):
+        assert f.check_version() == "0.99.0"
+
+
 def test_expert_init_reseeds_no_gpu_generator():
     run_workers(w.init_leaves_gpu_generators_alone, 1, timeout=240)
 
