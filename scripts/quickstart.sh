@@ -5,7 +5,7 @@
 # to pretrain_gpt (e.g. --train-iters 400).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-bash scripts/setup.sh
-NPROC=2 exec bash scripts/pretrain_gpt.sh @configs/tiny-cpu.args --expert-model-parallel-size 2 \
-  --save runs/quickstart "$@"
+# No cd: relative paths in the extra arguments are the caller's; the checkpoint goes under the checkout.
+bash "$ROOT/scripts/setup.sh"
+NPROC=2 exec bash "$ROOT/scripts/pretrain_gpt.sh" "@$ROOT/configs/tiny-cpu.args" \
+  --expert-model-parallel-size 2 --save "$ROOT/runs/quickstart" "$@"
