@@ -469,8 +469,9 @@ def nonfinite_input_stops_every_rank(rank, world, ep, bad_ranks, overlap):
 
 
 def exchange_path_is_agreed(rank, world):
-    """``comm._agreed``: one rank that cannot use the native communicator takes the whole group
-    onto torch.distributed; and a destroyed group's cached communicator goes with it."""
+    """``comm._agreed`` / ``_make_native_comm``: one rank that cannot use the native communicator
+    takes the whole group onto torch.distributed; and a destroyed group's cached communicator
+    goes with it."""
     import gc
 
     from fastmoe_megatron import comm
@@ -479,6 +480,13 @@ def exchange_path_is_agreed(rank, world):
     got = {name: [comm._agreed(usable, group) for group in (None, sub)]
            for name, usable in (("all", True), ("none", False), ("one", rank != world - 1))}
     assert got == {"all": [True, True], "none": [False, False], "one": [False, False]}, got
+    # The choice itself: the native communicator counted as built on every rank but the last
+    # (as when the CUDA build failed on one node) gives torch.distributed on all of them, at once.
+    from fastmoe_megatron.ops import native, nccl
+
+    built = rank != world - 1
+    native.cuda_available, nccl.available = (lambda: built), (lambda: built)
+    assert comm._make_native_comm(sub) is None and comm._make_native_comm(None) is None
     # Cached communicators are held by group, weakly.
     comm._native_comms[sub] = "a communicator"
     assert len(comm._native_comms) == 1
