@@ -909,9 +909,14 @@ def case_e2e(args, device) -> list[dict]:
         losses = {}
         for r in range(args.e2e_rounds):
             for variant in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                t0 = time.perf_counter()
                 (res,) = launch(_e2e_worker, 1, args=(runs[variant], warmup), threads=threads)
                 times[variant] += res["iter_s"]
                 losses[variant] = res["last_loss"]
+                # Progress: each run is a fresh process (seconds of start-up on a GPU machine).
+                log(f"e2e    {name:8s} run {r + 1}/{args.e2e_rounds} {variant:12s} "
+                    f"{1e3 * statistics.median(res['iter_s']):.1f} ms/iteration "
+                    f"({time.perf_counter() - t0:.1f} s with start-up)")
         tokens = c["mbs"] * c["seq"]
         tps = {n: tokens / statistics.median(v) for n, v in times.items()}
         row = {"config": name, "model": c, "threads": threads, "processes": 1,

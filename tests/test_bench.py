@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_expert_parallel_case(report):
 
 
 def test_end_to_end_case(report):
-    rep, _ = report
+    rep, log = report
     rows = rep["cases"]["e2e"]
     if not rows:
         assert "e2e" in rep.get("skipped", {})
@@ -94,6 +95,8 @@ def test_end_to_end_case(report):
                                     "dense_over_megatron_moe"}
         assert all(_number(v) for v in r["ratios"].values())
         assert all(math.isfinite(v) for v in r["last_loss"].values())
+        for variant in r["tokens_per_s"]:  # progress: a line per run, as it ends
+            assert re.search(rf"e2e +{r['config']} +run 1/1 {variant} +[0-9.]+ ms/iteration", log), log
 
 
 def test_compile_case(report):
