@@ -87,6 +87,14 @@ def main(argv=None) -> int:
 
     try:
         patched = megatron_lm.apply()
+        import torch
+
+        if torch.cuda.is_available():
+            # As pretrain_gpt does: megatron-core's gaps on a GPU without Transformer Engine or
+            # Apex (a --use-distributed-optimizer resume with torch Adam); a no-op with them.
+            from fastmoe_megatron.megatron import te_compat
+
+            patched += te_compat.apply()
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fastmoe_megatron.launch: Megatron-LM {megatron_lm.megatron_lm_version()}: "
                   "patched " + ", ".join(t.rpartition(":")[2] for t in patched), flush=True)
