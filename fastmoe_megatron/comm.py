@@ -65,16 +65,11 @@ def _native_comm(group, t: torch.Tensor):
 
 
 def _make_native_comm(group):
-    from .ops import native
+    from .ops.nccl import NcclCommunicator, available
 
-    try:
-        from .ops.nccl import NcclCommunicator, available
-        usable = native.cuda_available() and available()
-    except ImportError:
-        usable = False
     # Agreed first: a rank whose CUDA library failed to build (or was turned off with
     # FMOE_CUDA_OPS=0) takes the whole group onto torch.distributed with it.
-    return NcclCommunicator(group) if _agreed(usable, group) else None
+    return NcclCommunicator(group) if _agreed(available(), group) else None
 
 
 def exchange_counts(local_count: torch.Tensor, num_expert: int, group=None) -> torch.Tensor:
