@@ -57,6 +57,7 @@ __all__ = [
     "describe",
     "is_applied",
     "remove",
+    "unchecked_ok",
 ]
 
 #: megatron-core versions every patch below was checked against (a patch may list fewer).
@@ -64,6 +65,12 @@ CHECKED_VERSIONS: Tuple[str, ...] = ("0.16.1",)
 
 #: Set to ``1`` to apply the patches on a megatron-core version they were not checked against.
 UNCHECKED_ENV = "FMOE_MEGATRON_UNCHECKED"
+
+
+def unchecked_ok() -> bool:
+    """Whether ``FMOE_MEGATRON_UNCHECKED=1``: then every version check of the Megatron integration
+    (these patches, ``fmoefy``, the Megatron-LM launcher's patches) warns instead of raising."""
+    return os.environ.get(UNCHECKED_ENV, "") == "1"
 
 _MARK = "__fmoe_cpu_compat__"
 
@@ -603,7 +610,7 @@ def apply(force: bool = False) -> List[str]:
         return []
     version = _megatron_version()
     unchecked = [p for p in _PATCHES if version not in p.checked]
-    override = os.environ.get(UNCHECKED_ENV, "") == "1"
+    override = unchecked_ok()
     if unchecked and not override:
         raise UnsupportedMegatronVersion(
             f"fastmoe_megatron.megatron.cpu_compat: megatron-core {version} is not a version the "

@@ -38,15 +38,14 @@ def check_version(megatron_version: str | None = None) -> str:
     """The megatron-core version fmoefy works with: the installed one when it was checked, else
     ``megatron_version`` when that names a checked one, else (with FMOE_MEGATRON_UNCHECKED=1, as
     for cpu_compat and the Megatron-LM launcher) the installed one, with a warning."""
-    import os
     import warnings
 
-    from .cpu_compat import UNCHECKED_ENV
+    from .cpu_compat import UNCHECKED_ENV, unchecked_ok
 
     found = megatron_core_version()
     wanted = megatron_version or found
     if not any(wanted == v or wanted.startswith(v + ".") for v in SUPPORTED_VERSIONS):
-        if os.environ.get(UNCHECKED_ENV, "") == "1":
+        if unchecked_ok():
             warnings.warn(f"fmoefy: {UNCHECKED_ENV}=1: megatron-core {found} was not checked "
                           f"(checked: {', '.join(SUPPORTED_VERSIONS)}.x)", stacklevel=2)
             return found

@@ -57,11 +57,15 @@ import functools
 import importlib
 import importlib.util
 import inspect
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
+
+# UNCHECKED_ENV (FMOE_MEGATRON_UNCHECKED=1) applies the patches to a Megatron-LM version they were
+# not checked against: one variable for every version check of the Megatron integration.
+from .cpu_compat import UNCHECKED_ENV
+from .cpu_compat import unchecked_ok as _unchecked_ok
 
 __all__ = [
     "CHECKED_VERSIONS",
@@ -84,18 +88,11 @@ __all__ = [
 #: Megatron-LM releases (git tag core_vX.Y.Z; megatron-core X.Y.Z) the patches were checked against.
 CHECKED_VERSIONS: Tuple[str, ...] = ("0.16.1",)
 
-#: Set to ``1`` to apply the patches to a Megatron-LM version they were not checked against.
-UNCHECKED_ENV = "FMOE_MEGATRON_UNCHECKED"
-
 _MARK = "__fmoe_megatron_lm__"
 
 
 class UnsupportedMegatronLM(RuntimeError):
     """A Megatron-LM version (or layout) the runtime patches were not checked against."""
-
-
-def _unchecked_ok() -> bool:
-    return os.environ.get(UNCHECKED_ENV, "") == "1"
 
 
 def _get_args():
