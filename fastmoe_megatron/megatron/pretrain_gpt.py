@@ -556,11 +556,9 @@ def _train(args, use_cuda: bool) -> TrainResult:
             data_prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes,
                                               args.vocab_file, args.merge_file)
             index_cache = args.data_cache_path or ""  # in memory: the cache may be node-local
-        samples = args.train_iters * args.global_batch_size
-        if args.load:  # a run resumed with a smaller global batch reads past that
-            saved_iteration, saved_consumed = checkpointing.saved_progress(args.load)
-            samples = training_samples(args.train_iters, args.global_batch_size,
-                                       saved_iteration, saved_consumed)
+        # A run resumed with a smaller global batch reads more than train_iters x global batch.
+        saved = checkpointing.saved_progress(args.load) if args.load else (0, None)
+        samples = training_samples(args.train_iters, args.global_batch_size, *saved)
         train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
                                         args.split, [samples, 0, 0], index_cache)
     iteration, loaded = 0, {}
