@@ -205,10 +205,9 @@ class _GlobalScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = _gather_impl(grad.contiguous(), *ctx.args)
-        if g.shape[0] < ctx.rows:
-            g = torch.cat([g, g.new_zeros((ctx.rows - g.shape[0],) + g.shape[1:])])
-        return g, None, None, None, None
+        # The adjoint is the gather, as an autograd op itself (differentiable again, for double
+        # backward), padded back to the rows of the input.
+        return _GlobalGather.apply(grad.contiguous(), *ctx.args, ctx.rows), None, None, None, None
 
 
 class _GlobalGather(torch.autograd.Function):
@@ -224,7 +223,7 @@ class _GlobalGather(torch.autograd.Function):
     def backward(ctx, grad):
         local_count = ctx.args[0]
         grad = grad[: int(local_count.sum())].contiguous()
-        return _scatter_impl(grad, *ctx.args), None, None, None, None, None
+        return _GlobalScatter.apply(grad, *ctx.args), None, None, None, None, None
 
 
 def global_scatter(buf, local_count, global_count, num_expert, group=None):

@@ -171,6 +171,10 @@ class _OverlappedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("fastmoe_megatron: double backward (create_graph=True) through the "
+                               "overlapped expert-parallel experts is not supported; with "
+                               "FMOE_EP_OVERLAP=0 they run through all-to-alls, which support it")
         plan, k = ctx.plan, ctx.k
         r, E, half, W = plan.rank, plan.E, plan.half, plan.W
         buf, h_a, h_b, w1, b1, w2, b2, *rest = ctx.saved_tensors

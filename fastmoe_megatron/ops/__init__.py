@@ -62,6 +62,17 @@ def backend_name(device: str | torch.device = "cpu") -> str:
     return "native" if kernels_for(torch.empty(0, device=device)) is native else "torch"
 
 
+def _backward_kernels(ctx):
+    """The kernels of a backward pass: the forward pass's, but the pure-PyTorch ones when the
+    backward pass builds a graph (``create_graph=True``, for double backward). Autograd has no
+    derivatives of the native kernels (it would return zeros for them, with a warning); the
+    pure-PyTorch backward formulas are differentiable. torch.compile does not support double
+    backward, so under it the kernels stay."""
+    if ctx.k is native and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return reference
+    return ctx.k
+
+
 # ---------------------------------------------------------------------------- routing plans
 
 def expert_count(idx: torch.Tensor, num_expert: int) -> torch.Tensor:
@@ -98,7 +109,8 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_buf):
         (inv,) = ctx.saved_tensors
-        return ctx.k.gather_rows(grad_buf.contiguous(), inv, ctx.top_k, None), None, None, None
+        k = _backward_kernels(ctx)
+        return k.gather_rows(grad_buf.contiguous(), inv, ctx.top_k, None), None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -112,12 +124,13 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         buf, pos, inv, weight = ctx.saved_tensors
+        k = _backward_kernels(ctx)
         grad_out = grad_out.contiguous()
         grad_buf = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_buf = ctx.k.scatter_rows(grad_out, pos, ctx.top_k, weight)
+            grad_buf = k.scatter_rows(grad_out, pos, ctx.top_k, weight)
         if weight is not None and ctx.needs_input_grad[3]:
-            grad_w = ctx.k.gather_weight_grad(grad_out, buf, inv, ctx.top_k)
+            grad_w = k.gather_weight_grad(grad_out, buf, inv, ctx.top_k)
             grad_w = grad_w.to(weight.dtype).view(weight.shape)
         return grad_buf, None, None, grad_w, None
 
@@ -189,7 +202,8 @@ class _GroupedMM(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[3]]
         out = _grad_buffer(ctx.weight_ref, weight, mask[1])
-        gx, gw, gb = ctx.k.grouped_mm_backward(grad_out.contiguous(), x, weight, counts, mask, out)
+        gx, gw, gb = _backward_kernels(ctx).grouped_mm_backward(grad_out.contiguous(), x, weight,
+                                                                counts, mask, out)
         if out is not None:
             gw = out.detach()  # a new tensor on the buffer (autograd may keep it as .grad)
         return (gx if mask[0] else None, gw if mask[1] else None, None,
@@ -199,7 +213,7 @@ class _GroupedMM(torch.autograd.Function):
 def _grad_buffer(weight_ref, weight: torch.Tensor, needed: bool) -> torch.Tensor | None:
     """The kept buffer for the gradient of the weight that ``weight_ref`` (a weak reference taken
     in the forward pass) points to, or None when it gets a fresh tensor."""
-    if not needed:
+    if not needed or torch.is_grad_enabled():  # a double-backward graph needs a fresh tensor
         return None
     owner = weight_ref()
     return (_weight_grad_buffers.get(owner)
@@ -217,14 +231,28 @@ class _ExpertMLP(torch.autograd.Function):
         ctx.has_bias = (b1 is not None, b2 is not None)
         ctx.weight_refs = (weakref.ref(w1), weakref.ref(w2))  # see _GroupedMM
         y, hidden = k.expert_mlp(x, counts, w1, b1, w2, b2, activation)
-        ctx.save_for_backward(x, hidden, counts, w1, w2)
+        ctx.save_for_backward(x, hidden, counts, w1, b1, w2, b2)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, hidden, counts, w1, w2 = ctx.saved_tensors
+        x, hidden, counts, w1, b1, w2, b2 = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, counts, w1, b1, w2, b2, activation
         mask = [need[0], need[2], ctx.has_bias[0] and need[3], need[4], ctx.has_bias[1] and need[5]]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Double backward: the saved fc1 output has no graph back to x and w1, so the
+            # pure-PyTorch MLP runs again under autograd and is differentiated with a graph.
+            inputs = (x, w1, b1, w2, b2)
+            with torch.enable_grad():
+                y = reference.expert_mlp(x, counts, w1, b1, w2, b2, ctx.activation)[0]
+                wanted = [t for t, m in zip(inputs, mask) if m]
+                got = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True,
+                                               allow_unused=True))
+            grads = [next(got) if m else None for m in mask]
+            grads = [torch.zeros_like(t) if m and g is None else g
+                     for t, g, m in zip(inputs, grads, mask)]
+            gx, gw1, gb1, gw2, gb2 = grads
+            return gx, None, gw1, gb1, gw2, gb2, None
         out1 = _grad_buffer(ctx.weight_refs[0], w1, mask[1])
         out2 = _grad_buffer(ctx.weight_refs[1], w2, mask[3])
         grads = list(ctx.k.expert_mlp_backward(grad_out.contiguous(), x, hidden, counts, w1, w2,
@@ -249,8 +277,9 @@ class _Recompute:
 @contextlib.contextmanager
 def recompute_when_saved(t: torch.Tensor, remake, depends_on: torch.Tensor):
     """Inside the block, autograd keeps no copy of ``t`` for the backward pass: wherever an op
-    saves ``t``, ``remake()`` (which must return the same values, without autograd) makes it
-    again when the backward pass needs it. For the scattered buffer [T*K, d] of the local path,
+    saves ``t``, ``remake()`` (which must return the same values) makes it again when the
+    backward pass needs it, without autograd unless the backward pass builds a graph
+    (``create_graph=True``: the remade ``t`` then has its graph back to ``depends_on``). For the scattered buffer [T*K, d] of the local path,
     which the first expert GEMM saves for its weight gradient: the backward pass then re-scatters
     it (one pass over memory) instead of keeping T*K*d elements from the forward pass to the
     backward one. ``depends_on`` is what ``remake`` reads: modifying it in place in between is
@@ -280,6 +309,8 @@ def recompute_when_saved(t: torch.Tensor, remake, depends_on: torch.Tensor):
         if depends_on._version != version:
             raise RuntimeError("fastmoe_megatron: the MoE layer's input was modified in place "
                                "after the forward pass; its backward pass needs it unchanged")
+        if torch.is_grad_enabled():  # a backward pass with create_graph: keep the graph to x
+            return remake()
         with torch.no_grad():
             return remake()
 

@@ -36,6 +36,11 @@ def test_forward_backward_bf16(overlap):
     run_workers(w.forward_backward, 2, timeout=240, args=(2, 3, None, overlap, "bf16"))
 
 
+@pytest.mark.parametrize("world,overlap", [(2, "0"), (3, "0"), (2, "1")])
+def test_double_backward(world, overlap):
+    assert run_workers(w.double_backward, world, timeout=120, args=(overlap,)) == [True] * world
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_overlap_matches_all_to_all_with_dropped_slots(dtype):
     run_workers(w.overlap_matches_all_to_all, 2, timeout=120, args=(dtype,))
