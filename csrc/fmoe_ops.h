@@ -19,6 +19,7 @@
 //   gather_rows(buf[N,D], inv[S], K, w?[S])-> y[T,D]        T = S / K
 //       y[t] = sum_j (w ? w[t*K+j] : 1) * buf[inv[t*K+j]], skipping inv < 0; the sum runs over j in
 //       order with fp32 accumulation (deterministic).
+//       In both, w is taken in fp32 (fp64 for fp64 rows): a bf16/fp16 x or buf does not round it.
 //   gather_weight_grad(gy[T,D], buf[N,D], inv[S], K) -> gw[S]
 //       gw[s] = dot(gy[s / K], buf[inv[s]]), 0 where inv[s] < 0 (fp32 accumulation, in a fixed
 //       order: deterministic; the CPU and CUDA kernels sum in different orders).

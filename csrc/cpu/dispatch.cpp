@@ -143,7 +143,7 @@ Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
   Tensor wc;
   if (weight.has_value()) {
     TORCH_CHECK(weight->numel() == S, "scatter_rows: weight must have T*top_k elements");
-    wc = weight->to(x.scalar_type()).contiguous();
+    wc = weight->to(at::toOpMathType(x.scalar_type())).contiguous();  // not rounded to x's type
   }
   auto out = at::empty({N, D}, xc.options());
   const int64_t* pp = pc.data_ptr<int64_t>();
@@ -153,7 +153,7 @@ Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_rows", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const scalar_t* wp = wc.defined() ? wc.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* wp = wc.defined() ? wc.data_ptr<opmath_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, row_grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -170,7 +170,7 @@ Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
         if (wp == nullptr) {
           std::copy(src, src + D, dst);
         } else {
-          const opmath_t w = static_cast<opmath_t>(wp[s]);
+          const opmath_t w = wp[s];
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(w * static_cast<opmath_t>(src[d]));
         }
       }
@@ -191,7 +191,7 @@ Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
   Tensor wc;
   if (weight.has_value()) {
     TORCH_CHECK(weight->numel() == S, "gather_rows: weight must have T*top_k elements");
-    wc = weight->to(buf.scalar_type()).contiguous();
+    wc = weight->to(at::toOpMathType(buf.scalar_type())).contiguous();  // not rounded to buf's
   }
   const int64_t* ip = ic.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
@@ -201,7 +201,7 @@ Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "gather_rows", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* bp = bc.data_ptr<scalar_t>();
-    const scalar_t* wp = wc.defined() ? wc.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* wp = wc.defined() ? wc.data_ptr<opmath_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     constexpr bool kInPlace = std::is_same<opmath_t, scalar_t>::value;  // fp32, fp64
     at::parallel_for(0, T, row_grain(D * top_k), [&](int64_t begin, int64_t end) {
@@ -222,7 +222,7 @@ Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
           const int64_t r = ip[s];
           if (r < 0) continue;
           const scalar_t* src = bp + r * D;
-          const opmath_t w = wp ? static_cast<opmath_t>(wp[s]) : opmath_t(1);
+          const opmath_t w = wp ? wp[s] : opmath_t(1);
           if (wp == nullptr) {
             for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<opmath_t>(src[d]);
           } else {

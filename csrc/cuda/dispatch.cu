@@ -247,7 +247,8 @@ Tensor expert_base(const SortPlan& p, const Tensor& counts) {
 // ------------------------------------------------------------------------------ row kernels
 template <typename scalar_t>
 __global__ void scatter_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ pos,
-                                    const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
+                                    const at::opmath_type<scalar_t>* __restrict__ w,
+                                    scalar_t* __restrict__ out,
                                     int64_t N, int64_t D, int64_t S, int64_t K) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
@@ -262,7 +263,7 @@ __global__ void scatter_rows_kernel(const scalar_t* __restrict__ x, const int64_
     if (w == nullptr) {
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
     } else {
-      const opmath_t ws = static_cast<opmath_t>(w[s]);
+      const opmath_t ws = w[s];
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
         dst[d] = static_cast<scalar_t>(mul_rn(ws, static_cast<opmath_t>(src[d])));
       }
@@ -273,7 +274,8 @@ __global__ void scatter_rows_kernel(const scalar_t* __restrict__ x, const int64_
 // y[t, d] = sum_j w[t*K+j] * buf[inv[t*K+j], d], in j order, fp32 (opmath) accumulation.
 template <typename scalar_t>
 __global__ void gather_rows_kernel(const scalar_t* __restrict__ buf, const int64_t* __restrict__ inv,
-                                   const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
+                                   const at::opmath_type<scalar_t>* __restrict__ w,
+                                   scalar_t* __restrict__ out,
                                    int64_t N, int64_t D, int64_t T, int64_t K) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
@@ -287,7 +289,7 @@ __global__ void gather_rows_kernel(const scalar_t* __restrict__ buf, const int64
         const int64_t s = t * K + j;
         const int64_t r = inv[s];
         if (r < 0) continue;
-        const opmath_t ws = w != nullptr ? static_cast<opmath_t>(w[s]) : opmath_t(1);
+        const opmath_t ws = w != nullptr ? w[s] : opmath_t(1);
         acc = add_rn(acc, mul_rn(ws, static_cast<opmath_t>(buf[r * D + d])));
       }
       out[t * D + d] = static_cast<scalar_t>(acc);
@@ -428,14 +430,15 @@ Tensor scatter_rows(const Tensor& x, const Tensor& pos, int64_t top_k,
   if (weight.has_value()) {
     TORCH_CHECK(weight->numel() == S, "scatter_rows: weight must have T*top_k elements");
     check_same_device(*weight, x.device(), "scatter_rows", "weight");
-    wc = weight->to(x.scalar_type()).contiguous();
+    wc = weight->to(at::toOpMathType(x.scalar_type())).contiguous();  // not rounded to x's type
   }
   auto out = at::empty({N, D}, xc.options());
   if (N == 0 || D == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fmoe_scatter_rows", [&] {
     scatter_rows_kernel<scalar_t><<<grid_for(N, 1), row_threads(D), 0, current_stream()>>>(
         xc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(),
-        wc.defined() ? wc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), N, D, S, top_k);
+        wc.defined() ? wc.data_ptr<at::opmath_type<scalar_t>>() : nullptr,
+        out.data_ptr<scalar_t>(), N, D, S, top_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -457,14 +460,15 @@ Tensor gather_rows(const Tensor& buf, const Tensor& inv, int64_t top_k,
   if (weight.has_value()) {
     TORCH_CHECK(weight->numel() == S, "gather_rows: weight must have T*top_k elements");
     check_same_device(*weight, buf.device(), "gather_rows", "weight");
-    wc = weight->to(buf.scalar_type()).contiguous();
+    wc = weight->to(at::toOpMathType(buf.scalar_type())).contiguous();  // not rounded to buf's
   }
   auto out = at::empty({T, D}, bc.options());
   if (T == 0 || D == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "fmoe_gather_rows", [&] {
     gather_rows_kernel<scalar_t><<<grid_for(T, 1), row_threads(D), 0, current_stream()>>>(
         bc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
-        wc.defined() ? wc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), N, D, T, top_k);
+        wc.defined() ? wc.data_ptr<at::opmath_type<scalar_t>>() : nullptr,
+        out.data_ptr<scalar_t>(), N, D, T, top_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -41,35 +41,43 @@ def assign_pos(idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, t
     return pos, inv
 
 
+def _rows(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` where ``valid``, else zeros. Invalid rows read row 0 and are then replaced
+    with ``torch.where``, not multiplied by a 0/1 mask: a NaN or Inf in row 0 must not reach
+    them, in either pass (the native kernels skip dropped slots)."""
+    if t.shape[0] == 0:
+        return t.new_zeros((index.numel(),) + tuple(t.shape[1:]))
+    rows = t.index_select(0, torch.where(valid, index, torch.zeros_like(index)))
+    return torch.where(valid.unsqueeze(1), rows, 0)
+
+
 def scatter_rows(x: torch.Tensor, pos: torch.Tensor, top_k: int,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
     valid = pos >= 0
-    src = torch.where(valid, pos, torch.zeros_like(pos))
-    rows = x.index_select(0, torch.div(src, top_k, rounding_mode="floor"))
-    if weight is not None:
-        rows = rows * weight.reshape(-1).to(x.dtype).index_select(0, src).unsqueeze(1)
-    return rows * valid.unsqueeze(1).to(x.dtype)
+    rows = _rows(x, torch.div(pos, top_k, rounding_mode="floor"), valid)
+    if weight is None:
+        return rows
+    acc = torch.promote_types(x.dtype, torch.float32)  # the weight is not rounded to x's dtype
+    return (rows.to(acc) * _rows(weight.reshape(-1, 1).to(acc), pos, valid)).to(x.dtype)
 
 
 def gather_rows(buf: torch.Tensor, inv: torch.Tensor, top_k: int,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
     valid = inv >= 0
     acc = torch.promote_types(buf.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
-    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).to(acc)
-    scale = valid.to(acc)
+    rows = _rows(buf, inv, valid).to(acc)
     if weight is not None:
-        scale = scale * weight.reshape(-1).to(acc)
-    rows = rows * scale.unsqueeze(1)
-    return rows.view(-1, top_k, buf.shape[1]).sum(1).to(buf.dtype)
+        rows = rows * torch.where(valid, weight.reshape(-1).to(acc), 0).unsqueeze(1)
+    return rows.view(inv.numel() // top_k, top_k, buf.shape[1]).sum(1).to(buf.dtype)
 
 
 def gather_weight_grad(grad_out: torch.Tensor, buf: torch.Tensor, inv: torch.Tensor,
                        top_k: int) -> torch.Tensor:
     valid = inv >= 0
     acc = torch.promote_types(grad_out.dtype, torch.float32)
-    rows = buf.index_select(0, torch.where(valid, inv, torch.zeros_like(inv))).to(acc)
+    rows = _rows(buf, inv, valid).to(acc)
     g = grad_out.to(acc).repeat_interleave(top_k, dim=0)
-    return ((rows * g).sum(1) * valid.to(acc)).to(grad_out.dtype)
+    return torch.where(valid, (rows * g).sum(1), 0).to(grad_out.dtype)
 
 
 def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int,

@@ -47,10 +47,12 @@ def bf_assign_pos(idx, E):
 
 
 def bf_scatter(x, pos, K, w=None):
+    """The weight is taken in fp32 (fp64 for fp64 rows) and the product rounded once."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(pos.numel(), x.shape[1], dtype=x.dtype)
     for r, s in enumerate(pos.tolist()):
         if s >= 0:
-            out[r] = x[s // K] * (w[s].to(x.dtype) if w is not None else 1)
+            out[r] = x[s // K] if w is None else (x[s // K].to(acc) * w[s].to(acc)).to(x.dtype)
     return out
 
 
@@ -223,6 +225,60 @@ def test_gather_weight_grad(impl, case, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got.double(), bf_weight_grad(gy, buf, inv, K), rtol=tol, atol=tol)
     assert (got[inv < 0] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_weights_are_not_rounded_to_the_rows_dtype(impl, dtype):
+    """The gate's fp32 scores weight bf16/fp16 rows as they are (both back ends alike)."""
+    idx, K, x, w, pos, inv = _plan("small", dtype=dtype)
+    w = torch.rand(w.numel(), generator=torch.Generator().manual_seed(5),
+                   dtype=torch.float32) + 0.5
+    assert not torch.equal(w.to(dtype).float(), w)  # rounding them would change them
+    assert torch.equal(impl.scatter_rows(x, pos, K, w), bf_scatter(x, pos, K, w))
+    buf = bf_scatter(x, pos, K)
+    got = impl.gather_rows(buf, inv, K, w)
+    # Only the final rounding to the rows' dtype: within one unit in its last place.
+    torch.testing.assert_close(got.double(), bf_gather(buf, inv, K, w).to(dtype).double(),
+                               rtol=1e-2, atol=0)
+    exact = impl.gather_rows(buf.float(), inv, K, w)  # the same sums, kept in fp32
+    assert torch.equal(got, exact.to(dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_values_stay_out_of_dropped_slots(impl, bad):
+    """Dropped slots read nothing: a NaN or Inf in a row, weight or gradient that no kept slot
+    uses must not reach the outputs (an all-dropped token is exactly zero)."""
+    # Slots 0..3 of 2 tokens (K=2); token 1 has both slots dropped.
+    inv = torch.tensor([1, 0, -1, -1])
+    pos = torch.tensor([1, 0, -1])
+    buf = torch.tensor([[1.0, 2.0], [3.0, 4.0], [bad, 5.0]])  # row 2 is a padding row
+    buf0 = torch.tensor([[bad, 2.0], [3.0, 4.0]])  # row 0 holds the bad value
+    w = torch.tensor([0.5, 0.25, bad, bad])
+    assert torch.equal(impl.gather_rows(buf0[:1].new_zeros(0, 2), torch.full((4,), -1), 2, w),
+                       torch.zeros(2, 2))
+    out = impl.gather_rows(buf, inv, 2, w)
+    assert torch.equal(out[1], torch.zeros(2))
+    out = impl.gather_rows(torch.tensor([[3.0, 4.0], [bad, 1.0]]), torch.tensor([0, -1, -1, -1]),
+                           2, w)
+    assert torch.equal(out, torch.tensor([[1.5, 2.0], [0.0, 0.0]]))
+    gy = torch.tensor([[1.0, 1.0], [bad, bad]])
+    gw = impl.gather_weight_grad(gy, buf0, inv, 2)
+    assert torch.equal(gw[2:], torch.zeros(2)) and gw[0] == 3.0 + 4.0
+    x = torch.tensor([[bad, 1.0], [2.0, 3.0]])
+    padded = torch.tensor([3, 2, -1, -1])  # slots of token 1 only; rows 2, 3 are padding
+    got = impl.scatter_rows(x, padded, 2, w.clone().fill_(0.5))
+    assert torch.equal(got, torch.tensor([[1.0, 1.5], [1.0, 1.5], [0.0, 0.0], [0.0, 0.0]]))
+    got = impl.scatter_rows(torch.tensor([[1.0, 1.0], [2.0, 2.0]]), padded, 2, w)
+    assert torch.equal(got[2:], torch.zeros(2, 2)) and not torch.isfinite(got[:2]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_width_rows(impl):
+    inv = torch.tensor([0, -1, 1, 2])
+    assert impl.gather_rows(torch.zeros(3, 0), inv, 2, torch.ones(4)).shape == (2, 0)
+    assert impl.scatter_rows(torch.zeros(2, 0), torch.tensor([0, 2, 3, -1]), 2).shape == (4, 0)
 
 
 @pytest.mark.parametrize("case", ["small", "many_experts", "all_dropped"])
