@@ -50,7 +50,9 @@ class DistributedGroupedDataParallel(nn.Module):
 
     Groups come from ``<tag>_group`` keyword arguments; ``dp``, ``gate``, ``moe`` and ``world``
     default to the whole world. Parameters tagged ``none`` (experts spread over the MoE group)
-    are never all-reduced. Any other tag needs its group, e.g. experts replicated over an
+    are never all-reduced; the experts of a layer with ``world_size=1`` are replicas, and tagged
+    ``none`` they are refused (with more than one data-parallel rank). Any other tag needs its
+    group, e.g. experts replicated over an
     expert-data-parallel group: ``expert_dp_comm="edp"`` on the layer and ``edp_group=...`` here.
     All gradients are divided by ``data_parallel_size`` (default: the size of the ``dp`` group),
     see the module docstring. Call ``allreduce_gradients()`` after ``backward()``, or pass
@@ -85,6 +87,28 @@ class DistributedGroupedDataParallel(nn.Module):
             if tag != "none" and tag not in self.comms:
                 raise ValueError(f"parameter {name} is tagged dp_comm={tag!r} but no {tag}_group "
                                  f"was given; known tags: none, {', '.join(sorted(self.comms))}")
+        if self.data_parallel_size > 1:
+            self._check_replicated_experts()
+
+    def _check_replicated_experts(self):
+        """Experts of a layer with ``world_size=1`` are replicas on every rank, not shards:
+        tagged ``none`` (never reduced, FMoETransformerMLP's default) each rank's copy would
+        train on its own batch only and drift away from the others."""
+        from .layers import FMoE
+
+        for prefix, layer in self.module.named_modules():
+            experts = getattr(layer, "experts", None)
+            if not isinstance(layer, FMoE) or layer.world_size != 1 or experts is None:
+                continue
+            for name, p in experts.named_parameters():
+                if self._tag(p) == "none":
+                    where = f"{prefix}.experts.{name}" if prefix else f"experts.{name}"
+                    raise ValueError(
+                        f"parameter {where} is tagged dp_comm='none' (never all-reduced), but "
+                        "its layer has world_size=1: its experts are replicated on every rank "
+                        "and their copies would drift apart. Reduce them as data parallel "
+                        "(expert_dp_comm='dp' on FMoETransformerMLP, or "
+                        "layer.mark_parallel_comm('dp')), or shard them with world_size > 1")
 
     def _params_by_tag(self):
         groups = defaultdict(list)

@@ -108,9 +108,23 @@ def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
         names = ", ".join(n for n in gates.__all__ if n.endswith("Gate"))
         raise TypeError(f"gate must be a gate class ({names} from fastmoe_megatron.gates, or "
                         f"your own) or a gate module, got {gate!r}")
-    if "gate_bias" in inspect.signature(gate).parameters:
+    if _takes_gate_bias(gate):
         return gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
     return gate(d_model, num_expert, world_size, top_k)
+
+
+def _takes_gate_bias(gate) -> bool:
+    """Whether the gate class gets ``gate_bias``: when its signature names it, or, as in FastMoE,
+    when it is a ``NaiveGate`` subclass that passes ``**kwargs`` on (``NoisyGate`` and
+    ``ZeroGate`` have no bias and do not get it)."""
+    try:
+        params = inspect.signature(gate).parameters
+    except (TypeError, ValueError):  # a callable without a signature: FastMoE's rule alone
+        return isinstance(gate, type) and issubclass(gate, NaiveGate)
+    if "gate_bias" in params:
+        return True
+    return (isinstance(gate, type) and issubclass(gate, NaiveGate)
+            and any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()))
 
 
 class FMoE(nn.Module):
@@ -139,6 +153,10 @@ class FMoE(nn.Module):
                              f"{comm.group_size(moe_group)} ranks")
         if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError(f"world_size={world_size} needs torch.distributed to be initialized")
+        if world_size > 1 and moe_group is None and comm.group_size(None) != world_size:
+            raise ValueError(f"world_size={world_size} but moe_group=None (the default group) "
+                             f"has {comm.group_size(None)} ranks; pass a moe_group of "
+                             f"{world_size} ranks")
         self.num_expert = num_expert
         self.d_model = d_model
         self.world_size = world_size
@@ -304,8 +322,10 @@ class FMoE(nn.Module):
             raise ValueError(f"mask has {mask.numel()} entries for {x.shape[0]} tokens")
         routed = mask == 0
         xr = x[routed]
-        out = x.new_zeros(x.shape)
-        out = out.index_put((routed.nonzero().squeeze(1),), self.route(xr, *self._gate(xr)))
+        yr = self.route(xr, *self._gate(xr))
+        # The experts' output dtype (under autocast it can differ from the input's).
+        out = yr.new_zeros(x.shape)
+        out = out.index_put((routed.nonzero().squeeze(1),), yr)
         for value, fill in (self.mask_dict or {}).items():
             out[mask == value] = torch.as_tensor(fill, dtype=out.dtype, device=out.device)
         return out

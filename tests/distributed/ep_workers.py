@@ -532,3 +532,38 @@ def double_backward(rank, world, overlap):
         check(f"experts.{name} grad", p.grad, dict(ref.experts.named_parameters())[name].grad[sl])
     return True
 
+
+def misconfigured_layouts(rank, world):
+    """Configurations that used to go wrong quietly, or with a shape error: a ``world_size`` that
+    the default group does not have, and experts replicated on every rank (``world_size=1``) but
+    tagged ``none``, whose copies then drifted apart under DistributedGroupedDataParallel."""
+    try:
+        FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN, world_size=world + 2)
+    except ValueError as err:
+        assert f"world_size={world + 2} but moe_group=None (the default group) has {world}" \
+            in str(err), err
+    else:
+        raise AssertionError("a world_size the default group does not have was accepted")
+
+    torch.manual_seed(0)
+    replicated = FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN)
+    try:
+        DistributedGroupedDataParallel(replicated)
+    except ValueError as err:
+        assert "experts.htoh4.weight is tagged dp_comm='none'" in str(err), err
+        assert "expert_dp_comm='dp'" in str(err), err
+    else:
+        raise AssertionError("replicated experts tagged 'none' were accepted")
+
+    # Tagged dp, the replicas are averaged like any dense parameter and stay equal.
+    replicated.mark_parallel_comm("dp")
+    ddp = DistributedGroupedDataParallel(replicated)
+    torch.manual_seed(10 + rank)
+    ddp(torch.randn(6, D_MODEL)).sum().backward()
+    local = replicated.experts.htoh4.weight.grad.clone()
+    ddp.allreduce_gradients()
+    mean = local.clone()
+    dist.all_reduce(mean)
+    check("replicated expert grad", replicated.experts.htoh4.weight.grad, mean / world)
+    equal_on_all_ranks(replicated.experts.htoh4.weight.grad, "replicated expert grad")
+    return True

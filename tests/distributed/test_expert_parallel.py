@@ -41,6 +41,10 @@ def test_double_backward(world, overlap):
     assert run_workers(w.double_backward, world, timeout=120, args=(overlap,)) == [True] * world
 
 
+def test_misconfigured_layouts_are_refused():
+    assert run_workers(w.misconfigured_layouts, 2, timeout=120, args=()) == [True, True]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_overlap_matches_all_to_all_with_dropped_slots(dtype):
     run_workers(w.overlap_matches_all_to_all, 2, timeout=120, args=(dtype,))

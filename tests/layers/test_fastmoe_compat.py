@@ -1,7 +1,7 @@
 """What FastMoE (v1.1) code does with the layers, against the brute-force per-token reference:
 experts whose forward takes the row count, nests of tensors, FastMoE's gate output shapes,
-scalar mask fills, inputs under autocast, FastMoE 1.1's per-expert state dicts and its module
-paths."""
+scalar mask fills, inputs under autocast (with and without a mask), ``gate_bias`` for gate
+subclasses, FastMoE 1.1's per-expert state dicts and its module paths."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from fastmoe_megatron import FMoE, FMoELinear, FMoETransformerMLP
-from fastmoe_megatron.gates import NaiveGate
+from fastmoe_megatron.gates import GShardGate, NaiveGate, NoisyGate
 from tests import reference as ref
 
 D, H, T = 8, 16, 11
@@ -161,6 +161,57 @@ def test_autocast_runs_the_experts_in_their_dtype():
     want = ref.moe(h.detach().float(), idx, score.detach().float(),
                    ref.mlp_experts(params, nn.GELU()))
     torch.testing.assert_close(y.detach(), want.detach(), **TOL)
+
+
+def test_masked_layer_under_autocast():
+    """With a mask, the routed tokens' outputs (fp32 from the experts) and the masked ones' fills
+    share one output in the experts' dtype, as without a mask (it used to raise)."""
+    torch.manual_seed(5)
+    mask = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, top_k=2, mask=mask,
+                               mask_dict={1: 0.25})
+    proj = nn.Linear(D, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = proj(torch.randn(T, D))
+        y = layer(h)
+        idx, score = layer.gate(h[mask == 0])
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    assert torch.all(y[mask == 1] == 0.25)
+    want = ref.moe(h[mask == 0].detach().float(), idx, score.detach().float(),
+                   ref.mlp_experts(ref.mlp_params(layer), nn.GELU()))
+    torch.testing.assert_close(y[mask == 0].detach(), want.detach(), **TOL)
+    y.sum().backward()
+    assert proj.weight.grad is not None
+
+
+class ForwardingGate(NaiveGate):
+    """A FastMoE-style subclass that passes everything on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class ForwardingGShardGate(GShardGate):
+    def __init__(self, d_model, num_expert, world_size, topk=2, **kwargs):
+        super().__init__(d_model, num_expert, world_size, topk, **kwargs)
+
+
+@pytest.mark.parametrize("gate", [NaiveGate, ForwardingGate, ForwardingGShardGate])
+@pytest.mark.parametrize("gate_bias", [True, False])
+def test_gate_bias_reaches_naive_gate_subclasses(gate, gate_bias):
+    """As in FastMoE, a NaiveGate subclass gets ``gate_bias`` even when its signature does not
+    name it (it takes ``**kwargs``); the state dict then matches NaiveGate's."""
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, gate=gate, gate_bias=gate_bias)
+    assert (layer.gate.gate.bias is not None) == gate_bias
+    plain = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, gate_bias=gate_bias)
+    layer.load_state_dict(plain.state_dict())
+
+
+def test_gates_without_a_bias_do_not_get_gate_bias():
+    """NoisyGate has no bias and takes no ``gate_bias`` (nor did it in FastMoE)."""
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, gate=NoisyGate,
+                               gate_bias=False)
+    assert isinstance(layer.gate, NoisyGate)
 
 
 def test_fastmoe_1_1_per_expert_state_dict_loads():
