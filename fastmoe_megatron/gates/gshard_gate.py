@@ -14,9 +14,9 @@ def gshard_balance_loss(top1_idx, logits, tot_expert):
     """``mean_e(c_e * m_e) * E^2``: c_e the fraction of tokens whose first choice is e, m_e the
     mean router probability of e."""
     T = max(1, logits.shape[0])
-    c_e = torch.bincount(top1_idx.clamp(min=0), minlength=tot_expert).to(logits.dtype) / T
+    c_e = torch.bincount(top1_idx.clamp(min=0), minlength=tot_expert).float() / T
     m_e = F.softmax(logits.float(), dim=1).mean(0) if logits.shape[0] else logits.new_zeros(tot_expert)
-    return (c_e.float() * m_e).mean() * tot_expert ** 2
+    return (c_e * m_e).mean() * tot_expert ** 2
 
 
 class GShardGate(NaiveGate):

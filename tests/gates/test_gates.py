@@ -144,6 +144,22 @@ def test_gshard_loss_by_hand(top_k):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
+def test_gshard_loss_counts_exactly_in_bf16():
+    """The fractions of first choices are counted in fp32: in bf16, counts above 256 lose their
+    last bits (2876 became 2880)."""
+    from fastmoe_megatron.gates.gshard_gate import gshard_balance_loss
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3000, 4, generator=g) * 0.1
+    logits[:, 0] += 0.3
+    top1 = logits.argmax(1)
+    bf = logits.bfloat16()
+    c = torch.bincount(top1, minlength=4).double() / 3000
+    want = float((c * torch.softmax(bf.double(), 1).mean(0)).mean() * 16)
+    assert int(torch.bincount(top1)[0]) > 256
+    assert float(gshard_balance_loss(top1, bf, 4)) == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("factor", [100.0, 0.6])
 def test_switch_loss_by_hand(factor):
     """sum_e(frac_e * prob_e) * E with frac_e the share of kept tokens routed to e and prob_e the
