@@ -996,7 +996,17 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
         report["optimizer"] = with_optim
         report["consumed_samples"] = _consumed_samples(manifest, int(loaded["iteration"]))
     if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as exc:  # megatron-core's check of each value against the run's
+            m = re.search(r"class input value (.*?) and checkpoint ?value (.*?) for (.*?) do not "
+                          r"match", str(exc))
+            what = f"{m[3]}: {m[1]} in this run, {m[2]} in the checkpoint" if m else _short(exc)
+            raise CheckpointError(
+                f"{folder}: this run's learning-rate schedule differs from the checkpoint's "
+                f"({what}; steps count samples). Pass --override-opt-param-scheduler to follow "
+                "this run's schedule from here on (e.g. a longer --train-iters), or "
+                "--use-checkpoint-opt-param-scheduler to keep the checkpoint's") from exc
     if rng:
         set_rng_state(loaded["rng_state"])
     if _rank0():

@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-load-optim", action="store_true",
                    help="load the model (and lr scheduler) only, not the optimizer state")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states")
+    sched = c.add_mutually_exclusive_group()
+    sched.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                       dest="override_opt_param_scheduler", action="store_true",
+                       help="on --load, follow this run's learning-rate schedule (--lr, --min-lr, "
+                            "--lr-warmup-iters, --lr-decay-iters, --lr-decay-style, "
+                            "--weight-decay), from the samples consumed so far, instead of the "
+                            "checkpoint's: to extend a run or change its schedule")
+    sched.add_argument("--use-checkpoint-opt-param-scheduler",
+                       "--use-checkpoint-opt_param-scheduler",
+                       dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                       help="on --load, keep the checkpoint's learning-rate schedule, whatever "
+                            "these flags say (by default a resume whose schedule differs stops "
+                            "with an error)")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after a checkpoint, with --save) when the iteration is a multiple "
                         "of this")
@@ -378,6 +391,7 @@ class TrainResult:
     losses: list  # lm loss of every iteration (the same on every rank)
     grad_norms: list  # gradient norm used for clipping, every iteration
     consumed_samples: int = 0  # training samples read, from the start of the run it resumed
+    lrs: list = dataclasses.field(default_factory=list)  # learning rate of every iteration's step
 
 
 def training_samples(train_iters: int, global_batch: int, saved_iteration: int = 0,
@@ -542,7 +556,13 @@ def _train(args, use_cuda: bool) -> TrainResult:
         min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
         lr_decay_steps=args.lr_decay_iters * args.global_batch_size,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant")
+        # No effect on a constant weight decay; tied to the LR decay rather than to
+        # --train-iters, so that a resume compares only what changes the schedule.
+        wd_incr_steps=args.lr_decay_iters * args.global_batch_size, wd_incr_style="constant",
+        # On --load, as Megatron-LM's flags: with neither, a schedule that differs from the
+        # checkpoint's stops the load (checkpointing.load names both flags).
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
@@ -610,7 +630,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
     tokens_per_iter = args.global_batch_size * args.seq_length
     first_loss = last_loss = None
     window_t, window_iters = time.time(), 0
-    history, norms = [], []
+    history, norms, lrs = [], [], []
     stop_early = False
     stop_requested = None
     if args.exit_signal_handler or args.exit_duration_in_mins:
@@ -631,6 +651,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
                                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                    forward_only=False)
         checkpointing.fault_point("step", iteration + 1)
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
         ok, grad_norm, _ = optimizer.step()
         if ok:
             scheduler.step(increment=args.global_batch_size)
@@ -714,7 +735,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
         log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} ({trend}) in "
              f"{time.time() - t_start:.0f} s")
     return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms,
-                       consumed_samples=consumed)
+                       consumed_samples=consumed, lrs=lrs)
 
 
 if __name__ == "__main__":

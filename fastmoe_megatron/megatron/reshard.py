@@ -60,7 +60,8 @@ MERGED_FORMAT = "fastmoe_megatron.merged"
 _NOT_CARRIED = {"help", "load", "save", "expert_model_parallel_size", "global_batch_size",
                 "exit_interval", "save_interval", "tensorboard_dir", "threads", "skip_train",
                 "no_load_optim", "no_load_rng", "ckpt_format", "log_interval",
-                "tensor_model_parallel_size", "pipeline_model_parallel_size"}
+                "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler"}
 
 
 def argv_from_args(saved: dict) -> list[str]:
@@ -107,7 +108,10 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--expert-model-parallel-size", str(ep), "--load", str(folder), "--save", str(save),
         "--ckpt-format", fmt, "--skip-train", "--no-load-rng", "--threads", "1",
-        "--log-interval", "1000000"] + list(extra or [])
+        "--log-interval", "1000000",
+        # The learning-rate schedule goes over as it is (its steps count samples, and the
+        # global batch is not carried: the data-parallel size may change).
+        "--use-checkpoint-opt-param-scheduler"] + list(extra or [])
     port = _free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")

@@ -365,18 +365,40 @@ def another_batch_size_and_tp(rank, world, root):
                                                    "--skip-train"]))
     log = io.StringIO()
     root2 = root + "-batch4"
+    # Another batch and train_iters: the schedule's steps (samples) change, so the resumes follow
+    # this run's (--override-opt-param-scheduler).
     with contextlib.redirect_stdout(log):
-        second = run(base + ["--train-iters", "5", "--load", root,
+        second = run(base + ["--train-iters", "5", "--load", root, "--override-opt-param-scheduler",
                              "--make-vocab-size-divisible-by", "256", "--save", root2])
-    out.update(consumed=second.consumed_samples, losses=len(second.losses), log=log.getvalue())
+    out.update(consumed=second.consumed_samples, losses=len(second.losses), log=log.getvalue(),
+               lrs=second.lrs)
     third = run(base + ["--train-iters", "7", "--load", root2, "--make-vocab-size-divisible-by",
-                        "256", "--micro-batch-size", "1", "--global-batch-size", "2"])
+                        "256", "--micro-batch-size", "1", "--global-batch-size", "2",
+                        "--override-opt-param-scheduler"])
     out.update(smaller_consumed=third.consumed_samples, asked=asked)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         run(base + ["--train-iters", "5", "--load", root, "--make-vocab-size-divisible-by", "256",
-                    "--fmoe-top-k", "1", "--skip-train"])
+                    "--fmoe-top-k", "1", "--skip-train", "--override-opt-param-scheduler"])
     out["routing_warning"] = err.getvalue()
+    return out
+
+
+def lr_schedule_on_resume(rank, world, root):
+    """A run saved after 4 of 4 iterations (cosine decay to 0) and extended to 8 iterations: by
+    default the resume stops, naming the two flags; --override-opt-param-scheduler follows the
+    new 8-iteration schedule from iteration 4 on, --use-checkpoint-opt-param-scheduler keeps the
+    old one (which has ended: LR 0). Returns the learning rates of each run's steps."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    base = TINY + ["--expert-model-parallel-size", "1"]
+    out = {"first": run(base + ["--train-iters", "4", "--save", root]).lrs}
+    out["error"] = _error_of(lambda: run(base + ["--train-iters", "8", "--load", root]))
+    out["override"] = run(base + ["--train-iters", "8", "--load", root,
+                                  "--override-opt-param-scheduler"]).lrs
+    out["checkpoint"] = run(base + ["--train-iters", "8", "--load", root,
+                                    "--use-checkpoint-opt-param-scheduler"]).lrs
+    out["same"] = run(base + ["--train-iters", "4", "--load", root]).lrs  # nothing left to do
     return out
 
 

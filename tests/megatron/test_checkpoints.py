@@ -4,6 +4,7 @@ merged into one file for plain FMoETransformerMLP), atomic saves under kills, in
 weights_only checks, clear errors for bad input, a dying worker, and the soak script's short
 setting. Workers: ckpt_workers.py."""
 import json
+import math
 import os
 import pickle
 import re
@@ -231,11 +232,32 @@ def test_resume_with_another_global_batch_and_tp_size(tmp_path):
     assert "at TP=1 pass --make-vocab-size-divisible-by 256" in out["tp_error"], out["tp_error"]
     assert "resuming at sample 6 of the data (iteration 3; the global batch is now 4)" in out["log"]
     assert out["losses"] == 2 and out["consumed"] == 6 + 2 * 4, out
+    assert all(lr > 0 for lr in out["lrs"]), out["lrs"]  # decays over 5 x 4 samples, not 3 x 2
     # Resumed at sample 14 with global batch 2 for 2 iterations: the data holds 14 + 2 x 2
     # samples (7 x 2 = 14 would wrap to the data's start); the others ask for train_iters x batch.
     assert out["smaller_consumed"] == 14 + 2 * 2, out
     assert out["asked"] == [3 * 2, 5 * 4, 14 + 2 * 2], out
     assert "--fmoe-top-k 2 in the checkpoint, 1 now" in out["routing_warning"], out["routing_warning"]
+
+
+def test_lr_schedule_on_resume(tmp_path):
+    """Extending a run: megatron-core's scheduler used to keep the checkpoint's schedule quietly
+    (a run extended from 4 to 8 iterations trained at LR 0). Now the default is an error naming
+    both flags, as Megatron-LM's assertion would stop, and each flag does what it says."""
+    out = run_workers(w.lr_schedule_on_resume, 1, timeout=600, threads_per_worker=1,
+                      args=(str(tmp_path / "c"),))[0]
+
+    def cosine(i, iters):  # the LR of step i of a cosine decay from 5e-3 to 0 over iters steps
+        return 5e-3 * 0.5 * (1 + math.cos(math.pi * i / iters))
+
+    assert out["first"] == pytest.approx([cosine(i, 4) for i in range(4)], rel=1e-6)
+    err = out["error"]
+    assert err.startswith("CheckpointError"), err
+    assert "--override-opt-param-scheduler" in err and "--use-checkpoint-opt-param-scheduler" in err
+    assert "total number of iterations: 16 in this run, 8 in the checkpoint" in err, err
+    assert out["override"] == pytest.approx([cosine(i, 8) for i in range(4, 8)], rel=1e-6)
+    assert out["checkpoint"] == [0.0] * 4
+    assert out["same"] == []
 
 
 def test_corrupt_checkpoint_load_names_the_file(at_ep1):
