@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--use-checkpoint-opt_param-scheduler",
                        dest="use_checkpoint_opt_param_scheduler", action="store_true",
                        help="on --load, keep the checkpoint's learning-rate schedule, whatever "
-                            "these flags say (by default a resume whose schedule differs stops "
-                            "with an error)")
+                            "these flags say (the default of --skip-train; otherwise a resume "
+                            "whose schedule differs stops with an error)")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after a checkpoint, with --save) when the iteration is a multiple "
                         "of this")
@@ -172,6 +172,8 @@ def validate_args(args, world_size: int):
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.skip_train and not args.override_opt_param_scheduler:
+        args.use_checkpoint_opt_param_scheduler = True  # a conversion keeps the schedule
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "

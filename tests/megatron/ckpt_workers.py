@@ -379,7 +379,7 @@ def another_batch_size_and_tp(rank, world, root):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         run(base + ["--train-iters", "5", "--load", root, "--make-vocab-size-divisible-by", "256",
-                    "--fmoe-top-k", "1", "--skip-train", "--override-opt-param-scheduler"])
+                    "--fmoe-top-k", "1", "--skip-train"])
     out["routing_warning"] = err.getvalue()
     return out
 
@@ -388,7 +388,8 @@ def lr_schedule_on_resume(rank, world, root):
     """A run saved after 4 of 4 iterations (cosine decay to 0) and extended to 8 iterations: by
     default the resume stops, naming the two flags; --override-opt-param-scheduler follows the
     new 8-iteration schedule from iteration 4 on, --use-checkpoint-opt-param-scheduler keeps the
-    old one (which has ended: LR 0). Returns the learning rates of each run's steps."""
+    old one (which has ended: LR 0), and so does a --skip-train conversion. Returns the learning
+    rates of each run's steps."""
     from fastmoe_megatron.megatron.pretrain_gpt import run
 
     base = TINY + ["--expert-model-parallel-size", "1"]
@@ -399,6 +400,9 @@ def lr_schedule_on_resume(rank, world, root):
     out["checkpoint"] = run(base + ["--train-iters", "8", "--load", root,
                                     "--use-checkpoint-opt-param-scheduler"]).lrs
     out["same"] = run(base + ["--train-iters", "4", "--load", root]).lrs  # nothing left to do
+    # A conversion (--skip-train) keeps the checkpoint's schedule: no error.
+    out["convert"] = _error_of(lambda: run(base + ["--train-iters", "8", "--load", root,
+                                                   "--skip-train"]))
     return out
 
 

@@ -258,6 +258,7 @@ def test_lr_schedule_on_resume(tmp_path):
     assert out["override"] == pytest.approx([cosine(i, 8) for i in range(4, 8)], rel=1e-6)
     assert out["checkpoint"] == [0.0] * 4
     assert out["same"] == []
+    assert out["convert"] == "no error", out["convert"]
 
 
 def test_corrupt_checkpoint_load_names_the_file(at_ep1):
