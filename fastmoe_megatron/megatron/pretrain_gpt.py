@@ -18,6 +18,7 @@ import datetime
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -156,13 +157,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_split(split: str, skip_train: bool) -> None:
+    """``--split`` as megatron-core reads it: up to three shares (train, valid, test) separated
+    by commas or slashes; training needs a train share."""
+    parts = re.split(r"[,/]", str(split))
+    try:
+        shares = [float(x) for x in parts]
+    except ValueError:
+        shares = None
+    if shares is None or len(shares) > 3 or any(not x >= 0 for x in shares) or not sum(shares) > 0:
+        raise ValueError(f"--split {split!r}: expected up to three shares >= 0 (train,valid,test), "
+                         "e.g. 969,30,1")
+    if shares[0] == 0 and not skip_train:
+        raise ValueError(f"--split {split}: the train share (the first) is 0, so there is nothing "
+                         "to train on (only the train split is used)")
+
+
 def validate_args(args, world_size: int):
     """Derives defaults and rejects bad combinations with the flag to fix."""
     for flag in ("hidden_size", "ffn_hidden_size", "hidden_hidden_size", "num_layers",
                  "num_attention_heads", "seq_length", "micro_batch_size", "global_batch_size",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "train_iters", "lr_decay_iters", "log_interval",
-                 "threads"):
+                 "threads", "make_vocab_size_divisible_by", "max_position_embeddings",
+                 "init_method_std"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
@@ -174,6 +192,13 @@ def validate_args(args, world_size: int):
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.skip_train and not args.override_opt_param_scheduler:
         args.use_checkpoint_opt_param_scheduler = True  # a conversion keeps the schedule
+    for flag in ("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"):
+        value = getattr(args, flag)
+        if not 0 <= value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.clip_grad < 0:
+        raise ValueError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
+    _check_split(args.split, args.skip_train)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
@@ -207,6 +232,10 @@ def validate_args(args, world_size: int):
                          f"--pipeline-model-parallel-size {pp}")
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if (args.position_embedding_type == "learned_absolute"
+            and args.max_position_embeddings < args.seq_length):
+        raise ValueError(f"--max-position-embeddings {args.max_position_embeddings} is below "
+                         f"--seq-length {args.seq_length}: learned positions need one per token")
     args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
@@ -243,7 +272,7 @@ def validate_args(args, world_size: int):
         if prefix.endswith((".bin", ".idx")):
             prefix = prefix[:-4]
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
-        if missing:
+        if missing and not args.skip_train:  # --skip-train reads no data
             raise ValueError(
                 f"--data-path {args.data_path}: {' and '.join(missing)} not found (a dataset is "
                 "PREFIX.bin and PREFIX.idx, as python -m fastmoe_megatron.megatron.preprocess_data "

@@ -297,12 +297,34 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
       "--fmoe-capacity-factor", "-1"], "--fmoe-capacity-factor"),
     (["--fmoefy", "--fmoe-num-experts", "4", "--expert-model-parallel-size", "3"],
      "--expert-model-parallel-size"),
+    # These used to pass and fail later with a traceback (ZeroDivisionError, no training data,
+    # an IndexError in the position embedding, torch's dropout check).
+    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by"),
+    (["--split", "0,100,0"], "--split"),
+    (["--split", "90,5,5,1"], "--split"),
+    (["--split", "a,b"], "--split"),
+    (["--max-position-embeddings", "16", "--seq-length", "32"], "--max-position-embeddings"),
+    (["--hidden-dropout", "1.5"], "--hidden-dropout"),
+    (["--attention-dropout", "-0.1"], "--attention-dropout"),
+    (["--adam-beta2", "1"], "--adam-beta2"),
+    (["--clip-grad", "-1"], "--clip-grad"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 
     with pytest.raises(ValueError, match=re.escape(flag)):
         validate_args(build_parser().parse_args(argv), 4)
+
+
+@pytest.mark.parametrize("argv", [["--split", "969,30,1"], ["--split", "0.9/0.1"],
+                                  ["--split", "0,1,0", "--skip-train"],
+                                  ["--data-path", "no/such/prefix", "--skip-train"],  # unread
+                                  ["--max-position-embeddings", "16", "--seq-length", "32",
+                                   "--position-embedding-type", "rope"]])
+def test_good_flags_pass(argv):
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    validate_args(build_parser().parse_args(argv), 4)
 
 
 def test_bad_layer_arguments_raise_value_errors():
