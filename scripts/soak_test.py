@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         code, out = launch(args.nproc, base + ["--save", str(run_root), "--load", str(run_root)],
                            spec, args.timeout, work / f"segment{n}.log")
         seg = {"fault": spec, "returncode": code, "seconds": round(time.time() - t, 1)}
-        m = re.search(r"checkpoint: resumed from \S+ \(iteration (\d+)", out)
+        m = re.search(r"checkpoint: resumed from .+ \(iteration (\d+), ", out)  # (paths: spaces)
         seg["resumed_from"] = int(m.group(1)) if m else 0
         if seg["resumed_from"] != expected_resume:
             failures.append(f"segment {n}: resumed from {seg['resumed_from']}, expected {expected_resume}")

@@ -505,11 +505,12 @@ def test_failed_worker_ends_the_job_with_a_message(tmp_path, fault):
 def test_soak_short_setting_three_kills(tmp_path):
     """scripts/soak_test.py with 3 kills (one during a step, one during a save, one between the
     commit and the latest file): each kill leaves the previous checkpoint intact and verified,
-    the restart resumes from it, and the final weights equal the uninterrupted run's."""
+    the restart resumes from it, and the final weights equal the uninterrupted run's. The work
+    folder's name holds a space (the resume point is read from the log's checkpoint path)."""
     report = tmp_path / "report.json"
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"), "--iters", "8",
                           "--save-interval", "2", "--kills", "3", "--seed", "3",
-                          "--workdir", str(tmp_path / "soak"), "--report", str(report)],
+                          "--workdir", str(tmp_path / "soak dir"), "--report", str(report)],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     rep = json.loads(report.read_text())
