@@ -325,11 +325,14 @@ def test_activation_name():
 
 
 def _saved_bytes(model, x):
-    """Bytes of the tensors that autograd keeps for the backward pass of ``model(x)``."""
+    """Bytes of the tensors that autograd keeps for the backward pass of ``model(x)``, other than
+    the model's parameters (kept anyway)."""
     seen = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
