@@ -108,22 +108,23 @@ def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
         names = ", ".join(n for n in gates.__all__ if n.endswith("Gate"))
         raise TypeError(f"gate must be a gate class ({names} from fastmoe_megatron.gates, or "
                         f"your own) or a gate module, got {gate!r}")
-    if _takes_gate_bias(gate):
+    if _passes_gate_bias(gate, gate_bias):
         return gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
     return gate(d_model, num_expert, world_size, top_k)
 
 
-def _takes_gate_bias(gate) -> bool:
-    """Whether the gate class gets ``gate_bias``: when its signature names it, or, as in FastMoE,
-    when it is a ``NaiveGate`` subclass that passes ``**kwargs`` on (``NoisyGate`` and
-    ``ZeroGate`` have no bias and do not get it)."""
+def _passes_gate_bias(gate, gate_bias: bool) -> bool:
+    """Whether the gate class gets ``gate_bias``: when its signature names it; and, as in
+    FastMoE, a ``NaiveGate`` subclass that passes ``**kwargs`` on when it is ``False`` (True is
+    NaiveGate's default, and a subclass may set the bias itself). ``NoisyGate`` and ``ZeroGate``
+    have no bias and do not get it."""
     try:
         params = inspect.signature(gate).parameters
     except (TypeError, ValueError):  # a callable without a signature: FastMoE's rule alone
         return isinstance(gate, type) and issubclass(gate, NaiveGate)
     if "gate_bias" in params:
         return True
-    return (isinstance(gate, type) and issubclass(gate, NaiveGate)
+    return (not gate_bias and isinstance(gate, type) and issubclass(gate, NaiveGate)
             and any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()))
 
 
@@ -312,7 +313,7 @@ class FMoE(nn.Module):
                                        self.moe_group, out_rows=n * K) for o in flat]
         else:
             flat, out_leaves, out_spec = run(bufs, local_count)
-        outs = [ops.gather_rows(b, pos, inv, K, score.to(b.dtype)).reshape(
+        outs = [ops.gather_rows(b, pos, inv, K, score).reshape(
             (n,) + tuple(o.shape[1:])) for b, o in zip(flat, out_leaves)]
         return pytree.tree_unflatten(outs, out_spec)
 
@@ -341,7 +342,10 @@ class FMoE(nn.Module):
         buf, pos, inv = self.expert_rows(comm.take_slice(x, self.slice_group), idx[start:end])
         slots = ops.gather_rows(buf, pos, inv, 1)  # [slice tokens * K, d]: each slot's output
         slots = comm.slice_gather(slots.reshape(end - start, K * self.d_model), n, self.slice_group)
-        return (slots.view(n, K, self.d_model) * score.unsqueeze(-1).to(slots.dtype)).sum(1)
+        # Weighted in fp32 and rounded once, as gather_rows combines.
+        acc = torch.promote_types(slots.dtype, torch.float32)
+        return (slots.view(n, K, self.d_model).to(acc) * score.unsqueeze(-1).to(acc)).sum(1).to(
+            slots.dtype)
 
     def expert_rows(self, x: torch.Tensor, idx: torch.Tensor):
         """Runs every slot of ``idx`` [T, K] through its expert. Returns ``(buf, pos, inv)``: the

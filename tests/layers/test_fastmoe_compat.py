@@ -207,6 +207,20 @@ def test_gate_bias_reaches_naive_gate_subclasses(gate, gate_bias):
     layer.load_state_dict(plain.state_dict())
 
 
+class OwnBiasGate(NaiveGate):
+    """A subclass that sets the bias itself and passes the rest on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, gate_bias=False, **kwargs)
+
+
+def test_subclass_that_sets_its_own_bias():
+    """With the default gate_bias=True nothing is passed to a **kwargs subclass (True is
+    NaiveGate's default anyway), so one that sets the bias itself keeps working."""
+    layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, gate=OwnBiasGate)
+    assert layer.gate.gate.bias is None
+
+
 def test_gates_without_a_bias_do_not_get_gate_bias():
     """NoisyGate has no bias and takes no ``gate_bias`` (nor did it in FastMoE)."""
     layer = FMoETransformerMLP(num_expert=4, d_model=D, d_hidden=H, gate=NoisyGate,
