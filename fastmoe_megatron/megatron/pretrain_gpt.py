@@ -158,11 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_split(split: str, skip_train: bool) -> None:
-    """``--split`` as megatron-core reads it: up to three shares (train, valid, test) separated
-    by commas or slashes; training needs a train share."""
-    parts = re.split(r"[,/]", str(split))
-    try:
-        shares = [float(x) for x in parts]
+    """``--split`` as megatron-core reads it: up to three shares (train, valid, test), e.g.
+    ``969,30,1`` or ``98/2``; training needs a train share."""
+    try:  # megatron-core takes every run of digits and dots as a share
+        shares = [float(x) for x in re.findall(r"[.0-9]+", str(split))]
     except ValueError:
         shares = None
     if shares is None or len(shares) > 3 or any(not x >= 0 for x in shares) or not sum(shares) > 0:
@@ -425,6 +424,35 @@ class TrainResult:
     lrs: list = dataclasses.field(default_factory=list)  # learning rate of every iteration's step
 
 
+def param_scheduler(args, optimizer):
+    """megatron-core's ``OptimizerParamScheduler`` for the flags: LR warm-up and decay in samples,
+    constant weight decay. On --load, as with Megatron-LM's flags, a schedule that differs from
+    the checkpoint's stops the load unless --override-opt-param-scheduler or
+    --use-checkpoint-opt-param-scheduler says which to follow (checkpointing.load names both).
+    The weight-decay increment steps (``train_iters x global batch``, as Megatron-LM sets them)
+    are not compared: they have no effect on a constant weight decay, and an extended run
+    changes them."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class ParamScheduler(OptimizerParamScheduler):
+        def load_state_dict(self, state_dict):
+            state_dict = dict(state_dict)
+            if "wd_incr_steps" in state_dict and state_dict.get("start_wd") == state_dict.get(
+                    "end_wd") and self.start_wd == self.end_wd:
+                state_dict["wd_incr_steps"] = self.wd_incr_steps
+            super().load_state_dict(state_dict)
+
+    gbs = args.global_batch_size
+    return ParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * gbs,
+        lr_decay_steps=args.lr_decay_iters * gbs, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler)
+
+
 def training_samples(train_iters: int, global_batch: int, saved_iteration: int = 0,
                      saved_consumed: int | None = None) -> int:
     """Samples the training data must hold: ``train_iters x global_batch``, or more when a run
@@ -544,7 +572,6 @@ def _train(args, use_cuda: bool) -> TrainResult:
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
@@ -582,18 +609,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
                         params_dtype=config.params_dtype,
                         use_distributed_optimizer=args.use_distributed_optimizer),
         [model])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
-        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
-        lr_decay_steps=args.lr_decay_iters * args.global_batch_size,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        # No effect on a constant weight decay; tied to the LR decay rather than to
-        # --train-iters, so that a resume compares only what changes the schedule.
-        wd_incr_steps=args.lr_decay_iters * args.global_batch_size, wd_incr_style="constant",
-        # On --load, as Megatron-LM's flags: with neither, a schedule that differs from the
-        # checkpoint's stops the load (checkpointing.load names both flags).
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler)
+    scheduler = param_scheduler(args, optimizer)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync

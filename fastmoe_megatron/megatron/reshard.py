@@ -13,7 +13,8 @@
   size x lcm(tensor-parallel size, EP)) that build the model of a pretrain_gpt checkpoint at the
   new layout, load the checkpoint (resharding it) and save it: ``pretrain_gpt --skip-train``.
   A ``torch_dist`` checkpoint needs no resharding at all: pretrain_gpt loads it at any EP size.
-  RNG states belong to the old ranks and are not carried over. Other flags go to pretrain_gpt:
+  RNG states belong to the old ranks and are not carried over; the learning-rate schedule is
+  (``--skip-train`` keeps the checkpoint's). Other flags go to pretrain_gpt:
   ``--no-load-optim`` (needed for a distributed optimizer's state, which does not reshard over
   EP) writes a checkpoint without optimizer state, and its manifest says so.
 - ``merge`` writes one ``torch.save`` file with every tensor whole (experts over the global
@@ -108,10 +109,7 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--expert-model-parallel-size", str(ep), "--load", str(folder), "--save", str(save),
         "--ckpt-format", fmt, "--skip-train", "--no-load-rng", "--threads", "1",
-        "--log-interval", "1000000",
-        # The learning-rate schedule goes over as it is (its steps count samples, and the
-        # global batch is not carried: the data-parallel size may change).
-        "--use-checkpoint-opt-param-scheduler"] + list(extra or [])
+        "--log-interval", "1000000"] + list(extra or [])
     port = _free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")

@@ -403,6 +403,11 @@ def lr_schedule_on_resume(rank, world, root):
     # A conversion (--skip-train) keeps the checkpoint's schedule: no error.
     out["convert"] = _error_of(lambda: run(base + ["--train-iters", "8", "--load", root,
                                                    "--skip-train"]))
+    # With --lr-decay-iters fixed, a longer run keeps the same LR schedule: no flag needed (the
+    # weight-decay increment steps follow --train-iters but have no effect, and are not compared).
+    fixed = root + "-decay8"
+    run(base + ["--train-iters", "2", "--lr-decay-iters", "8", "--save", fixed])
+    out["longer"] = run(base + ["--train-iters", "4", "--lr-decay-iters", "8", "--load", fixed]).lrs
     return out
 
 

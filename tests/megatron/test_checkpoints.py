@@ -259,6 +259,7 @@ def test_lr_schedule_on_resume(tmp_path):
     assert out["checkpoint"] == [0.0] * 4
     assert out["same"] == []
     assert out["convert"] == "no error", out["convert"]
+    assert out["longer"] == pytest.approx([cosine(i, 8) for i in (2, 3)], rel=1e-6)
 
 
 def test_corrupt_checkpoint_load_names_the_file(at_ep1):
@@ -303,6 +304,7 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--split", "0,100,0"], "--split"),
     (["--split", "90,5,5,1"], "--split"),
     (["--split", "a,b"], "--split"),
+    (["--split", "1.2.3"], "--split"),
     (["--max-position-embeddings", "16", "--seq-length", "32"], "--max-position-embeddings"),
     (["--hidden-dropout", "1.5"], "--hidden-dropout"),
     (["--attention-dropout", "-0.1"], "--attention-dropout"),
@@ -317,7 +319,7 @@ def test_bad_flags_name_the_flag(argv, flag):
 
 
 @pytest.mark.parametrize("argv", [["--split", "969,30,1"], ["--split", "0.9/0.1"],
-                                  ["--split", "0,1,0", "--skip-train"],
+                                  ["--split", "0,1,0", "--skip-train"], ["--split", "98 2 0"],
                                   ["--data-path", "no/such/prefix", "--skip-train"],  # unread
                                   ["--max-position-embeddings", "16", "--seq-length", "32",
                                    "--position-embedding-type", "rope"]])
