@@ -279,11 +279,11 @@ def recompute_when_saved(t: torch.Tensor, remake, depends_on: torch.Tensor):
     """Inside the block, autograd keeps no copy of ``t`` for the backward pass: wherever an op
     saves ``t``, ``remake()`` (which must return the same values) makes it again when the
     backward pass needs it, without autograd unless the backward pass builds a graph
-    (``create_graph=True``: the remade ``t`` then has its graph back to ``depends_on``). For the scattered buffer [T*K, d] of the local path,
-    which the first expert GEMM saves for its weight gradient: the backward pass then re-scatters
-    it (one pass over memory) instead of keeping T*K*d elements from the forward pass to the
-    backward one. ``depends_on`` is what ``remake`` reads: modifying it in place in between is
-    an error, as for a saved tensor. The code in the block must not modify ``t`` in place after
+    (``create_graph=True``: the remade ``t`` then has its graph back to ``depends_on``). For
+    the scattered buffer [T*K, d] of the local path, which the first expert GEMM saves for its
+    weight gradient: the backward pass then re-scatters it (one pass over memory) instead of
+    keeping T*K*d elements from the forward pass to the backward one. ``depends_on`` is what
+    ``remake`` reads: modifying it in place in between is an error, as for a saved tensor. The code in the block must not modify ``t`` in place after
     saving it (an in-place change before is seen, and ``t`` is then saved as usual).
 
     Off (the block saves ``t`` as usual) under torch.compile, without grad mode, and when other
