@@ -252,7 +252,6 @@ def test_nonfinite_values_stay_out_of_dropped_slots(impl, bad):
     uses must not reach the outputs (an all-dropped token is exactly zero)."""
     # Slots 0..3 of 2 tokens (K=2); token 1 has both slots dropped.
     inv = torch.tensor([1, 0, -1, -1])
-    pos = torch.tensor([1, 0, -1])
     buf = torch.tensor([[1.0, 2.0], [3.0, 4.0], [bad, 5.0]])  # row 2 is a padding row
     buf0 = torch.tensor([[bad, 2.0], [3.0, 4.0]])  # row 0 holds the bad value
     w = torch.tensor([0.5, 0.25, bad, bad])
