@@ -94,11 +94,11 @@ class DistributedGroupedDataParallel(nn.Module):
         """Experts of a layer with ``world_size=1`` are replicas on every rank, not shards:
         tagged ``none`` (never reduced, FMoETransformerMLP's default) each rank's copy would
         train on its own batch only and drift away from the others."""
-        from .layers import FMoE
+        from .moefy import moe_layers
 
-        for prefix, layer in self.module.named_modules():
+        for prefix, layer in moe_layers(self.module):
             experts = getattr(layer, "experts", None)
-            if not isinstance(layer, FMoE) or layer.world_size != 1 or experts is None:
+            if layer.world_size != 1 or experts is None:
                 continue
             for name, p in experts.named_parameters():
                 if self._tag(p) == "none":

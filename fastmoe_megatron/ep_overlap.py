@@ -171,7 +171,7 @@ class _OverlappedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if ops.builds_graph():
             raise RuntimeError("fastmoe_megatron: double backward (create_graph=True) through the "
                                "overlapped expert-parallel experts is not supported; with "
                                "FMOE_EP_OVERLAP=0 they run through all-to-alls, which support it")

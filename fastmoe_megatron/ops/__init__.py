@@ -62,15 +62,19 @@ def backend_name(device: str | torch.device = "cpu") -> str:
     return "native" if kernels_for(torch.empty(0, device=device)) is native else "torch"
 
 
+def builds_graph() -> bool:
+    """Inside an autograd Function's backward: whether this backward pass builds a graph
+    (``create_graph=True``, for double backward). Never under torch.compile, which does not
+    support double backward."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _backward_kernels(ctx):
     """The kernels of a backward pass: the forward pass's, but the pure-PyTorch ones when the
-    backward pass builds a graph (``create_graph=True``, for double backward). Autograd has no
-    derivatives of the native kernels (it would return zeros for them, with a warning); the
-    pure-PyTorch backward formulas are differentiable. torch.compile does not support double
-    backward, so under it the kernels stay."""
-    if ctx.k is native and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return reference
-    return ctx.k
+    backward pass builds a graph. Autograd has no derivatives of the native kernels (it would
+    return zeros for them, with a warning); the pure-PyTorch backward formulas are
+    differentiable."""
+    return reference if ctx.k is native and builds_graph() else ctx.k
 
 
 # ---------------------------------------------------------------------------- routing plans
@@ -213,7 +217,7 @@ class _GroupedMM(torch.autograd.Function):
 def _grad_buffer(weight_ref, weight: torch.Tensor, needed: bool) -> torch.Tensor | None:
     """The kept buffer for the gradient of the weight that ``weight_ref`` (a weak reference taken
     in the forward pass) points to, or None when it gets a fresh tensor."""
-    if not needed or torch.is_grad_enabled():  # a double-backward graph needs a fresh tensor
+    if not needed or builds_graph():  # a double-backward graph needs a fresh tensor
         return None
     owner = weight_ref()
     return (_weight_grad_buffers.get(owner)
@@ -239,7 +243,7 @@ class _ExpertMLP(torch.autograd.Function):
         x, hidden, counts, w1, b1, w2, b2 = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, counts, w1, b1, w2, b2, activation
         mask = [need[0], need[2], ctx.has_bias[0] and need[3], need[4], ctx.has_bias[1] and need[5]]
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if builds_graph():
             # Double backward: the saved fc1 output has no graph back to x and w1, so the
             # pure-PyTorch MLP runs again under autograd and is differentiated with a graph.
             inputs = (x, w1, b1, w2, b2)
@@ -309,7 +313,7 @@ def recompute_when_saved(t: torch.Tensor, remake, depends_on: torch.Tensor):
         if depends_on._version != version:
             raise RuntimeError("fastmoe_megatron: the MoE layer's input was modified in place "
                                "after the forward pass; its backward pass needs it unchanged")
-        if torch.is_grad_enabled():  # a backward pass with create_graph: keep the graph to x
+        if builds_graph():  # a backward pass with create_graph: keep the graph to x
             return remake()
         with torch.no_grad():
             return remake()
