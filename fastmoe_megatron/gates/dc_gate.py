@@ -1,12 +1,8 @@
 """Distributed-capacity gate: GShard's routing and loss, with each expert's capacity enforced over
 all workers (the experts decide how many rows each worker may send)."""
-import math
-
-import torch
-
-from .gshard_gate import GShardGate, gshard_balance_loss
+from .gshard_gate import GShardGate, gshard_balance_loss, random_routing
 from .naive_gate import NaiveGate
-from .utils import limit_by_capacity
+from .utils import expert_capacity, limit_by_capacity
 
 
 class DCGate(GShardGate):
@@ -14,12 +10,12 @@ class DCGate(GShardGate):
         idx, score, logits = NaiveGate.forward(self, x, return_all_scores=True)
         self.set_loss_with_z(gshard_balance_loss(idx[:, 0], logits, self.tot_expert), logits)
 
+        # Random routing before the capacity cut, so that it takes no expert's room.
+        if self.random_routing and self.top_k > 1 and self.training:
+            idx = random_routing(idx, score)
+
         # Capacity per local expert: cap_rate times the mean global load of an expert.
         cap_rate = self.capacity[0 if self.training else 1]
-        cap = math.ceil(cap_rate * x.shape[0] * self.top_k / self.num_expert)
+        cap = expert_capacity(cap_rate, x.shape[0] * self.top_k, self.num_expert)
         _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
-
-        if self.random_routing and self.top_k > 1 and self.training:
-            drop = 2 * score[:, 1].detach() < torch.rand(score.shape[0], device=x.device)
-            idx[:, 1] = idx[:, 1].masked_fill(drop, -1)
         return idx, score

@@ -1,13 +1,11 @@
 """GShard gate (Lepikhin et al., 2020): top-k, balance loss ``mean(c_e * m_e) * E^2``, a local
 per-expert capacity, and random routing of the second choice."""
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .base_gate import check_top_k
 from .naive_gate import NaiveGate
-from .utils import check_capacity, prune_gate_by_capacity
+from .utils import check_capacity, expert_capacity, prune_gate_by_capacity
 
 
 def gshard_balance_loss(top1_idx, logits, tot_expert):
@@ -17,6 +15,15 @@ def gshard_balance_loss(top1_idx, logits, tot_expert):
     c_e = torch.bincount(top1_idx.clamp(min=0), minlength=tot_expert).float() / T
     m_e = F.softmax(logits.float(), dim=1).mean(0) if logits.shape[0] else logits.new_zeros(tot_expert)
     return (c_e * m_e).mean() * tot_expert ** 2
+
+
+def random_routing(idx, score):
+    """Drops each token's second choice where ``2 * p2 < U(0, 1)`` (GShard's random routing): one
+    draw of ``T`` uniforms from the global generator."""
+    drop = 2 * score[:, 1].detach() < torch.rand(score.shape[0], device=score.device)
+    idx = idx.clone()
+    idx[:, 1] = idx[:, 1].masked_fill(drop, -1)
+    return idx
 
 
 class GShardGate(NaiveGate):
@@ -32,13 +39,12 @@ class GShardGate(NaiveGate):
         loss = gshard_balance_loss(idx[:, 0], logits, self.tot_expert)
         self.set_loss_with_z(loss, logits)
 
+        # Random routing first (GShard's Algorithm 1): a second choice it drops takes no room.
+        if self.random_routing and self.top_k > 1 and self.training:
+            idx = random_routing(idx, score)
+
         # Capacity per expert, per worker: cap_rate * (slots / experts), as in GShard's groups.
         cap_rate = self.capacity[0 if self.training else 1]
-        cap = math.ceil(cap_rate * x.shape[0]) * self.top_k // self.tot_expert
+        cap = expert_capacity(cap_rate, x.shape[0] * self.top_k, self.tot_expert)
         keep = torch.full((self.tot_expert,), cap, dtype=torch.int64)
-        idx = prune_gate_by_capacity(idx, keep)
-
-        if self.random_routing and self.top_k > 1 and self.training:
-            drop = 2 * score[:, 1].detach() < torch.rand(score.shape[0], device=x.device)
-            idx[:, 1] = idx[:, 1].masked_fill(drop, -1)
-        return idx, score
+        return prune_gate_by_capacity(idx, keep), score

@@ -1,12 +1,10 @@
 """Switch gate (Fedus et al., 2021): top-1 of an fp32 softmax, multiplicative jitter while
 training, capacity per expert enforced over all workers, loss ``sum(frac * prob) * E``."""
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .naive_gate import NaiveGate
-from .utils import check_capacity, limit_by_capacity
+from .utils import check_capacity, expert_capacity, limit_by_capacity
 
 
 class SwitchGate(NaiveGate):
@@ -31,7 +29,7 @@ class SwitchGate(NaiveGate):
 
         self.record_load(idx)  # the demand, before the capacity cut (as every gate counts it)
         cap_rate = self.capacity[0 if self.training else 1]
-        cap = math.ceil(cap_rate * inp.shape[0] / self.num_expert)
+        cap = expert_capacity(cap_rate, inp.shape[0], self.num_expert)
         _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
 
         kept = idx[idx >= 0]

@@ -1,6 +1,9 @@
 """Capacity helpers shared by the gates (FastMoE's ``fmoe.gates.utils`` names)."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 from .. import ops
@@ -38,6 +41,13 @@ def limit_by_capacity(topk_idx, num_expert, world_size, capacity, group=None):
 def prune_gate_by_capacity(topk_idx, expert_count, num_expert=None, world_size=None):
     """Keeps at most ``expert_count[e]`` slots per global expert ``e`` (first choices first)."""
     return ops.prune_gate_by_capacity(topk_idx, expert_count.to(topk_idx.device, torch.int64))
+
+
+def expert_capacity(factor: float, slots: int, experts: int) -> int:
+    """``ceil(factor * slots / experts)``, in exact arithmetic: a factor such as 1.2 is read as the
+    decimal 6/5 (not the binary float just above it), so ``1.2 * 10 / 3`` gives 4, not 5."""
+    exact = Fraction(factor).limit_denominator(10 ** 6) * slots / experts
+    return math.ceil(exact)
 
 
 def check_capacity(capacity):

@@ -5,6 +5,7 @@ gate needs no communication)."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -237,9 +238,10 @@ def test_capacity_respected(cls, top_k, training):
     x = x_of()
     idx, _ = gate(x)
     f = factors[0 if training else 1]
-    cap = {GShardGate: math.ceil(f * T) * top_k // E,           # per expert, this worker
-           DCGate: math.ceil(f * T * top_k / E),                # per local expert, all workers
-           SwitchGate: math.ceil(f * T / E)}[cls]
+    slots = {GShardGate: T * top_k,     # per expert, this worker
+             DCGate: T * top_k,         # per local expert, all workers
+             SwitchGate: T}[cls]
+    cap = math.ceil(Fraction(str(f)) * slots / E)
     counts = torch.bincount(idx[idx >= 0], minlength=E)
     assert (counts <= cap).all(), f"counts {counts.tolist()} exceed capacity {cap}"
     if cls is not SwitchGate or not training:
@@ -263,6 +265,67 @@ def test_gshard_random_routing():
     assert (idx[:, 0] >= 0).all()
     gate.eval()
     assert (gate(x)[0] >= 0).all(), "no random routing in eval mode"
+
+
+@pytest.mark.parametrize("factor,slots,experts,want", [
+    (1.2, 10, 3, 4),      # 12 / 3 exactly: the float 1.2 * 10 is 12.000000000000002
+    (2.4, 2, 8, 1),       # GShard, one token, top-2, 8 experts: 0.6 rounds up to 1
+    (1.2, 7 * 2, 4, 5),   # 4.2
+    (0.5, 4, 4, 1),
+    (1.0, 0, 4, 0),
+])
+def test_expert_capacity_rounds_up_exactly(factor, slots, experts, want):
+    from fastmoe_megatron.gates.utils import expert_capacity
+    assert expert_capacity(factor, slots, experts) == want
+
+
+@pytest.mark.parametrize("cls", [GShardGate, DCGate])
+def test_small_batches_keep_their_tokens(cls):
+    """GShard's capacity rounded down: one token with top-2 over 8 experts got capacity
+    floor(ceil(2.4) * 2 / 8) = 0, every slot was dropped and the layer returned zeros. It is
+    ceil(2.4 * 2 / 8) = 1: an eval-mode GShard layer upcycled from a dense block computes the dense
+    block, one token at a time too."""
+    import torch.nn as nn
+    from fastmoe_megatron import FMoETransformerMLP
+    from fastmoe_megatron.moefy import upcycle_experts
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(D, 16), nn.Linear(16, D)
+    moe = FMoETransformerMLP(num_expert=8, d_model=D, d_hidden=16, top_k=2, gate=cls).eval()
+    upcycle_experts(moe, fc1, fc2)
+    for n in (1, 3):
+        x = x_of(n)
+        assert (moe.gate(x)[0] >= 0).all()
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), fc2(torch.nn.functional.gelu(fc1(x))))
+
+
+@pytest.mark.parametrize("cls", [GShardGate, DCGate])
+def test_random_routing_before_capacity(cls):
+    """A second choice that random routing drops takes no room: the capacity goes to the later
+    tokens' second choices (GShard's Algorithm 1). Cutting the capacity first wasted it."""
+    top_k, n = 2, 16
+    gate = cls(E, E, 1, topk=top_k, capacity=(1.0, 1.0), random_routing=True).train()
+    with torch.no_grad():
+        gate.gate.weight.copy_(torch.eye(E))
+        gate.gate.bias.zero_()
+    # First choices spread over experts 0-2 (at most 6 each, all fit in the capacity of 8);
+    # every second choice is expert 3.
+    x = torch.full((n, E), -1.0)
+    x[torch.arange(n), torch.arange(n) % 3] = 1.5
+    x[:, 3] = 0.0
+    torch.manual_seed(5)
+    idx, score = gate(x)
+    torch.manual_seed(5)
+    u = torch.rand(n)  # the gate's only random draw
+    cap = n * top_k // E
+    second, room = [], cap
+    for t in range(n):
+        keep = not (2 * score[t, 1].item() < u[t].item()) and room > 0
+        room -= keep
+        second.append(3 if keep else -1)
+    assert idx[:, 0].tolist() == (torch.arange(n) % 3).tolist()
+    assert idx[:, 1].tolist() == second
+    assert second.count(3) > 3, "the case must use more of expert 3's room than the old order left"
 
 
 # ---------------------------------------------------------------------------- z-loss
