@@ -99,9 +99,10 @@ class BaseGate(nn.Module):
     # ------------------------------------------------------------------ aux-loss-free balancing
 
     def selection_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits used to pick experts: biased when aux-loss-free balancing is on."""
+        """Logits used to pick experts: biased when aux-loss-free balancing is on (then in fp32,
+        so that a bf16 model does not round its bias away)."""
         if self.expert_bias_update_rate > 0:
-            return logits + self.expert_bias.to(logits.dtype)
+            return logits.float() + self.expert_bias.float()
         return logits
 
     def record_load(self, idx: torch.Tensor):

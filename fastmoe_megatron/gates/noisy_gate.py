@@ -25,7 +25,8 @@ class NoisyGate(BaseGate):
 
     def _prob_in_top_k(self, clean, noisy, noise_std, top_values):
         # Probability that each logit stays in the top k under re-drawn noise: compare with the
-        # k-th largest noisy value if it is in, with the (k+1)-th if it is out.
+        # k-th largest noisy value if it is in, with the (k+1)-th if it is out. All of it on the
+        # logits the experts are picked on (with the aux-loss-free bias, if any).
         threshold_in = top_values[:, self.top_k:self.top_k + 1]
         threshold_out = top_values[:, self.top_k - 1:self.top_k]
         is_in = noisy > threshold_in
@@ -39,14 +40,16 @@ class NoisyGate(BaseGate):
         noise_std = (F.softplus(inp @ self.w_noise) + self.noise_epsilon) * float(self.training)
         noisy = clean + torch.randn_like(clean) * noise_std
         m = min(self.top_k + 1, self.tot_expert)
-        top_idx = self.selection_logits(noisy).topk(m, dim=1).indices
-        top_values = noisy.gather(1, top_idx)
+        selection = self.selection_logits(noisy.float())
+        top_idx = selection.topk(m, dim=1).indices
         idx = top_idx[:, :self.top_k]
         score = F.softmax(noisy.gather(1, idx), dim=1)
-        gates = torch.zeros_like(noisy).scatter(1, idx, score)
+        # The loss in fp32: importance and load are sums over all tokens.
+        gates = torch.zeros_like(noisy, dtype=torch.float32).scatter(1, idx, score.float())
         importance = gates.sum(0)
         if self.training and self.top_k < self.tot_expert and inp.shape[0] > 0:
-            load = self._prob_in_top_k(clean, noisy, noise_std, top_values).sum(0)
+            load = self._prob_in_top_k(self.selection_logits(clean.float()), selection,
+                                       noise_std.float(), selection.gather(1, top_idx)).sum(0)
         else:
             load = (gates > 0).sum(0)
         self.record_load(idx)

@@ -328,6 +328,69 @@ def test_random_routing_before_capacity(cls):
     assert second.count(3) > 3, "the case must use more of expert 3's room than the old order left"
 
 
+def noisy_loss_by_hand(clean, std, noisy, bias, top_k, idx):
+    """Shazeer et al.'s loss token by token, in float64: cv^2 of the importance (softmax of the
+    kept noisy logits, summed) + cv^2 of the load, sum over tokens of P(clean_i + b_i + noise >
+    the k-th largest of the other experts' noisy + b). ``idx`` are the experts picked; they must
+    be the top-k of noisy + b (ties, frequent in bf16, may go either way)."""
+    T_, E_ = clean.shape
+    importance, load = [0.0] * E_, [0.0] * E_
+    for t in range(T_):
+        sel = [float(noisy[t, i]) + float(bias[i]) for i in range(E_)]
+        chosen = idx[t].tolist()
+        assert sorted((sel[i] for i in chosen), reverse=True) == sorted(sel, reverse=True)[:top_k]
+        kept = [math.exp(float(noisy[t, i])) for i in chosen]
+        for i, v in zip(chosen, kept):
+            importance[i] += v / sum(kept)
+        for i in range(E_):
+            kth = sorted(sel[:i] + sel[i + 1:], reverse=True)[top_k - 1]
+            z = (float(clean[t, i]) + float(bias[i]) - kth) / float(std[t, i])
+            load[i] += 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    return cv2(importance) + cv2(load)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("biased", [False, True], ids=["nobias", "bias"])
+def test_noisy_gate_training_loss_by_hand(top_k, biased):
+    """With noise (training), and with the aux-loss-free bias: the load estimate compares the
+    biased logits the experts are picked on (it took the thresholds from the unbiased ones, so an
+    expert the bias kept out got a probability near 1)."""
+    gate = make_gate(NoisyGate, top_k, expert_bias_update_rate=0.1 if biased else 0.0).train()
+    bias = torch.tensor([2.0, 0.0, 0.0, -2.0]) if biased else torch.zeros(E)
+    if biased:
+        gate.expert_bias.copy_(bias)
+    x = x_of()
+    torch.manual_seed(7)
+    idx, _ = gate(x)
+    loss = gate.get_loss().item()
+    torch.manual_seed(7)
+    eps = torch.randn(T, E)  # the gate's only random draw
+    with torch.no_grad():
+        clean = x.double() @ gate.w_gate.double()
+        std = torch.nn.functional.softplus(x.double() @ gate.w_noise.double()) + 1e-2
+    want = noisy_loss_by_hand(clean, std, clean + eps.double() * std, bias, top_k, idx)
+    assert loss == pytest.approx(want, rel=1e-4)
+
+
+def test_noisy_gate_loss_sums_in_fp32_under_bf16():
+    """Importance and load are sums over all tokens: in bf16 they were rounded (2% off at 8192
+    tokens). From the same bf16 logits and noise, the loss is that of float64 arithmetic."""
+    n, dm, ne, top_k = 8192, 32, 8, 2
+    torch.manual_seed(0)
+    gate = NoisyGate(dm, ne, 1, top_k=top_k).bfloat16().train()
+    x = torch.randn(n, dm).bfloat16()
+    torch.manual_seed(1)
+    idx, _ = gate(x)
+    loss = gate.get_loss().item()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        clean = x @ gate.w_gate                       # the gate's own bf16 products
+        std = torch.nn.functional.softplus(x @ gate.w_noise) + 1e-2
+        noisy = clean + torch.randn_like(clean) * std
+    want = noisy_loss_by_hand(clean.double(), std.double(), noisy.double(), torch.zeros(ne), top_k, idx)
+    assert loss == pytest.approx(want, rel=2e-3)
+
+
 # ---------------------------------------------------------------------------- z-loss
 
 @pytest.mark.parametrize("cls", LINEAR_GATES + [NoisyGate])
