@@ -96,7 +96,10 @@ def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int
 
 
 def prune_gate_by_capacity(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Drops (-1) the slots of each expert beyond ``keep[e]``, first choices first."""
+    """Drops (-1) the slots of each expert beyond ``keep[e]``, first choices first. ``idx`` is
+    ``[T, top_k]``, or FastMoE's flat ``[T * top_k]`` (then the slots count in their order)."""
+    if idx.dim() == 1:
+        return kernels_for(idx).prune_gate_by_capacity(idx.view(-1, 1), keep).view(-1)
     return kernels_for(idx).prune_gate_by_capacity(idx, keep)
 
 

@@ -391,6 +391,19 @@ def test_noisy_gate_loss_sums_in_fp32_under_bf16():
     assert loss == pytest.approx(want, rel=2e-3)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_capacity_helpers_take_fastmoe_flat_indices(backend):
+    """FastMoE's gates return flat [T * top_k] indices, and its capacity helpers take them: the
+    slots count in their order."""
+    from fastmoe_megatron.gates import limit_by_capacity, prune_gate_by_capacity
+    flat = torch.tensor([0, 1, 0, 1, 1, -1, 0])
+    with ops.use_backend(backend):
+        assert prune_gate_by_capacity(flat, torch.tensor([2, 1]), 2, 1).tolist() == [0, 1, 0, -1, -1, -1, -1]
+        lec, gec, idx = limit_by_capacity(flat, 2, 1, 2)
+    assert idx.tolist() == [0, 1, 0, 1, -1, -1, -1]
+    assert lec.tolist() == gec.tolist() == [2, 2]
+
+
 # ---------------------------------------------------------------------------- z-loss
 
 @pytest.mark.parametrize("cls", LINEAR_GATES + [NoisyGate])
