@@ -80,6 +80,19 @@ def add_fmoe_args(parser: argparse.ArgumentParser,
     return parser
 
 
+def fmoe_flags_set(args) -> list[str]:
+    """The fastmoe flags of ``args`` (parsed by a parser with ``add_fmoe_args``) given a value other
+    than their default, by name: they take effect only with ``--fmoefy``."""
+    reference = add_fmoe_args(argparse.ArgumentParser(), top_k_alias=False)
+    found = []
+    for action in reference._actions:
+        if action.dest in ("help", "fmoefy") or not hasattr(args, action.dest):
+            continue
+        if getattr(args, action.dest) != action.default:
+            found.append(action.option_strings[0])
+    return found
+
+
 def fmoe_config_from_args(args) -> FMoEConfig:
     """FMoEConfig from parsed flags; raises ValueError naming the flag on a bad combination."""
     if not args.fmoefy:

@@ -77,9 +77,31 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, seed: int, spli
     # Splits nothing reads are not built: megatron-core would build them anyway, and one that
     # the split leaves without documents never finishes (its epoch count loops forever).
     config.split_matrix = [s if n else None for s, n in zip(config.split_matrix, num_samples)]
+    _check_splits_hold_tokens(GPTDataset.build_low_level_dataset(data_prefix, config),
+                              config.split_matrix, split, data_prefix)
     if index_cache:
         os.makedirs(index_cache, exist_ok=True)
     return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
+
+class DataConfigError(ValueError):
+    """A flag that the data shows to be wrong (found once the data is open, after start-up)."""
+
+
+def _check_splits_hold_tokens(low_level, split_matrix, split: str, data_prefix: str) -> None:
+    """Each split to be read must hold a token: megatron-core repeats a split's epochs until it
+    has the samples asked for, forever on one without tokens. Its documents are the split's share
+    of the sequences, rounded as megatron-core rounds them."""
+    lengths = low_level.sequence_lengths
+    for name, bounds in zip(("train", "valid", "test"), split_matrix):
+        if bounds is None:
+            continue
+        begin, end = (int(round(b * float(len(lengths)))) for b in bounds)
+        if end <= begin or int(lengths[begin:end].sum()) == 0:
+            raise DataConfigError(
+                f"--split {split}: the {name} split of --data-path {data_prefix} holds no tokens "
+                f"({end - begin} of its {len(lengths)} documents); give it a larger share or use "
+                "more data")
 
 
 class BatchIterator:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .arguments import add_fmoe_args, fmoe_config_from_args
+from .arguments import add_fmoe_args, fmoe_config_from_args, fmoe_flags_set
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-grad", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (default: cores / local processes)")
+                   help="CPU threads per process (default: the CPUs this process may use, e.g. "
+                        "under taskset or a Slurm binding, / local processes)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", default=None,
@@ -197,6 +198,16 @@ def validate_args(args, world_size: int):
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
     if args.clip_grad < 0:
         raise ValueError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
+    if not 0 <= args.seed < 2 ** 31:
+        raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError("--distributed-timeout-minutes must be > 0, got "
+                         f"{args.distributed_timeout_minutes}")
+    if not args.fmoefy:
+        unused = fmoe_flags_set(args)
+        if unused:
+            raise ValueError(f"{', '.join(unused)} without --fmoefy: fastmoe's MoE flags take "
+                             "effect only with --fmoefy (megatron-core's own MoE: --num-experts)")
     _check_split(args.split, args.skip_train)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
@@ -223,6 +234,15 @@ def validate_args(args, world_size: int):
                          f"size {tp * dp} (experts are spread over data-parallel ranks)")
     if args.sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ValueError(f"--seq-length {args.seq_length} is not divisible by "
+                         f"--tensor-model-parallel-size {tp} (--sequence-parallel splits it)")
+    if args.num_experts is not None and tp > 1 and not args.sequence_parallel:
+        raise ValueError("--num-experts (megatron-core's MoE) with --tensor-model-parallel-size > 1 "
+                         "needs --sequence-parallel")
+    if args.num_attention_heads % tp:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
                          f"--num-attention-heads {args.num_attention_heads}")
@@ -230,6 +250,9 @@ def validate_args(args, world_size: int):
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by "
                          f"--pipeline-model-parallel-size {pp}")
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    if args.ffn_hidden_size % tp:
+        raise ValueError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if (args.position_embedding_type == "learned_absolute"
             and args.max_position_embeddings < args.seq_length):
@@ -504,12 +527,25 @@ def main(argv=None) -> int:
     if use_cuda:
         torch.cuda.set_device(local_gpu(local_rank))
     elif args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // local_world)
+        args.threads = max(1, usable_cpus() // local_world)
+    if args.save:
+        problem = save_folder_problem(args.save, rank)
+        if problem:  # before any training: a run that could not save its work would lose it
+            print(f"pretrain_gpt: error: --save {args.save}: {problem}", file=sys.stderr, flush=True)
+            return 2
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
-    result = train(args, use_cuda)  # on failure: no barrier (a dead peer would make it wait)
+    from .data import DataConfigError
+
+    try:
+        result = train(args, use_cuda)  # on failure: no barrier (a dead peer would make it wait)
+    except DataConfigError as exc:  # every rank finds it in the same data
+        if rank == 0:
+            print(f"pretrain_gpt: error: {exc}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        return 2
     ok = not result.losses or result.losses[-1] == result.losses[-1]  # not NaN
     dist.barrier()
     dist.destroy_process_group()
@@ -538,6 +574,29 @@ def _entry() -> None:
         os._exit(1)
     sys.stdout.flush()
     sys.exit(code)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a cgroup, taskset or Slurm's binding),
+    else all of the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def save_folder_problem(save, rank: int) -> str | None:
+    """Why this rank could not write checkpoints into ``save`` (it is created if missing), or
+    None: checked at start-up, not at the first save after hours of training."""
+    root = Path(save)
+    probe = root / f".write_test.{rank}.{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None
 
 
 def _free_port() -> int:
@@ -634,6 +693,16 @@ def _train(args, use_cuda: bool) -> TrainResult:
                                        load_optim=not args.no_load_optim,
                                        load_rng=not args.no_load_rng, report=loaded)
     start_iteration = iteration
+    if args.save and not args.skip_train and dist.get_rank() == 0:
+        newer = checkpointing.latest_iteration(args.save) \
+            if (Path(args.save) / checkpointing.LATEST).is_file() else None
+        if newer is not None and newer > iteration:  # said now, not at the first save hours later
+            print(f"warning: --save {args.save} holds a run up to iteration {newer}, and this run "
+                  f"starts at iteration {iteration}"
+                  + (f" (from --load {args.load})" if args.load else "") + ": its saves will "
+                  f"replace that run's checkpoints after iteration {iteration} and move "
+                  f"'{checkpointing.LATEST}' back; pass --load {args.save} to resume that run "
+                  "instead", file=sys.stderr, flush=True)
     # The data position: the samples consumed so far (a resumed run may have another global batch
     # size, e.g. after a change of the data-parallel size with the default --global-batch-size).
     consumed = loaded.get("consumed_samples")

@@ -102,6 +102,10 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
             f"{folder} was not written by pretrain_gpt (no saved arguments), so the model cannot "
             "be rebuilt here; load it at the new expert-parallel size directly (torch_dist and "
             "torch formats reshard at load) or merge it")
+    if ep < 1:
+        raise ValueError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
     tp = int(saved.get("tensor_model_parallel_size") or 1)
     pp = int(saved.get("pipeline_model_parallel_size") or 1)
     world = world_size or pp * math.lcm(tp, ep)
@@ -110,6 +114,11 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
         "--expert-model-parallel-size", str(ep), "--load", str(folder), "--save", str(save),
         "--ckpt-format", fmt, "--skip-train", "--no-load-rng", "--threads", "1",
         "--log-interval", "1000000"] + list(extra or [])
+    from .pretrain_gpt import build_parser, validate_args
+
+    # A layout the model does not allow (experts that EP does not divide, ...) fails here, naming
+    # the flag, before any process starts.
+    validate_args(build_parser().parse_args(argv), world)
     port = _free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
@@ -276,7 +285,7 @@ def main(argv=None) -> int:
             manifest = ckpt.read_manifest(folder)
             print(json.dumps({k: manifest.get(k) for k in
                               ("format", "iteration", "layout", "contents", "fmoe")}, indent=1))
-    except ckpt.CheckpointError as exc:
+    except (ckpt.CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

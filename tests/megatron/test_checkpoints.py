@@ -163,6 +163,21 @@ def test_reshard_without_the_optimizer_says_so(source, work):
     assert manifest["contents"]["scheduler"] is True
 
 
+@pytest.mark.parametrize("ep,named", [("0", "--expert-model-parallel-size must be >= 1"),
+                                      ("3", "--fmoe-num-experts 4")])
+def test_reshard_to_a_bad_layout_fails_before_starting_processes(source, work, capsys, ep, named):
+    """EP=0 started 0 processes and then reported no checkpoint; EP=3 (4 experts) started 3 that
+    failed. Both are flag errors now, before any process starts."""
+    from fastmoe_megatron.megatron import reshard
+
+    out = work / f"bad_ep{ep}"
+    assert reshard.main(["reshard", "--load", source["roots"]["torch"], "--save", str(out),
+                         "--expert-model-parallel-size", ep]) == 2
+    err = capsys.readouterr()
+    assert named in err.err and "local CPU processes" not in err.out, err
+    assert not out.exists()
+
+
 def test_merge_loads_into_plain_fmoe_layers(at_ep1, work):
     """merge -> one weights_only file; plain FMoETransformerMLP layers built from it give the
     Megatron model's MoE-layer outputs (the worker also checks the merged model dict)."""
@@ -310,6 +325,20 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--attention-dropout", "-0.1"], "--attention-dropout"),
     (["--adam-beta2", "1"], "--adam-beta2"),
     (["--clip-grad", "-1"], "--clip-grad"),
+    # These used to fail later with a traceback (numpy's seed check, the TCP store, megatron-core's
+    # tensor-parallel layers), or ran without effect (fastmoe flags without --fmoefy).
+    (["--seed", "-1"], "--seed"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes"),
+    (["--fmoe-num-experts", "8"], "--fmoe-num-experts"),
+    (["--balance-strategy", "gshard"], "--balance-strategy"),
+    (["--hidden-hidden-size", "64"], "--hidden-hidden-size"),
+    (["--tensor-model-parallel-size", "2", "--hidden-size", "64", "--num-attention-heads", "1"],
+     "--num-attention-heads"),
+    (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "33"], "--ffn-hidden-size"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"],
+     "--seq-length"),
+    (["--tensor-model-parallel-size", "2", "--num-experts", "2", "--disable-bias-linear"],
+     "--sequence-parallel"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args

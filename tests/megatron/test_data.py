@@ -225,6 +225,21 @@ def test_unread_splits_are_not_built(tmp_path):
     assert len(train) >= 50 and valid is None and test is None
 
 
+@pytest.mark.timeout(120)
+def test_a_train_split_without_documents_is_an_error(tmp_path):
+    """--split 1,99,0 over 3 documents leaves the train split none: megatron-core looped forever
+    (no output) building it. It is an error naming --split."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from fastmoe_megatron.megatron.data import DataConfigError, build_datasets
+
+    prefix = _dataset(tmp_path, [f"document {i} " * 20 for i in range(3)])
+    with pytest.raises(DataConfigError, match=r"--split 1,99,0: the train split .* no tokens "
+                                              r"\(0 of its 3 documents\)"):
+        build_datasets(prefix, ByteLevelTokenizer(), 32, 1, "1,99,0", [50, 0, 0])
+    train, _, _ = build_datasets(prefix, ByteLevelTokenizer(), 32, 1, "34,66,0", [50, 0, 0])
+    assert len(train) >= 50
+
+
 def test_index_cache_follows_the_data(tmp_path):
     """Indices are cached beside the data in a folder named after the .idx file's contents: a
     dataset preprocessed again under the same prefix gets fresh indices (it used to train on

@@ -103,6 +103,56 @@ def test_a_bad_flag_ends_the_command_with_its_message(capsys, monkeypatch):
     assert "error" not in capsys.readouterr().err
 
 
+def test_an_unwritable_save_folder_stops_before_training(tmp_path, capsys, monkeypatch):
+    """--save under a file: the first save failed after all the training; now start-up fails."""
+    from fastmoe_megatron.megatron.pretrain_gpt import main
+
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "afile").write_text("")
+    assert main(["--save", str(tmp_path / "afile" / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrain_gpt: error: --save {tmp_path / 'afile' / 'ckpt'}: cannot write there" in err
+    assert "Traceback" not in err
+
+
+def test_default_threads_follow_the_cpu_affinity():
+    """--threads defaults to the CPUs this process may use (taskset, cgroups, Slurm), shared by
+    the local ranks, not to all of the machine's."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity here")
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from fastmoe_megatron.megatron.pretrain_gpt import usable_cpus; print(usable_cpus())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
+
+
+def run_tiny_dense(tmp_path, *extra):
+    """``pretrain_gpt`` on a one-layer dense GPT in a fresh process (one thread)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FMOE_CACHE_DIR=os.environ.get(
+        "FMOE_CACHE_DIR", str(tmp_path)))
+    argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--log-interval", "1",
+            "--default-corpus-bytes", "300000", "--threads", "1", *extra]
+    return subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_save_folder_of_a_longer_run_is_announced_at_start(tmp_path):
+    """A fresh run (a typo in --load, or none) into a --save folder holding a run up to iteration
+    30 replaces its checkpoints and moves `latest` back: said before training, not only at the
+    first save."""
+    from fastmoe_megatron.megatron.checkpointing import LATEST
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / LATEST).write_text("30")
+    proc = run_tiny_dense(tmp_path, "--train-iters", "1", "--save", str(tmp_path / "ckpt"),
+                          "--load", str(tmp_path / "typo"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (f"warning: --save {tmp_path / 'ckpt'} holds a run up to iteration 30, and this run "
+            f"starts at iteration 0 (from --load {tmp_path / 'typo'})") in proc.stderr, proc.stderr
+
+
 def test_megatron_core_moe_flag_trains(tmp_path):
     """--num-experts: the same GPT with megatron-core's own MoELayer (the benchmark's e2e
     baseline) trains in one process."""
