@@ -306,6 +306,14 @@ def validate_args(args, world_size: int):
     return args
 
 
+def diverged(iteration: int, what: str, args, before_step: bool) -> str:
+    """The error of a non-finite loss or gradient norm: the run stops there, saving nothing."""
+    return (f"training diverged at iteration {iteration}: {what}; stopped "
+            + ("before the optimizer step" if before_step else "after the optimizer step")
+            + ", saving nothing" + (f" (the checkpoints in --save {args.save} are from before it)"
+                                    if args.save else "") + ". Lower --lr, or set --clip-grad.")
+
+
 def log0(*msg):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*msg, flush=True)
@@ -748,6 +756,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
     window_t, window_iters = time.time(), 0
     history, norms, lrs = [], [], []
     stop_early = False
+    saved_at = None  # the iteration of this run's last periodic save
     stop_requested = None
     if args.exit_signal_handler or args.exit_duration_in_mins:
         stop_requested = {"signal": False}
@@ -767,16 +776,6 @@ def _train(args, use_cuda: bool) -> TrainResult:
                                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                    forward_only=False)
         checkpointing.fault_point("step", iteration + 1)
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        ok, grad_norm, _ = optimizer.step()
-        if ok:
-            scheduler.step(increment=args.global_batch_size)
-        for m in moes:
-            m.moe.gate.update_expert_bias(parallel_state.get_tensor_and_data_parallel_group())
-        iteration += 1
-        consumed += args.global_batch_size
-        window_iters += 1
-
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for r in reports:
             total += r["lm loss"].to(total)
@@ -786,6 +785,21 @@ def _train(args, use_cuda: bool) -> TrainResult:
             total.zero_()
         dist.all_reduce(total)
         loss = float(total[0] / total[1].clamp(min=1))
+        if not math.isfinite(loss):  # every rank sees the same reduced loss
+            raise FloatingPointError(diverged(iteration + 1, f"lm loss {loss}", args, True))
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        ok, grad_norm, _ = optimizer.step()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(diverged(iteration + 1, f"grad norm {float(grad_norm)}", args,
+                                              False))
+        if ok:
+            scheduler.step(increment=args.global_batch_size)
+        for m in moes:
+            m.moe.gate.update_expert_bias(parallel_state.get_tensor_and_data_parallel_group())
+        iteration += 1
+        consumed += args.global_batch_size
+        window_iters += 1
+
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         history.append(loss)
@@ -817,6 +831,13 @@ def _train(args, use_cuda: bool) -> TrainResult:
                         writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
             window_t, window_iters = time.time(), 0
 
+        if args.save and args.save_interval and iteration % args.save_interval == 0 \
+                and iteration < args.train_iters:
+            t_save = time.time()
+            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
+                               with_optimizer=optimizer_has_state(), consumed_samples=consumed)
+            saved_at = iteration
+            window_t += time.time() - t_save  # tokens/s and ms/iter count training only
         if args.exit_interval and iteration % args.exit_interval == 0:
             stop_early = True
             log0(f"pretrain_gpt: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
@@ -833,14 +854,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
                        f"--exit-duration-in-mins {args.exit_duration_in_mins}")
                 log0(f"pretrain_gpt: exiting at iteration {iteration} ({why})")
                 break
-        if args.save and args.save_interval and iteration % args.save_interval == 0 \
-                and iteration < args.train_iters:
-            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                               with_optimizer=optimizer_has_state(), consumed_samples=consumed)
     unchanged = (iteration == start_iteration and not args.skip_train and args.load
                  and Path(args.load).resolve() == Path(args.save or "").resolve())
     if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \
-            and not unchanged:  # (a finished run started again: its checkpoint is the latest)
+            and not unchanged and saved_at != iteration:  # (a finished run started again: its checkpoint is the latest)
         checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
                            with_optimizer=optimizer_has_state(), consumed_samples=consumed)
     if writer is not None:

@@ -431,6 +431,16 @@ def stop_on_sigterm_or_duration(rank, world, root):
     out = {"first": len(first.losses), "handler_restored": signal.getsignal(signal.SIGTERM)
            == signal.SIG_DFL, "latest": ckpt.latest_iteration(f"{root}/sig")}
     out["resumed"] = len(run(base + ["--load", f"{root}/sig"]).losses)
+    # SIGTERM during a periodic save: stop right after it (it used to train one more iteration
+    # and save that too, which torchrun's grace period may not allow).
+    os.environ[ckpt.FAULT_ENV] = "save:2:1:term"
+    try:
+        during = run(base + ["--save", f"{root}/during", "--save-interval", "2",
+                             "--exit-signal-handler"])
+    finally:
+        del os.environ[ckpt.FAULT_ENV]
+    out.update(during=len(during.losses), during_latest=ckpt.latest_iteration(f"{root}/during"),
+               during_saved=sorted(p.name for p in Path(f"{root}/during").glob("iter_*")))
     timed = run(base + ["--save", f"{root}/time", "--exit-duration-in-mins", "1e-6"])
     out.update(timed=len(timed.losses), timed_latest=ckpt.latest_iteration(f"{root}/time"))
     return out

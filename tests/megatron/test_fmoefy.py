@@ -138,6 +138,22 @@ def run_tiny_dense(tmp_path, *extra):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_divergence_stops_before_the_step_and_saves_nothing(tmp_path):
+    """A dense run at LR 1e30 without clipping: its loss is NaN at iteration 2. It used to train
+    on, save NaN checkpoints every --save-interval and move `latest` to them; now it stops at
+    iteration 2 with a message, exit status 1, and nothing saved."""
+    proc = run_tiny_dense(tmp_path, "--train-iters", "6", "--lr", "1e30", "--clip-grad", "0",
+                          "--save", str(tmp_path / "ckpt"), "--save-interval", "1")
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "training diverged at iteration 2: lm loss nan; stopped before the optimizer step" \
+        in proc.stderr, proc.stderr[-4000:]
+    from fastmoe_megatron.megatron.checkpointing import latest_iteration
+
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*"))
+    assert saved == ["iter_0000001"], saved  # iteration 1's loss was finite
+    assert latest_iteration(tmp_path / "ckpt") == 1
+
+
 def test_a_save_folder_of_a_longer_run_is_announced_at_start(tmp_path):
     """A fresh run (a typo in --load, or none) into a --save folder holding a run up to iteration
     30 replaces its checkpoints and moves `latest` back: said before training, not only at the
