@@ -190,6 +190,18 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
+def _counts_its_experts(group, expert_dp_group) -> bool:
+    """Whether this rank adds its experts to a norm over ``group``: it is the lowest rank of
+    ``group`` among their replicas (decided locally, from the two groups' members)."""
+    if expert_dp_group is None or not dist.is_initialized():
+        return True
+    replicas = dist.get_process_group_ranks(expert_dp_group)
+    if group is not None:
+        members = set(dist.get_process_group_ranks(group))
+        replicas = [r for r in replicas if r in members]
+    return dist.get_rank() == min(replicas)
+
+
 @torch.no_grad()
 def global_grad_norm(parameters, norm_type: float = 2.0, group=None, expert_dp_group=None) -> torch.Tensor:
     """The gradient norm of the whole model across ``group`` (default: all ranks), counting every
@@ -197,13 +209,13 @@ def global_grad_norm(parameters, norm_type: float = 2.0, group=None, expert_dp_g
 
     Parameters that are not experts must be identical on every rank (as after data-parallel
     reduction) and count once; expert parameters (``allreduce is False``) count once per distinct
-    expert: only the rank of index 0 in ``expert_dp_group`` (their replicas) adds them.
+    expert: of their replicas (``expert_dp_group``) in ``group``, only the lowest rank adds them.
     """
     params = [p for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     dense = [p.grad for p in params if not is_expert_param(p)]
     experts = [p.grad for p in params if is_expert_param(p)]
-    owner = expert_dp_group is None or dist.get_rank(expert_dp_group) == 0
+    owner = _counts_its_experts(group, expert_dp_group)
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.is_initialized() and dist.get_backend(group) == "nccl" else torch.device("cpu"))
 

@@ -135,6 +135,12 @@ def forward_backward(rank, world, ep, e_local, zero_rank, overlap="1", dtype="fp
         [p.grad.float().norm() for p in ref.parameters() if p.grad is not None]))
     check("grad norm", norm.float(), ref_norm, **tol)
     equal_on_all_ranks(norm.reshape(1), "grad norm")
+    if world > ep:
+        # Over one model replica (its EP group) only: the experts count on every replica, not
+        # only where the expert-data-parallel group's rank 0 is (the other replicas left them out).
+        own = global_grad_norm(model.parameters(), group=ep_group, expert_dp_group=edp_group)
+        check("grad norm over the EP group", own.float(), ref_norm, **tol)
+        equal_on_all_ranks(own.reshape(1), "grad norm over the EP group")
     return {"tokens": counts[rank], "norm": float(norm)}
 
 
