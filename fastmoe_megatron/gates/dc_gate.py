@@ -2,7 +2,7 @@
 all workers (the experts decide how many rows each worker may send)."""
 from .gshard_gate import GShardGate, gshard_balance_loss, random_routing
 from .naive_gate import NaiveGate
-from .utils import expert_capacity, limit_by_capacity
+from .utils import expert_capacity, limit_by_capacity, tokens_over_workers
 
 
 class DCGate(GShardGate):
@@ -14,8 +14,9 @@ class DCGate(GShardGate):
         if self.random_routing and self.top_k > 1 and self.training:
             idx = random_routing(idx, score)
 
-        # Capacity per local expert: cap_rate times the mean global load of an expert.
+        # Capacity per expert: cap_rate times the mean load of an expert over all workers.
         cap_rate = self.capacity[0 if self.training else 1]
-        cap = expert_capacity(cap_rate, x.shape[0] * self.top_k, self.num_expert)
+        tokens = tokens_over_workers(x.shape[0], self.world_size, self.moe_group)
+        cap = expert_capacity(cap_rate, tokens * self.top_k, self.tot_expert)
         _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
         return idx, score

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from .naive_gate import NaiveGate
-from .utils import check_capacity, expert_capacity, limit_by_capacity
+from .utils import check_capacity, expert_capacity, limit_by_capacity, tokens_over_workers
 
 
 class SwitchGate(NaiveGate):
@@ -29,7 +29,8 @@ class SwitchGate(NaiveGate):
 
         self.record_load(idx)  # the demand, before the capacity cut (as every gate counts it)
         cap_rate = self.capacity[0 if self.training else 1]
-        cap = expert_capacity(cap_rate, inp.shape[0], self.num_expert)
+        tokens = tokens_over_workers(inp.shape[0], self.world_size, self.moe_group)
+        cap = expert_capacity(cap_rate, tokens, self.tot_expert)  # the mean load over all workers
         _, _, idx = limit_by_capacity(idx, self.num_expert, self.world_size, cap, self.moe_group)
 
         kept = idx[idx >= 0]

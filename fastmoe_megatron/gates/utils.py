@@ -50,6 +50,20 @@ def expert_capacity(factor: float, slots: int, experts: int) -> int:
     return math.ceil(exact)
 
 
+def tokens_over_workers(tokens: int, world_size: int, group=None) -> int:
+    """The tokens of all ``world_size`` workers of ``group`` (a collective when there are several):
+    capacities over all workers follow the mean load, not one worker's batch."""
+    if world_size == 1:
+        return tokens
+    import torch.distributed as dist
+
+    from .. import comm
+
+    total = torch.tensor([tokens], dtype=torch.int64, device=comm._comm_device(group))
+    dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
 def check_capacity(capacity):
     """Validates a ``(train, eval)`` capacity-factor pair."""
     try:

@@ -437,6 +437,43 @@ def capacity_is_global(rank, world, e_local, cap):
     return True
 
 
+def capacity_follows_the_mean_load(rank, world, cls_name, counts, factor):
+    """DCGate and SwitchGate with uneven batches (a rank may have none): each expert's capacity is
+    factor x the mean load of an expert over all ranks (it came from the receiving rank's own
+    batch, so a rank without tokens accepted nothing), granted in rank order."""
+    import math
+    from fractions import Fraction
+
+    from fastmoe_megatron.gates import DCGate, SwitchGate
+
+    cls, top_k = {"dc": (DCGate, 2), "switch": (SwitchGate, 1)}[cls_name]
+    e_local = 2
+    E = e_local * world
+    torch.manual_seed(0)
+    gate = cls(D_MODEL, e_local, world, top_k, capacity=(factor, factor)).eval()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, D_MODEL, generator=g) for n in counts]
+    idx, _ = gate(xs[rank])
+    # Brute force: every rank's router choices, one global capacity, granted in rank order (each
+    # rank's first choices before its second ones).
+    cap = math.ceil(Fraction(str(factor)) * sum(counts) * top_k / E)
+    granted = [0] * E
+    expected = []
+    with torch.no_grad():
+        for x in xs:
+            logits = x @ gate.gate.weight.t() + gate.gate.bias
+            raw = [[int(e) for e in torch.argsort(row, descending=True)[:top_k]] for row in logits]
+            out = [[-1] * top_k for _ in raw]
+            for j in range(top_k):
+                for t, choice in enumerate(raw):
+                    if granted[choice[j]] < cap:
+                        granted[choice[j]] += 1
+                        out[t][j] = choice[j]
+            expected.append(out)
+    assert idx.tolist() == expected[rank], (rank, cap, idx.tolist(), expected[rank])
+    return int((idx < 0).sum())
+
+
 def nonfinite_input_stops_every_rank(rank, world, ep, bad_ranks, overlap):
     """A NaN in the input of ``bad_ranks`` makes every rank of their expert-parallel group raise
     FloatingPointError (the flag travels with the counts), instead of the others waiting for rows

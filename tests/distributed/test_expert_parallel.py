@@ -98,6 +98,16 @@ def test_capacity_is_enforced_over_all_ranks(cap):
     run_workers(w.capacity_is_global, 2, timeout=120, args=(2, cap))
 
 
+@pytest.mark.parametrize("cls", ["dc", "switch"])
+@pytest.mark.parametrize("counts,factor", [([4, 0], 1.0), ([8, 2], 1.0), ([9, 3], 0.5),
+                                           ([0, 5, 2], 0.6)])
+def test_capacity_follows_the_mean_load_over_all_ranks(cls, counts, factor):
+    dropped = run_workers(w.capacity_follows_the_mean_load, len(counts), timeout=120,
+                          args=(cls, counts, factor))
+    if factor < 1:
+        assert sum(dropped) > 0, "the case should drop slots"
+
+
 def test_overlap_switch(monkeypatch):
     """FMOE_EP_OVERLAP: on by default, off with 0, and any other value is an error that names the
     variable and the allowed values."""
