@@ -91,24 +91,30 @@ class DistributedGroupedDataParallel(nn.Module):
             self._check_replicated_experts()
 
     def _check_replicated_experts(self):
-        """Experts of a layer with ``world_size=1`` are replicas on every rank, not shards:
-        tagged ``none`` (never reduced, FMoETransformerMLP's default) each rank's copy would
-        train on its own batch only and drift away from the others."""
+        """Experts are sharded over a layer's ``world_size`` ranks; with more data-parallel ranks
+        than that, each expert has replicas (every rank's, with ``world_size=1``). Tagged
+        ``none`` (never reduced, FMoETransformerMLP's default) each replica would train on its
+        own ranks' batches only and drift away from the others."""
         from .moefy import moe_layers
 
         for prefix, layer in moe_layers(self.module):
             experts = getattr(layer, "experts", None)
-            if layer.world_size != 1 or experts is None:
+            if layer.world_size >= self.data_parallel_size or experts is None:
                 continue
             for name, p in experts.named_parameters():
                 if self._tag(p) == "none":
                     where = f"{prefix}.experts.{name}" if prefix else f"experts.{name}"
+                    fix = ("reduce them as data parallel (expert_dp_comm='dp' on "
+                           "FMoETransformerMLP, or layer.mark_parallel_comm('dp')), or shard them "
+                           "with world_size > 1" if layer.world_size == 1 else
+                           "reduce them over their replicas (expert_dp_comm='edp' on "
+                           "FMoETransformerMLP, or layer.mark_parallel_comm('edp'), and pass "
+                           "edp_group=)")
                     raise ValueError(
                         f"parameter {where} is tagged dp_comm='none' (never all-reduced), but "
-                        "its layer has world_size=1: its experts are replicated on every rank "
-                        "and their copies would drift apart. Reduce them as data parallel "
-                        "(expert_dp_comm='dp' on FMoETransformerMLP, or "
-                        "layer.mark_parallel_comm('dp')), or shard them with world_size > 1")
+                        f"its layer has world_size={layer.world_size} and data_parallel_size is "
+                        f"{self.data_parallel_size}: its experts are replicated and their copies "
+                        f"would drift apart. To train them, {fix}")
 
     def _params_by_tag(self):
         groups = defaultdict(list)

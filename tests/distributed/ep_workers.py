@@ -609,4 +609,19 @@ def misconfigured_layouts(rank, world):
     dist.all_reduce(mean)
     check("replicated expert grad", replicated.experts.htoh4.weight.grad, mean / world)
     equal_on_all_ranks(replicated.experts.htoh4.weight.grad, "replicated expert grad")
+
+    if world >= 4:
+        # EP=2 x DP=world: each expert has world / 2 replicas; tagged none they would drift too.
+        ep_group, edp_group, _, _ = layout(world, 2)
+        sharded = FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN,
+                                     world_size=2, moe_group=ep_group)
+        try:
+            DistributedGroupedDataParallel(sharded, data_parallel_size=world)
+        except ValueError as err:
+            assert "world_size=2 and data_parallel_size is 4" in str(err), err
+            assert "expert_dp_comm='edp'" in str(err), err
+        else:
+            raise AssertionError("EP=2 experts with replicas, tagged 'none', were accepted")
+        sharded.mark_parallel_comm("edp")
+        DistributedGroupedDataParallel(sharded, edp_group=edp_group, data_parallel_size=world)
     return True

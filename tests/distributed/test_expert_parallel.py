@@ -41,8 +41,9 @@ def test_double_backward(world, overlap):
     assert run_workers(w.double_backward, world, timeout=120, args=(overlap,)) == [True] * world
 
 
-def test_misconfigured_layouts_are_refused():
-    assert run_workers(w.misconfigured_layouts, 2, timeout=120, args=()) == [True, True]
+@pytest.mark.parametrize("world", [2, 4])
+def test_misconfigured_layouts_are_refused(world):
+    assert run_workers(w.misconfigured_layouts, world, timeout=120, args=()) == [True] * world
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
