@@ -813,8 +813,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
             balance = (sum(s["balance_loss"] for s in layer_stats.values()) / len(layer_stats)
                        if layer_stats else 0.0)
             norm = float(grad_norm) if grad_norm is not None else float("nan")
+            # (megatron-core's own MoE keeps its aux loss to itself: no balance loss to show.)
             log0(f"iter {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | "
-                 f"balance loss {balance:.4f} | grad norm {norm:.3f} | "
+                 + (f"balance loss {balance:.4f} | " if args.fmoefy else "")
+                 + f"grad norm {norm:.3f} | "
                  f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {tps:8.0f} tokens/s | "
                  f"{elapsed / window_iters * 1000:6.0f} ms/iter")
             for layer, s in sorted(layer_stats.items()):
@@ -822,7 +824,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
                 log0(f"    layer {layer:3d} expert load [{load}]  balance {s['balance_loss']:.4f}")
             if writer is not None:
                 writer.add_scalar("lm loss", loss, iteration)
-                writer.add_scalar("balance loss", balance, iteration)
+                if args.fmoefy:
+                    writer.add_scalar("balance loss", balance, iteration)
                 writer.add_scalar("grad norm", norm, iteration)
                 writer.add_scalar("tokens per second", tps, iteration)
                 for layer, s in layer_stats.items():
