@@ -38,7 +38,8 @@ class NoisyGate(BaseGate):
     def forward(self, inp):
         clean = inp @ self.w_gate
         noise_std = (F.softplus(inp @ self.w_noise) + self.noise_epsilon) * float(self.training)
-        noisy = clean + torch.randn_like(clean) * noise_std
+        # No draw in eval mode: an evaluation leaves the random state of training alone.
+        noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
         m = min(self.top_k + 1, self.tot_expert)
         selection = self.selection_logits(noisy.float())
         top_idx = selection.topk(m, dim=1).indices

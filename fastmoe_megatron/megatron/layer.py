@@ -214,7 +214,8 @@ class MegatronMLP(MegatronModule):
             weight = self.fmoe_config.balance_loss_weight
             if weight > 0:
                 out = _BalanceLoss.apply(out, loss * (weight * self._balance_loss_share))
-        record_layer_stats(self.layer_number, loss, self.moe.last_expert_count)
+        if self.training:  # the logged balance loss and load are those of training
+            record_layer_stats(self.layer_number, loss, self.moe.last_expert_count)
         return out, None
 
     # ------------------------------------------------------------------ checkpoints

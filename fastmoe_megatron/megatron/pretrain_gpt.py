@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix of a .bin/.idx dataset (default: the Python standard library's "
                         "source, tokenized on first use)")
     d.add_argument("--split", default="100,0,0",
-                   help="train,valid,test shares of the documents (only train is used: there is no "
-                        "evaluation loop yet)")
+                   help="train,valid,test shares of the documents (valid: for --eval-interval; "
+                        "test: unused)")
     d.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (with --merge-file)")
     d.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (with --vocab-file)")
     d.add_argument("--default-corpus-bytes", type=int, default=4_000_000,
@@ -153,14 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load (--load), save (--save) and exit without training: converts a "
                         "checkpoint to this run's layout and --ckpt-format")
     c.add_argument("--log-interval", type=int, default=10)
+    c.add_argument("--eval-interval", type=int, default=None,
+                   help="every this many iterations and at the end, the lm loss on --eval-iters "
+                        "global batches of the valid split (the same samples every time; "
+                        "default: no evaluation)")
+    c.add_argument("--eval-iters", type=int, default=100,
+                   help="global batches per evaluation (default 100)")
     c.add_argument("--tensorboard-dir", default=None)
     add_fmoe_args(p)
     return p
 
 
-def _check_split(split: str, skip_train: bool) -> None:
+def _check_split(split: str, skip_train: bool, evaluate: bool = False) -> None:
     """``--split`` as megatron-core reads it: up to three shares (train, valid, test), e.g.
-    ``969,30,1`` or ``98/2``; training needs a train share."""
+    ``969,30,1`` or ``98/2``; training needs a train share, evaluation a valid one."""
     try:  # megatron-core takes every run of digits and dots as a share
         shares = [float(x) for x in re.findall(r"[.0-9]+", str(split))]
     except ValueError:
@@ -170,7 +176,10 @@ def _check_split(split: str, skip_train: bool) -> None:
                          "e.g. 969,30,1")
     if shares[0] == 0 and not skip_train:
         raise ValueError(f"--split {split}: the train share (the first) is 0, so there is nothing "
-                         "to train on (only the train split is used)")
+                         "to train on")
+    if evaluate and not skip_train and (len(shares) < 2 or shares[1] == 0):
+        raise ValueError(f"--split {split}: --eval-interval evaluates on the valid split, whose "
+                         "share (the second) is 0; e.g. --split 969,30,1")
 
 
 def validate_args(args, world_size: int):
@@ -180,7 +189,7 @@ def validate_args(args, world_size: int):
                  "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "train_iters", "lr_decay_iters", "log_interval",
                  "threads", "make_vocab_size_divisible_by", "max_position_embeddings",
-                 "init_method_std"):
+                 "init_method_std", "eval_interval", "eval_iters"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
@@ -208,7 +217,7 @@ def validate_args(args, world_size: int):
         if unused:
             raise ValueError(f"{', '.join(unused)} without --fmoefy: fastmoe's MoE flags take "
                              "effect only with --fmoefy (megatron-core's own MoE: --num-experts)")
-    _check_split(args.split, args.skip_train)
+    _check_split(args.split, args.skip_train, bool(args.eval_interval))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
@@ -453,6 +462,7 @@ class TrainResult:
     grad_norms: list  # gradient norm used for clipping, every iteration
     consumed_samples: int = 0  # training samples read, from the start of the run it resumed
     lrs: list = dataclasses.field(default_factory=list)  # learning rate of every iteration's step
+    valid_losses: list = dataclasses.field(default_factory=list)  # (iteration, valid lm loss)
 
 
 def param_scheduler(args, optimizer):
@@ -681,7 +691,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
 
-    train_ds = None
+    train_ds = valid_ds = None
     if not args.skip_train:
         if args.data_path:
             data_prefix = args.data_path
@@ -693,8 +703,9 @@ def _train(args, use_cuda: bool) -> TrainResult:
         # A run resumed with a smaller global batch reads more than train_iters x global batch.
         saved = checkpointing.saved_progress(args.load) if args.load else (0, None)
         samples = training_samples(args.train_iters, args.global_batch_size, *saved)
-        train_ds, _, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
-                                        args.split, [samples, 0, 0], index_cache)
+        valid_samples = args.eval_iters * args.global_batch_size if args.eval_interval else 0
+        train_ds, valid_ds, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
+                                               args.split, [samples, valid_samples, 0], index_cache)
     iteration, loaded = 0, {}
     if args.load:  # last before the loop: it restores the RNG states
         iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,
@@ -751,10 +762,42 @@ def _train(args, use_cuda: bool) -> TrainResult:
 
     forward_backward = get_forward_backward_func()
     set_balance_loss_scale(1.0 / args.num_microbatches)
+
+    def reduced_loss(reports) -> float:
+        """The lm loss of ``reports`` over all data-parallel ranks (the same on every rank)."""
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for r in reports:
+            total += r["lm loss"].to(total)
+        # Each model replica's loss lives on its last stage; count it once (TP rank 0).
+        if not (parallel_state.is_pipeline_last_stage()
+                and parallel_state.get_tensor_model_parallel_rank() == 0):
+            total.zero_()
+        dist.all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def evaluate() -> float:
+        """The lm loss of the model in eval mode (no dropout, no gate noise, the gates' eval
+        capacity) on the first --eval-iters global batches of the valid split."""
+        batches = BatchIterator(valid_ds, args.global_batch_size, args.micro_batch_size,
+                                parallel_state.get_data_parallel_rank(), args.data_parallel_size,
+                                start_sample=0, device=device)
+        model.eval()
+        reports = []
+        try:
+            with torch.no_grad():
+                for _ in range(args.eval_iters):
+                    reports += forward_backward(
+                        forward_step_func=forward_step, data_iterator=batches, model=[model],
+                        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+                        micro_batch_size=args.micro_batch_size, forward_only=True)
+        finally:
+            model.train()
+        return reduced_loss(reports)
+
     tokens_per_iter = args.global_batch_size * args.seq_length
     first_loss = last_loss = None
     window_t, window_iters = time.time(), 0
-    history, norms, lrs = [], [], []
+    history, norms, lrs, valid_losses = [], [], [], []
     stop_early = False
     saved_at = None  # the iteration of this run's last periodic save
     stop_requested = None
@@ -776,15 +819,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
                                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                    forward_only=False)
         checkpointing.fault_point("step", iteration + 1)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        for r in reports:
-            total += r["lm loss"].to(total)
-        # Each model replica's loss lives on its last stage; count it once (TP rank 0).
-        if not (parallel_state.is_pipeline_last_stage()
-                and parallel_state.get_tensor_model_parallel_rank() == 0):
-            total.zero_()
-        dist.all_reduce(total)
-        loss = float(total[0] / total[1].clamp(min=1))
+        loss = reduced_loss(reports)
         if not math.isfinite(loss):  # every rank sees the same reduced loss
             raise FloatingPointError(diverged(iteration + 1, f"lm loss {loss}", args, True))
         lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -834,6 +869,17 @@ def _train(args, use_cuda: bool) -> TrainResult:
                         writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
             window_t, window_iters = time.time(), 0
 
+        if args.eval_interval and (iteration % args.eval_interval == 0
+                                   or iteration == args.train_iters):
+            t_eval = time.time()
+            valid = evaluate()
+            valid_losses.append((iteration, valid))
+            log0(f"validation at iter {iteration:6d} | lm loss {valid:.4f} | ppl "
+                 f"{math.exp(min(valid, 50.0)):10.3f} | {args.eval_iters} x "
+                 f"{args.global_batch_size} samples | {time.time() - t_eval:.1f} s")
+            if writer is not None:
+                writer.add_scalar("validation lm loss", valid, iteration)
+            window_t += time.time() - t_eval  # tokens/s and ms/iter count training only
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
             t_save = time.time()
@@ -871,7 +917,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
         log0(f"pretrain_gpt: lm loss {first_loss:.4f} -> {last_loss:.4f} ({trend}) in "
              f"{time.time() - t_start:.0f} s")
     return TrainResult(model=model, optimizer=optimizer, args=args, losses=history, grad_norms=norms,
-                       consumed_samples=consumed, lrs=lrs)
+                       consumed_samples=consumed, lrs=lrs, valid_losses=valid_losses)
 
 
 if __name__ == "__main__":

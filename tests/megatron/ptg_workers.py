@@ -123,3 +123,47 @@ def node_local_caches(rank, world, root):
     res = run(TINY + ["--train-iters", "2", "--threads", "1", "--expert-model-parallel-size", "2",
                       "--default-corpus-bytes", "200000", "--cache-dir", f"{root}/node{rank}"])
     return {"losses": res.losses, "files": sorted(os.listdir(f"{root}/node{rank}/data"))}
+
+
+def evaluation(rank, world):
+    """--eval-interval: the valid lm loss at every interval and at the end, of the model in eval
+    mode, on the same valid samples each time; training is bitwise the same as without it (noisy
+    gate and dropout: an evaluation draws no random numbers). The last valid loss against the
+    final model's cross entropy computed here sample by sample on the valid split."""
+    import torch.nn.functional as F
+
+    from fastmoe_megatron.megatron.data import build_datasets, default_data_prefix
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+    from fastmoe_megatron.megatron.tokenizer import build_tokenizer
+
+    base = TINY + ["--train-iters", "5", "--seed", "7", "--threads", "1",
+                   "--expert-model-parallel-size", "2", "--split", "80,20,0",
+                   "--balance-strategy", "noisy", "--hidden-dropout", "0.1"]
+    plain = run(base)
+    evaluated = run(base + ["--eval-interval", "2", "--eval-iters", "2"])
+    out = {"same_training": plain.losses == evaluated.losses,
+           "iterations": [i for i, _ in evaluated.valid_losses]}
+    args, model = evaluated.args, evaluated.model
+    prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes)
+    n = args.eval_iters * args.global_batch_size
+    _, valid, _ = build_datasets(prefix, build_tokenizer(), args.seq_length, args.seed, args.split,
+                                 [0, n, 0])
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(n):  # every rank runs every sample (the experts need both ranks)
+            s = valid[i]
+            logits = model(torch.as_tensor(s["tokens"])[None],
+                           torch.as_tensor(s["position_ids"])[None],
+                           torch.as_tensor(s["attention_mask"])[None])
+            ce = F.cross_entropy(logits[0].float(), torch.as_tensor(s["labels"]), reduction="none")
+            mask = torch.as_tensor(s["loss_mask"]).float()
+            total += float((ce * mask).sum())
+            count += float(mask.sum())
+    out["valid"] = [v for _, v in evaluated.valid_losses]
+    out["brute_force"] = total / count
+    # The forwards above ran in eval mode: the logged balance loss and load stay training's.
+    from fastmoe_megatron.megatron import stats
+
+    out["recorded_in_eval"] = stats.collect(args.num_layers, args.fmoe.num_experts)
+    return out

@@ -339,6 +339,9 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
      "--seq-length"),
     (["--tensor-model-parallel-size", "2", "--num-experts", "2", "--disable-bias-linear"],
      "--sequence-parallel"),
+    (["--eval-interval", "10"], "--split"),  # the default split has no valid share
+    (["--eval-interval", "0", "--split", "90,10,0"], "--eval-interval"),
+    (["--eval-interval", "10", "--eval-iters", "0", "--split", "90,10,0"], "--eval-iters"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
@@ -351,7 +354,8 @@ def test_bad_flags_name_the_flag(argv, flag):
                                   ["--split", "0,1,0", "--skip-train"], ["--split", "98 2 0"],
                                   ["--data-path", "no/such/prefix", "--skip-train"],  # unread
                                   ["--max-position-embeddings", "16", "--seq-length", "32",
-                                   "--position-embedding-type", "rope"]])
+                                   "--position-embedding-type", "rope"],
+                                  ["--eval-interval", "10", "--split", "969,30,1"]])
 def test_good_flags_pass(argv):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 

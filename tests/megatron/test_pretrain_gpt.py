@@ -109,3 +109,13 @@ def test_training_data_covers_a_resume_with_a_smaller_global_batch():
     assert training_samples(5, 4, saved_iteration=3, saved_consumed=6) == 20  # a larger batch
     assert training_samples(5, 4, saved_iteration=3, saved_consumed=None) == 20
     assert training_samples(5, 2, saved_iteration=7, saved_consumed=28) == 10  # nothing left
+
+
+def test_evaluation_on_the_valid_split():
+    out = run_workers(w.evaluation, 2, timeout=420, threads_per_worker=1)
+    for o in out:
+        assert o["same_training"], "evaluating changed the training"
+        assert o["iterations"] == [2, 4, 5], o  # every --eval-interval, and at the end
+        assert abs(o["valid"][-1] - o["brute_force"]) <= 1e-5 * o["brute_force"], o
+        assert o["recorded_in_eval"] == {}, o
+    assert out[0]["valid"] == out[1]["valid"]
