@@ -712,6 +712,9 @@ def _train(args, use_cuda: bool) -> TrainResult:
                                        load_optim=not args.no_load_optim,
                                        load_rng=not args.no_load_rng, report=loaded)
     start_iteration = iteration
+    if iteration >= args.train_iters and not args.skip_train:
+        log0(f"pretrain_gpt: the checkpoint of --load {args.load} is at iteration {iteration}, and "
+             f"--train-iters is {args.train_iters}: nothing to train (raise --train-iters to go on)")
     if args.save and not args.skip_train and dist.get_rank() == 0:
         newer = checkpointing.latest_iteration(args.save) \
             if (Path(args.save) / checkpointing.LATEST).is_file() else None

@@ -169,6 +169,19 @@ def test_a_save_folder_of_a_longer_run_is_announced_at_start(tmp_path):
             f"starts at iteration 0 (from --load {tmp_path / 'typo'})") in proc.stderr, proc.stderr
 
 
+def test_a_finished_run_started_again_says_so(tmp_path):
+    """Resuming a run that already reached --train-iters trains nothing; it used to end without a
+    word, as if it had trained."""
+    ckpt = str(tmp_path / "ckpt")
+    first = run_tiny_dense(tmp_path, "--train-iters", "1", "--save", ckpt)
+    assert first.returncode == 0, first.stderr[-4000:]
+    again = run_tiny_dense(tmp_path, "--train-iters", "1", "--save", ckpt, "--load", ckpt)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (f"pretrain_gpt: the checkpoint of --load {ckpt} is at iteration 1, and --train-iters "
+            "is 1: nothing to train") in again.stdout, again.stdout
+    assert "iter " not in again.stdout
+
+
 def test_megatron_core_moe_flag_trains(tmp_path):
     """--num-experts: the same GPT with megatron-core's own MoELayer (the benchmark's e2e
     baseline) trains in one process."""
