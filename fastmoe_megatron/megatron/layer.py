@@ -31,7 +31,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn as nn
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 from tests.megatron.ptg_workers import TINY, _gather, _inner
 
