@@ -99,7 +99,7 @@ def _check_splits_hold_tokens(low_level, split_matrix, split: str, data_prefix: 
         begin, end = (int(round(b * float(len(lengths)))) for b in bounds)
         if end <= begin or int(lengths[begin:end].sum()) == 0:
             raise DataConfigError(
-                f"--split {split}: the {name} split of --data-path {data_prefix} holds no tokens "
+                f"--split {split}: the {name} split of the dataset {data_prefix} holds no tokens "
                 f"({end - begin} of its {len(lengths)} documents); give it a larger share or use "
                 "more data")
 
