@@ -45,8 +45,9 @@ def prune_gate_by_capacity(topk_idx, expert_count, num_expert=None, world_size=N
 
 def expert_capacity(factor: float, slots: int, experts: int) -> int:
     """``ceil(factor * slots / experts)``, in exact arithmetic: a factor such as 1.2 is read as the
-    decimal 6/5 (not the binary float just above it), so ``1.2 * 10 / 3`` gives 4, not 5."""
-    exact = Fraction(factor).limit_denominator(10 ** 6) * slots / experts
+    decimal 6/5 (its shortest decimal form, not the binary float just above it), so
+    ``1.2 * 10 / 3`` gives 4, not 5."""
+    exact = Fraction(repr(float(factor))) * slots / experts
     return math.ceil(exact)
 
 

@@ -273,6 +273,8 @@ def test_gshard_random_routing():
     (1.2, 7 * 2, 4, 5),   # 4.2
     (0.5, 4, 4, 1),
     (1.0, 0, 4, 0),
+    (1e-7, 10 ** 6, 1, 1),          # small factors stay above 0
+    (1.0000001, 10 ** 7, 1, 10 ** 7 + 1),
 ])
 def test_expert_capacity_rounds_up_exactly(factor, slots, experts, want):
     from fastmoe_megatron.gates.utils import expert_capacity
