@@ -246,7 +246,8 @@ def validate_args(args, world_size: int):
     if args.sequence_parallel and args.seq_length % tp:
         raise ValueError(f"--seq-length {args.seq_length} is not divisible by "
                          f"--tensor-model-parallel-size {tp} (--sequence-parallel splits it)")
-    if args.num_experts is not None and tp > 1 and not args.sequence_parallel:
+    if args.num_experts is not None and tp > 1 and not args.sequence_parallel \
+            and not args.skip_train:
         raise ValueError("--num-experts (megatron-core's MoE) with --tensor-model-parallel-size > 1 "
                          "needs --sequence-parallel")
     if args.num_attention_heads % tp:
@@ -315,12 +316,18 @@ def validate_args(args, world_size: int):
     return args
 
 
-def diverged(iteration: int, what: str, args, before_step: bool) -> str:
-    """The error of a non-finite loss or gradient norm: the run stops there, saving nothing."""
+def diverged(iteration: int, what: str, args, before_step: bool, holder) -> str:
+    """The error of a non-finite loss or gradient norm: the run stops there, saving nothing.
+    ``holder``: the checkpoint that holds the weights which gave it (of the iteration before)."""
+    if holder:
+        where = f" {holder} holds the weights that gave it: resume from an earlier one."
+    elif args.save:
+        where = f" The checkpoints in --save {args.save} are from before it."
+    else:
+        where = ""
     return (f"training diverged at iteration {iteration}: {what}; stopped "
             + ("before the optimizer step" if before_step else "after the optimizer step")
-            + ", saving nothing" + (f" (the checkpoints in --save {args.save} are from before it)"
-                                    if args.save else "") + ". Lower --lr, or set --clip-grad.")
+            + f", saving nothing.{where} Lower --lr, or set --clip-grad.")
 
 
 def log0(*msg):
@@ -814,6 +821,31 @@ def _train(args, use_cuda: bool) -> TrainResult:
                 stop_requested["signal"] = True
 
             signal.signal(signal.SIGTERM, on_term)
+    def checkpoint_of(iteration: int):
+        """The checkpoint holding the weights of ``iteration``, if this run saved or loaded one."""
+        if saved_at == iteration:
+            return f"The checkpoint of iteration {iteration} in --save {args.save}"
+        if args.load and iteration == start_iteration > 0:
+            return f"The checkpoint of iteration {iteration} loaded from --load {args.load}"
+        return None
+
+    def stop_reason(iteration: int):
+        """Why the run stops after ``iteration`` (the same on every rank), or None."""
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            return f"--exit-interval {args.exit_interval}"
+        if stop_requested is None:
+            return None
+        # Every rank stops at the same iteration: a signal may reach only some of them.
+        flags = torch.tensor([int(stop_requested["signal"]), int(
+            bool(args.exit_duration_in_mins)
+            and time.time() - t_start >= args.exit_duration_in_mins * 60)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            return "SIGTERM (--exit-signal-handler)"
+        if flags[1]:
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+        return None
+
     while iteration < args.train_iters and not args.skip_train:
         optimizer.zero_grad()
         model.zero_grad_buffer()
@@ -824,12 +856,13 @@ def _train(args, use_cuda: bool) -> TrainResult:
         checkpointing.fault_point("step", iteration + 1)
         loss = reduced_loss(reports)
         if not math.isfinite(loss):  # every rank sees the same reduced loss
-            raise FloatingPointError(diverged(iteration + 1, f"lm loss {loss}", args, True))
+            raise FloatingPointError(diverged(iteration + 1, f"lm loss {loss}", args, True,
+                                              checkpoint_of(iteration)))
         lrs.append(float(optimizer.param_groups[0]["lr"]))
         ok, grad_norm, _ = optimizer.step()
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise FloatingPointError(diverged(iteration + 1, f"grad norm {float(grad_norm)}", args,
-                                              False))
+                                              False, checkpoint_of(iteration)))
         if ok:
             scheduler.step(increment=args.global_batch_size)
         for m in moes:
@@ -872,8 +905,12 @@ def _train(args, use_cuda: bool) -> TrainResult:
                         writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
             window_t, window_iters = time.time(), 0
 
-        if args.eval_interval and (iteration % args.eval_interval == 0
-                                   or iteration == args.train_iters):
+        # A stop (--exit-interval, a signal, the time limit) comes before an evaluation or a
+        # periodic save, which it makes wait; and is asked again after them, for a signal that
+        # came meanwhile (the final save below then saves this iteration, once).
+        why = stop_reason(iteration)
+        if why is None and args.eval_interval and (iteration % args.eval_interval == 0
+                                                   or iteration == args.train_iters):
             t_eval = time.time()
             valid = evaluate()
             valid_losses.append((iteration, valid))
@@ -883,29 +920,19 @@ def _train(args, use_cuda: bool) -> TrainResult:
             if writer is not None:
                 writer.add_scalar("validation lm loss", valid, iteration)
             window_t += time.time() - t_eval  # tokens/s and ms/iter count training only
-        if args.save and args.save_interval and iteration % args.save_interval == 0 \
-                and iteration < args.train_iters:
+            why = stop_reason(iteration)
+        if why is None and args.save and args.save_interval \
+                and iteration % args.save_interval == 0 and iteration < args.train_iters:
             t_save = time.time()
             checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
                                with_optimizer=optimizer_has_state(), consumed_samples=consumed)
             saved_at = iteration
             window_t += time.time() - t_save  # tokens/s and ms/iter count training only
-        if args.exit_interval and iteration % args.exit_interval == 0:
+            why = stop_reason(iteration)
+        if why is not None:
             stop_early = True
-            log0(f"pretrain_gpt: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            log0(f"pretrain_gpt: exiting at iteration {iteration} ({why})")
             break
-        if stop_requested is not None:
-            # Every rank stops at the same iteration: a signal may reach only some of them.
-            flags = torch.tensor([int(stop_requested["signal"]), int(
-                bool(args.exit_duration_in_mins)
-                and time.time() - t_start >= args.exit_duration_in_mins * 60)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags.any():
-                stop_early = True
-                why = ("SIGTERM (--exit-signal-handler)" if flags[0] else
-                       f"--exit-duration-in-mins {args.exit_duration_in_mins}")
-                log0(f"pretrain_gpt: exiting at iteration {iteration} ({why})")
-                break
     unchanged = (iteration == start_iteration and not args.skip_train and args.load
                  and Path(args.load).resolve() == Path(args.save or "").resolve())
     if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \

@@ -441,6 +441,16 @@ def stop_on_sigterm_or_duration(rank, world, root):
         del os.environ[ckpt.FAULT_ENV]
     out.update(during=len(during.losses), during_latest=ckpt.latest_iteration(f"{root}/during"),
                during_saved=sorted(p.name for p in Path(f"{root}/during").glob("iter_*")))
+    # SIGTERM in an iteration that has an evaluation due: the stop comes first (the evaluation
+    # would make the save wait), and the run saves that iteration.
+    os.environ[ckpt.FAULT_ENV] = "step:2:1:term"
+    try:
+        evals = run(base + ["--save", f"{root}/evalstop", "--exit-signal-handler",
+                            "--split", "80,20,0", "--eval-interval", "2", "--eval-iters", "1"])
+    finally:
+        del os.environ[ckpt.FAULT_ENV]
+    out.update(evalstop=len(evals.losses), evalstop_valid=evals.valid_losses,
+               evalstop_latest=ckpt.latest_iteration(f"{root}/evalstop"))
     timed = run(base + ["--save", f"{root}/time", "--exit-duration-in-mins", "1e-6"])
     out.update(timed=len(timed.losses), timed_latest=ckpt.latest_iteration(f"{root}/time"))
     return out

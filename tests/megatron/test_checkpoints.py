@@ -482,6 +482,7 @@ def test_sigterm_and_time_limit_stop_with_a_checkpoint(tmp_path):
         assert o["timed"] == 1 and o["timed_latest"] == 1, o
         assert o["during"] == 2 and o["during_latest"] == 2, o
         assert o["during_saved"] == ["iter_0000002"], o
+        assert o["evalstop"] == 2 and o["evalstop_valid"] == [] and o["evalstop_latest"] == 2, o
     (off_main,) = run_workers(w.exit_signal_handler_off_the_main_thread, 1, timeout=300,
                               threads_per_worker=1)
     assert off_main == {"losses": 2}, off_main

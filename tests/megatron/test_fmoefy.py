@@ -147,6 +147,9 @@ def test_divergence_stops_before_the_step_and_saves_nothing(tmp_path):
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "training diverged at iteration 2: lm loss nan; stopped before the optimizer step" \
         in proc.stderr, proc.stderr[-4000:]
+    # Iteration 1's weights gave the NaN: the message says its checkpoint holds them.
+    assert (f"The checkpoint of iteration 1 in --save {tmp_path / 'ckpt'} holds the weights that "
+            "gave it: resume from an earlier one") in proc.stderr, proc.stderr[-4000:]
     from fastmoe_megatron.megatron.checkpointing import latest_iteration
 
     saved = sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*"))
