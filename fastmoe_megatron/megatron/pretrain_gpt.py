@@ -723,8 +723,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
         log0(f"pretrain_gpt: the checkpoint of --load {args.load} is at iteration {iteration}, and "
              f"--train-iters is {args.train_iters}: nothing to train (raise --train-iters to go on)")
     if args.save and not args.skip_train and dist.get_rank() == 0:
-        newer = checkpointing.latest_iteration(args.save) \
-            if (Path(args.save) / checkpointing.LATEST).is_file() else None
+        newer = checkpointing.latest_iteration(args.save)
         if newer is not None and newer > iteration:  # said now, not at the first save hours later
             print(f"warning: --save {args.save} holds a run up to iteration {newer}, and this run "
                   f"starts at iteration {iteration}"
