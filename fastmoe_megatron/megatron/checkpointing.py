@@ -416,7 +416,7 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
     tmp = final.with_name(final.name + ".tmp")
     if _rank0():
         root.mkdir(parents=True, exist_ok=True)
-        newer = latest_iteration(root) if (root / LATEST).is_file() else None
+        newer = latest_iteration(root)
         if newer is not None and newer > iteration:
             print(f"warning: --save {root} holds iteration {newer}, newer than this save's "
                   f"{iteration}; its latest checkpoint will be iteration {iteration}",
