@@ -425,15 +425,22 @@ class FMoE(nn.Module):
 
 class _Expert(nn.Module):
     """The fused experts of FMoETransformerMLP: htoh4 -> activation -> h4toh, all experts at once
-    (one op, ``ops.expert_mlp``, for the activations that it knows)."""
+    (one op, ``ops.expert_mlp``, for the activations that it knows).
 
-    def __init__(self, num_expert, d_model, d_hidden, activation, rank=0):
+    ``gated_linear_unit``: htoh4 computes ``2 * d_hidden`` features ``[a, b]`` (in that order,
+    as megatron-core's ``linear_fc1`` does) and the experts run ``h4toh(activation(a) * b)``
+    (SwiGLU with SiLU); this runs as grouped GEMMs around the gating, not as the fused op."""
+
+    def __init__(self, num_expert, d_model, d_hidden, activation, rank=0, bias=True,
+                 gated_linear_unit=False):
         super().__init__()
         if not callable(activation):
             raise TypeError(f"activation must be a callable such as torch.nn.GELU() or "
                             f"torch.nn.functional.relu, got {activation!r}")
-        self.htoh4 = FMoELinear(num_expert, d_model, d_hidden, bias=True, rank=rank)
-        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=True, rank=rank)
+        self.gated_linear_unit = bool(gated_linear_unit)
+        width = 2 * d_hidden if self.gated_linear_unit else d_hidden
+        self.htoh4 = FMoELinear(num_expert, d_model, width, bias=bias, rank=rank)
+        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias, rank=rank)
         self.activation = activation
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -449,7 +456,9 @@ class _Expert(nn.Module):
 
     def fused_activation(self) -> str | None:
         """The ``expert_mlp`` activation name when the experts run as that one op, else None."""
-        return ops.activation_name(self.activation) if ops.fused_experts_enabled() else None
+        if self.gated_linear_unit or not ops.fused_experts_enabled():
+            return None
+        return ops.activation_name(self.activation)
 
     def forward(self, inp, fwd_expert_count):
         inp = inp.to(self.htoh4.weight.dtype)  # autocast: the experts' dtype, as FastMoE
@@ -458,18 +467,28 @@ class _Expert(nn.Module):
             return ops.expert_mlp(inp, fwd_expert_count, self.htoh4.weight, self.htoh4.bias,
                                   self.h4toh.weight, self.h4toh.bias, name)
         x = self.htoh4(inp, fwd_expert_count)
-        x = self.activation(x)
+        if self.gated_linear_unit:
+            a, b = x.chunk(2, dim=-1)
+            x = self.activation(a) * b
+        else:
+            x = self.activation(x)
         return self.h4toh(x, fwd_expert_count)
 
 
 class FMoETransformerMLP(FMoE):
-    """The transformer feed-forward block as an MoE; input and output ``[..., d_model]``."""
+    """The transformer feed-forward block as an MoE; input and output ``[..., d_model]``.
+
+    Beyond FastMoE's arguments: ``bias=False`` builds experts without biases, and
+    ``gated_linear_unit=True`` gated experts (``h4toh(activation(a) * b)`` with ``[a, b]`` the
+    ``2 * d_hidden`` outputs of ``htoh4``; SwiGLU with ``activation=torch.nn.SiLU()``)."""
 
     def __init__(self, num_expert=32, d_model=1024, d_hidden=4096, activation=torch.nn.GELU(),
-                 expert_dp_comm="none", expert_rank=0, **kwargs):
+                 expert_dp_comm="none", expert_rank=0, bias=True, gated_linear_unit=False,
+                 **kwargs):
         super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
         self.d_hidden = d_hidden
-        self.experts = _Expert(num_expert, d_model, d_hidden, activation, rank=expert_rank)
+        self.experts = _Expert(num_expert, d_model, d_hidden, activation, rank=expert_rank,
+                               bias=bias, gated_linear_unit=gated_linear_unit)
         self.mark_parallel_comm(expert_dp_comm)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:

@@ -36,39 +36,50 @@ def mlp_params(model, dtype: torch.dtype | None = None) -> dict:
     Layout (FastMoE's): htoh4.weight [E, H, D], htoh4.bias [E, H], h4toh.weight [E, D, H],
     h4toh.bias [E, D], gate.gate an nn.Linear(D, E * world_size).
     """
-    return {
-        "gate.weight": leaf_copy(model.gate.gate.weight, dtype),
-        "gate.bias": leaf_copy(model.gate.gate.bias, dtype),
-        "htoh4.weight": leaf_copy(model.experts.htoh4.weight, dtype),
-        "htoh4.bias": leaf_copy(model.experts.htoh4.bias, dtype),
-        "h4toh.weight": leaf_copy(model.experts.h4toh.weight, dtype),
-        "h4toh.bias": leaf_copy(model.experts.h4toh.bias, dtype),
-    }
+    return {name: leaf_copy(p, dtype) for name, p in mlp_tensors(model).items()}
 
 
 def model_grads(model) -> dict:
     """The model's parameter gradients under the names ``mlp_params`` uses."""
+    return {name: (None if p is None else p.grad) for name, p in mlp_tensors(model).items()}
+
+
+def mlp_tensors(model) -> dict:
+    """The parameters of an FMoETransformerMLP by the names ``mlp_params`` uses (None where the
+    model has no such parameter: experts built with ``bias=False``)."""
     return {
-        "gate.weight": model.gate.gate.weight.grad,
-        "gate.bias": model.gate.gate.bias.grad,
-        "htoh4.weight": model.experts.htoh4.weight.grad,
-        "htoh4.bias": model.experts.htoh4.bias.grad,
-        "h4toh.weight": model.experts.h4toh.weight.grad,
-        "h4toh.bias": model.experts.h4toh.bias.grad,
+        "gate.weight": model.gate.gate.weight,
+        "gate.bias": model.gate.gate.bias,
+        "htoh4.weight": model.experts.htoh4.weight,
+        "htoh4.bias": model.experts.htoh4.bias,
+        "h4toh.weight": model.experts.h4toh.weight,
+        "h4toh.bias": model.experts.h4toh.bias,
     }
 
 
 # ---------------------------------------------------------------------------- experts
 
 def mlp_expert(params: dict, e: int, activation: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Expert ``e`` of a fused FMoETransformerMLP as a function of one token ``v`` [D]."""
-    w1, b1 = params["htoh4.weight"][e], params["htoh4.bias"][e]  # [H, D], [H]
-    w2, b2 = params["h4toh.weight"][e], params["h4toh.bias"][e]  # [D, H], [D]
+    """Expert ``e`` of a fused FMoETransformerMLP as a function of one token ``v`` [D].
+
+    Biases may be None (``bias=False``). A gated expert (``gated_linear_unit=True``) has an
+    htoh4 weight of ``2H`` rows: ``h = activation(first H) * (last H)``."""
+    w1, w2 = params["htoh4.weight"][e], params["h4toh.weight"][e]  # [H or 2H, D], [D, H]
+    b1 = params["htoh4.bias"][e] if params["htoh4.bias"] is not None else None
+    b2 = params["h4toh.bias"][e] if params["h4toh.bias"] is not None else None
+    H = w2.shape[1]
+    gated = w1.shape[0] == 2 * H
 
     def run(v: torch.Tensor) -> torch.Tensor:
-        h = torch.mv(w1, v) + b1
-        h = activation(h.unsqueeze(0)).squeeze(0)
-        return torch.mv(w2, h) + b2
+        h = torch.mv(w1, v)
+        if b1 is not None:
+            h = h + b1
+        if gated:
+            h = activation(h[:H].unsqueeze(0)).squeeze(0) * h[H:]
+        else:
+            h = activation(h.unsqueeze(0)).squeeze(0)
+        y = torch.mv(w2, h)
+        return y + b2 if b2 is not None else y
 
     return run
 
@@ -188,14 +199,15 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, 
     torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def assert_all_close(got, want, **tol) -> None:
+def assert_all_close(got, want, names: Sequence[str] = MLP_PARAMS, **tol) -> None:
     """``(output, input grad, {name: grad})`` of a model against the reference's, for every
-    FastMoE parameter (``MLP_PARAMS``); a grad the reference never touched is 0."""
+    FastMoE parameter in ``names`` (default all of ``MLP_PARAMS``); a grad the reference never
+    touched is 0."""
     y, gx, grads = got
     y_ref, gx_ref, grads_ref = want[:3]
     assert_close("output", y, y_ref, **tol)
     assert_close("input grad", gx, gx_ref, **tol)
-    for name in MLP_PARAMS:
+    for name in names:
         g = grads[name]
         assert g is not None, f"{name}: the model produced no gradient"
         r = grads_ref[name]

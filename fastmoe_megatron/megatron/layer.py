@@ -1,6 +1,8 @@
 """MegatronMLP: FMoETransformerMLP behind megatron-core's MLP contract.
 
 Input ``[s, b, h]``, output ``(output, bias)`` with ``bias = None`` (the experts add their own).
+Each expert is the config's dense MLP: its ``activation_func``, ``add_bias_linear`` and
+``gated_linear_unit`` (Megatron's ``--swiglu``), at the expert width.
 
 Parallelism, read from megatron-core's ``parallel_state`` (initialised with
 ``expert_tensor_parallel_size=1``: an expert lives whole on one rank):
@@ -150,6 +152,9 @@ class MegatronMLP(MegatronModule):
             d_model=config.hidden_size,
             d_hidden=fmoe.hidden_size or config.ffn_hidden_size,
             activation=config.activation_func,
+            # as megatron-core's MLP: --disable-bias-linear, and --swiglu (gated, [a, b] layout)
+            bias=config.add_bias_linear,
+            gated_linear_unit=config.gated_linear_unit,
             expert_dp_comm="none",
             world_size=ep_size,
             moe_group=parallel_state.get_expert_model_parallel_group() if ep_size > 1 else None,

@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     m.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
     m.add_argument("--disable-bias-linear", action="store_true",
-                   help="no biases in the linear layers (needed by --num-experts)")
+                   help="no biases in the linear layers (needed by --num-experts); the experts of "
+                        "--fmoefy have none either")
+    m.add_argument("--swiglu", action="store_true",
+                   help="gated SiLU MLPs (SwiGLU, as Megatron-LM's --swiglu): the dense MLPs, and "
+                        "the experts of --fmoefy and --num-experts")
 
     moe = p.add_argument_group("megatron-core's own MoE (the alternative to --fmoefy)")
     moe.add_argument("--num-experts", type=int, default=None,
@@ -400,7 +404,10 @@ def transformer_config(args, use_cuda: bool):
         use_cpu_initialization=not use_cuda,
         gradient_accumulation_fusion=False,
         # megatron-core's fused bias-GeLU needs a bias: it refuses the fusion without one
-        bias_activation_fusion=use_cuda and not args.disable_bias_linear,
+        # (its fused bias-SwiGLU does not)
+        bias_activation_fusion=use_cuda and (args.swiglu or not args.disable_bias_linear),
+        gated_linear_unit=args.swiglu,
+        **({"activation_func": torch.nn.functional.silu} if args.swiglu else {}),
         bias_dropout_fusion=use_cuda,
         masked_softmax_fusion=use_cuda and fused_softmax_available(),
         apply_rope_fusion=False,

@@ -35,13 +35,21 @@ def tokens_per_rank(world, zero_rank):
     return counts
 
 
-def make_models(world, ep, e_local, ep_group, ep_rank, gate=NaiveGate, top_k=TOP_K):
+# Expert variants of forward_backward: FMoETransformerMLP keyword arguments.
+VARIANTS = {
+    "plain": {},
+    "no-bias": dict(bias=False),
+    "swiglu": dict(gated_linear_unit=True, activation=torch.nn.SiLU()),
+}
+
+
+def make_models(world, ep, e_local, ep_group, ep_rank, gate=NaiveGate, top_k=TOP_K, **layer_kw):
     torch.manual_seed(0)
     ref = FMoETransformerMLP(num_expert=e_local * ep, d_model=D_MODEL, d_hidden=D_HIDDEN,
-                             top_k=top_k, gate=gate)
+                             top_k=top_k, gate=gate, **layer_kw)
     model = FMoETransformerMLP(num_expert=e_local, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=top_k,
                                gate=gate, world_size=ep, moe_group=ep_group,
-                               expert_dp_comm="edp" if world > ep else "none")
+                               expert_dp_comm="edp" if world > ep else "none", **layer_kw)
     sl = slice(ep_rank * e_local, (ep_rank + 1) * e_local)
     with torch.no_grad():
         model.gate.load_state_dict(ref.gate.state_dict())
@@ -97,10 +105,13 @@ def set_overlap(overlap: str) -> str:
     return "_OverlappedExpertsBackward" if overlap == "1" else "_GlobalScatterBackward"
 
 
-def forward_backward(rank, world, ep, e_local, zero_rank, overlap="1", dtype="fp32"):
+def forward_backward(rank, world, ep, e_local, zero_rank, overlap="1", dtype="fp32",
+                     variant="plain"):
     node = set_overlap(overlap)
     ep_group, edp_group, ep_rank, _ = layout(world, ep)
-    ref, model = make_models(world, ep, e_local, ep_group, ep_rank)
+    ref, model = make_models(world, ep, e_local, ep_group, ep_rank, **VARIANTS[variant])
+    if model.experts.fused_activation() is None:  # gated experts: never the overlapped schedule
+        node = "_GlobalScatterBackward"
     tol = {}
     if dtype == "bf16":
         ref.to(torch.bfloat16)

@@ -36,6 +36,15 @@ def test_forward_backward_bf16(overlap):
     run_workers(w.forward_backward, 2, timeout=240, args=(2, 3, None, overlap, "bf16"))
 
 
+@pytest.mark.parametrize("variant,world,overlap", [
+    ("no-bias", 2, "1"), ("no-bias", 2, "0"), ("swiglu", 2, "1"), ("swiglu", 4, "1")])
+def test_expert_variants(variant, world, overlap):
+    """Experts without biases (through the overlapped schedule and the all-to-alls) and gated
+    experts (which take the all-to-alls), against the one-process reference."""
+    run_workers(w.forward_backward, world, timeout=240,
+                args=(2, 2, None, overlap, "fp32", variant))
+
+
 @pytest.mark.parametrize("world,overlap", [(2, "0"), (3, "0"), (2, "1")])
 def test_double_backward(world, overlap):
     assert run_workers(w.double_backward, world, timeout=120, args=(overlap,)) == [True] * world

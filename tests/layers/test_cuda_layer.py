@@ -69,7 +69,8 @@ def run_model(model, x, gy, backend):
 def run_reference(model, x, gy, idx, score_fn=None):
     """The per-token reference on the CPU, in fp32, with the experts ``idx`` [T, K] (-1: dropped).
     Scores are the softmax of the chosen logits (NaiveGate, GShardGate) unless ``score_fn``."""
-    p = {k: ref.leaf_copy(v.cpu(), torch.float32) for k, v in ref.mlp_params(model).items()}
+    p = {k: None if v is None else ref.leaf_copy(v.cpu(), torch.float32)
+         for k, v in ref.mlp_params(model).items()}
     xr = ref.leaf_copy(x.cpu(), torch.float32)
     logits = ref.logits_of(xr, p["gate.weight"], p["gate.bias"])
     if score_fn is None:
@@ -79,7 +80,7 @@ def run_reference(model, x, gy, idx, score_fn=None):
         score = score_fn(logits, idx)
     y = ref.moe(xr, idx, score, ref.mlp_experts(p, model.experts.activation))
     y.backward(gy.cpu().float())
-    return y.detach(), xr.grad, {k: v.grad for k, v in p.items()}
+    return y.detach(), xr.grad, {k: None if v is None else v.grad for k, v in p.items()}
 
 
 def gate_choice(model, x):
@@ -125,6 +126,25 @@ def test_bf16_matches_fp32_reference(E, K, T, d, h, backend):
     got = run_model(model, x, gy, backend)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
     assert_all_close(got, run_reference(model, x, gy, idx), **BF16_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kw", [dict(bias=False), dict(gated_linear_unit=True, activation=nn.SiLU()),
+                                dict(gated_linear_unit=True, bias=False, activation=nn.SiLU())],
+                         ids=["no-bias", "swiglu", "swiglu-no-bias"])
+def test_expert_variants_match_reference(kw, dtype, backend):
+    """Experts without biases (the fused expert op with no bias tensors) and gated experts."""
+    torch.manual_seed(0)
+    model = FMoETransformerMLP(num_expert=16, d_model=64, d_hidden=128, top_k=2, **kw)
+    model.to(DEV, dtype)
+    x, gy = inputs(512, 64, dtype=dtype)
+    idx = gate_choice(model, x)
+    assert_routing_agrees(model, x, idx, min_gap=1e-4 if dtype == torch.float32 else 0.05)
+    names = [n for n, t in ref.mlp_tensors(model).items() if t is not None]
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert_all_close(run_model(model, x, gy, backend), run_reference(model, x, gy, idx),
+                     names=names, **tol)
 
 
 class DropGate(NaiveGate):

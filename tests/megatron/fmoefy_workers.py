@@ -38,19 +38,23 @@ def _batch(seq=16, vocab=128):
     return tokens, position, mask
 
 
-def matches_megatron_moelayer(rank, world):
+def matches_megatron_moelayer(rank, world, gated=False):
     """A GPT fmoefy'd with the naive (top-k softmax) gate equals megatron-core's own MoELayer GPT
     (top-k softmax router, no capacity, no aux loss) loaded with the same router and expert
-    weights: logits and the gradients of the router and experts."""
+    weights: logits and the gradients of the router and experts. Both without linear biases
+    (megatron-core's MoE needs that), so the experts have none; ``gated``: SwiGLU experts
+    (``gated_linear_unit``, SiLU: Megatron's ``--swiglu``)."""
     _megatron_setup()
+    import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from fastmoe_megatron.megatron.fmoefy import fmoefy
 
+    glu = dict(gated_linear_unit=True, activation_func=F.silu) if gated else {}
     cfg = _config(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
                   moe_grouped_gemm=False, moe_router_load_balancing_type="none",
-                  moe_aux_loss_coeff=0.0)
+                  moe_aux_loss_coeff=0.0, **glu)
     theirs = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
         num_experts=4, moe_grouped_gemm=False), vocab_size=128, max_sequence_length=16)
     dense = dataclasses.replace(cfg, num_moe_experts=None, moe_ffn_hidden_size=None)
@@ -65,13 +69,13 @@ def matches_megatron_moelayer(rank, world):
                 p.copy_(named[name])
         for la, lb in zip(theirs.decoder.layers, ours.decoder.layers):
             moe = lb.mlp.moe
+            assert moe.experts.htoh4.bias is None and moe.experts.h4toh.bias is None
+            assert moe.experts.htoh4.weight.shape[1] == (2 if gated else 1) * cfg.ffn_hidden_size
             moe.gate.gate.weight.copy_(la.mlp.router.weight)
             moe.gate.gate.bias.zero_()
             for e, expert in enumerate(la.mlp.experts.local_experts):
                 moe.experts.htoh4.weight[e].copy_(expert.linear_fc1.weight)
                 moe.experts.h4toh.weight[e].copy_(expert.linear_fc2.weight)
-                moe.experts.htoh4.bias[e].zero_()
-                moe.experts.h4toh.bias[e].zero_()
     tokens, position, mask = _batch()
     ya, yb = theirs(tokens, position, mask), ours(tokens, position, mask)
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)

@@ -301,6 +301,7 @@ def build_and_step(rank, world_size, checkout, argv, steps=2, runtime_patches=Tr
     experts = [p for m in moes for p in m.moe.experts.parameters()]
     gates = [p for m in moes for p in m.moe.gate.parameters()]
     out["local_experts"] = [m.num_local_experts for m in moes]
+    out["expert_shapes"] = {n: list(p.shape) for n, p in moes[0].moe.experts.named_parameters()}
     out["expert_tags"] = sorted({(getattr(p, "allreduce", True), getattr(p, "tensor_model_parallel",
                                                                           False)) for p in experts})
     out["gate_allreduce"] = sorted({getattr(p, "allreduce", True) for p in gates})

@@ -1,5 +1,6 @@
 """fmoefy against megatron-core: equality with megatron-core's own MoELayer, wrappers, tags, the
 layer spec, EP-aware dist_checkpointing, flag validation, and the multi-node launch script."""
+import json
 import os
 import re
 import socket
@@ -17,8 +18,9 @@ from tests.megatron import fmoefy_workers as w  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_matches_megatron_core_moelayer():
-    (diff,) = run_workers(w.matches_megatron_moelayer, 1, timeout=240)
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_matches_megatron_core_moelayer(gated):
+    (diff,) = run_workers(w.matches_megatron_moelayer, 1, timeout=240, args=(gated,))
     assert diff < 1e-5
 
 
@@ -183,6 +185,19 @@ def test_a_finished_run_started_again_says_so(tmp_path):
     assert (f"pretrain_gpt: the checkpoint of --load {ckpt} is at iteration 1, and --train-iters "
             "is 1: nothing to train") in again.stdout, again.stdout
     assert "iter " not in again.stdout
+
+
+def test_swiglu_without_biases_reaches_the_experts(tmp_path):
+    """--swiglu --disable-bias-linear --fmoefy: the experts are gated (htoh4 of 2 x ffn rows) and
+    have no biases, as the dense MLP they replace; as saved in the checkpoint's manifest."""
+    proc = run_tiny_dense(tmp_path, "--ffn-hidden-size", "64", "--train-iters", "2", "--swiglu",
+                          "--disable-bias-linear", "--fmoefy", "--fmoe-num-experts", "4",
+                          "--save", str(tmp_path / "ckpt"), "--ckpt-format", "torch")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((tmp_path / "ckpt" / "iter_0000002" / "fmoe_checkpoint.json").read_text())
+    experts = {k.split("experts.")[1]: v["shape"] for k, v in manifest["model"].items()
+               if ".mlp.moe.experts." in k}
+    assert experts == {"htoh4.weight": [1, 4, 128, 32], "h4toh.weight": [1, 4, 32, 64]}, experts
 
 
 def test_megatron_core_moe_flag_trains(tmp_path):

@@ -328,6 +328,21 @@ def test_model_from_the_checkouts_provider_is_fmoefied_and_trains(checkout, fami
         assert results[0]["legacy_layer_class"] == "ParallelTransformerLayer"
 
 
+@pytest.mark.parametrize("family", ["core", "legacy"])
+def test_swiglu_without_biases_reaches_the_experts(checkout, family):
+    """Megatron-LM's --swiglu --disable-bias-linear: the experts are gated (htoh4 of 2 x ffn rows)
+    and have no biases, as the dense MLPs they replace; the model trains."""
+    from tests.megatron import megatron_lm_workers as w
+
+    argv = w.TINY + (w.CORE if family == "core" else w.LEGACY) + w.FMOE + \
+        ["--expert-model-parallel-size", "2", "--swiglu", "--disable-bias-linear"]
+    results = run_workers(w.build_and_step, 2, timeout=180, args=(checkout, argv),
+                          threads_per_worker=1)
+    _check_built_and_stepped(results, family, ep=2, world=2)
+    for r in results:
+        assert r["expert_shapes"] == {"htoh4.weight": [2, 128, 32], "h4toh.weight": [2, 32, 64]}, r
+
+
 def test_tensor_parallel_with_sequence_parallel_sets_expert_tp_1(checkout):
     """TP=2 + sequence parallel, EP=1: Megatron's default expert TP (= TP, 2) becomes 1; the
     experts are replicated over the TP ranks and reduced over the expert-data-parallel group.
