@@ -406,7 +406,12 @@ std::tuple<Tensor, Tensor> assign_pos(const Tensor& idx, const Tensor& counts) {
   const int64_t E = counts.numel();
   auto pos = at::full({n}, -1, flat.options());
   auto inv = at::empty({n}, flat.options());
-  if (n == 0) return {pos, inv};
+  if (n == 0) {
+    // No slot for the device-side check to run on: check GPU counts on the host (one copy, on
+    // this empty path only), so that counts that are not all zero fail as on the CPU.
+    if (!counts.device().is_cpu()) host_counts(counts.cpu(), n, "assign_pos");
+    return {pos, inv};
+  }
   FlatKeys keys{flat.data_ptr<int64_t>()};
   SortPlan plan = plan_sort(keys, n, E, flat.options());
   expert_base(plan, long_on(counts, idx.device()));  // asserts counts == the histogram of idx

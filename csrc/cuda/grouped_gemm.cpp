@@ -3,9 +3,9 @@
 // the output (an expert's block is a contiguous row range): no per-expert copies, no full-size
 // temporaries.
 //
-// The experts' products are independent, so they go round robin to a few side streams: small
-// products (many experts, few rows each) then run side by side on the GPU instead of queuing one
-// behind the other on one stream. The side streams first wait for the current stream (the inputs
+// The experts' products are independent, so they go round robin to a few side streams (the same
+// ones on every call, per device): small products (many experts, few rows each) then run side by
+// side on the GPU instead of queuing one behind the other on one stream. The side streams first wait for the current stream (the inputs
 // are ready), and the current stream then waits for all of them (the outputs are ready). Every
 // tensor the products touch was allocated on the current stream and is freed after the op has
 // queued that wait, so the caching allocator can only hand its memory to work that runs after the
@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace fmoe {
@@ -54,6 +56,26 @@ Blocks blocks_of(const Tensor& counts, int64_t limit, const char* op) {
 
 constexpr int64_t kMaxStreams = 4;
 
+// The side streams of a device: taken from torch's stream pool once and kept. The pool hands out
+// its 32 streams in turn, and torch keeps a cuBLAS workspace for every (handle, stream) that ran a
+// product, never freed: new pool streams on every call would soon tie up a workspace on each of
+// the 32.
+const std::vector<c10::cuda::CUDAStream>& side_streams(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::unordered_map<c10::DeviceIndex, std::vector<c10::cuda::CUDAStream>> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it == streams.end()) {
+    std::vector<c10::cuda::CUDAStream> mine;
+    mine.reserve(kMaxStreams);
+    for (int64_t s = 0; s < kMaxStreams; ++s) {
+      mine.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device));
+    }
+    it = streams.emplace(device, std::move(mine)).first;
+  }
+  return it->second;  // never erased: the reference stays valid
+}
+
 // Calls fn(e) for every expert with rows, spread over side streams as described at the top.
 template <typename F>
 void for_each_expert(const Blocks& b, const at::Device& device, const F& fn) {
@@ -70,12 +92,9 @@ void for_each_expert(const Blocks& b, const at::Device& device, const F& fn) {
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
   at::cuda::CUDAEvent inputs_ready;
   inputs_ready.record(current);
-  std::vector<c10::cuda::CUDAStream> streams;
-  streams.reserve(n_streams);
-  for (int64_t s = 0; s < n_streams; ++s) {
-    streams.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index()));
-    inputs_ready.block(streams.back());
-  }
+  const std::vector<c10::cuda::CUDAStream> streams(
+      side_streams(device.index()).begin(), side_streams(device.index()).begin() + n_streams);
+  for (const auto& s : streams) inputs_ready.block(s);
   int64_t next = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (b.rows[e] == 0) continue;

@@ -1,9 +1,10 @@
-"""The native NCCL communicator (csrc/cuda/nccl_comm.cpp, fastmoe_megatron/ops/nccl.py) on 2 GPUs:
+"""The native NCCL communicator (csrc/cuda/nccl_comm.cpp, fastmoe_megatron/ops/nccl.py):
 exchange_counts, global_scatter and global_gather against a brute-force reference built from the
 all_gather'ed counts and rows of every rank.
 
-Runs only where at least 2 CUDA devices exist; each worker process takes one GPU and joins an NCCL
-process group (the reference data travels over it too).
+On 2 GPUs, and the exchange also on one (a group of one rank); each worker process takes one GPU
+and joins an NCCL process group (the reference data travels over it too). Skipped without CUDA,
+and each test where fewer GPUs exist than it needs.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import torch
 
 from tests.dist_utils import run_workers
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-    reason="needs at least 2 CUDA devices",
-)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def gpus(n: int):
+    """Skips a test (or a parameter set) where fewer than ``n`` CUDA devices exist."""
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA devices")
 
 
 def _init_nccl(rank: int, world: int, timeout: float = 120.0):
@@ -124,18 +127,21 @@ def _require_native_nccl():
                     "`python -m fastmoe_megatron info`")
 
 
+@pytest.mark.parametrize("world", [pytest.param(1, marks=gpus(1)), pytest.param(2, marks=gpus(2))])
 @pytest.mark.parametrize("num_expert,width,dtype_name,use_subgroup", [
     (1, (8,), "float32", False),
     (3, (16,), "bfloat16", False),
     (2, (4, 5), "float16", True),
     (4, (1,), "float64", False),
 ])
-def test_nccl_scatter_gather_match_brute_force(num_expert, width, dtype_name, use_subgroup):
+def test_nccl_scatter_gather_match_brute_force(num_expert, width, dtype_name, use_subgroup, world):
+    """On 2 GPUs; and on one (a group of one rank: the communicator's set-up, the send to itself,
+    the padding and the stream order, where a machine has a single GPU)."""
     _require_native_nccl()
-    out = run_workers(nccl_exchange_worker, 2, timeout=300,
+    out = run_workers(nccl_exchange_worker, world, timeout=300,
                       args=(num_expert, width, dtype_name, use_subgroup),
                       init_process_group=False)
-    assert out == [True, True]
+    assert out == [True] * world
 
 
 def exchange_path_worker(rank: int, world: int, cuda_ops_off_on_last_rank: bool):
@@ -168,6 +174,7 @@ def exchange_path_worker(rank: int, world: int, cuda_ops_off_on_last_rank: bool)
     return True
 
 
+@gpus(2)
 @pytest.mark.parametrize("cuda_ops_off_on_last_rank", [False, True])
 def test_every_rank_takes_the_same_exchange_path(cuda_ops_off_on_last_rank):
     _require_native_nccl()

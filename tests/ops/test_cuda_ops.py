@@ -232,19 +232,75 @@ def test_gather_weight_grad_casts_buf_to_grad_dtype():
 
 
 def test_ops_follow_the_current_stream():
-    """Results computed inside a side stream, then read after it is synchronized."""
+    """Inside a side stream, the input is produced on that stream behind a long spin
+    (``torch.cuda._sleep``): an op that ran on any other stream would read it before it is there.
+    The results are read after the side stream is synchronized."""
     pos, inv = plan(4, 300, 2, 8, 0.2)
     x = rand((300, 64), torch.float32, 5)
     want = ops().scatter_rows(x, pos, 2, None)
     s = torch.cuda.Stream()
-    xd, posd = x.to(DEV), pos.to(DEV)
+    xd, posd, invd = x.to(DEV), pos.to(DEV), inv.to(DEV)
     torch.cuda.current_stream().synchronize()
     with torch.cuda.stream(s):
-        got = ops().scatter_rows(xd, posd, 2, None)
-        back = ops().gather_rows(got, inv.to(DEV), 2, None)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles on s
+        xs = xd * 1  # the input, ready only after the spin
+        got = ops().scatter_rows(xs, posd, 2, None)
+        back = ops().gather_rows(got, invd, 2, None)
     s.synchronize()
     assert_same_bits(got, want)
     torch.testing.assert_close(back.cpu(), ops().gather_rows(want, inv, 2, None))
+
+
+def test_grid_stride_loops():
+    """Sizes past one launch's blocks, so that every kernel's grid-stride loop runs: scatter and
+    gather over more than 2^20 rows, gather_weight_grad over more than 2^23 slots, expert_count
+    and assign_pos over more keys than the shared-memory histogram's 1024 x 256."""
+    T, K, E = 4_300_000, 2, 8  # 8.6M slots
+    idx = routing(11, T, K, E, 0.05)
+    counts = ops().expert_count(idx, E)
+    got_counts = ops().expert_count(idx.to(DEV), E)
+    assert_same_bits(got_counts, counts)
+    pos, inv = ops().assign_pos(idx.reshape(-1), counts)
+    gpos, ginv = ops().assign_pos(idx.reshape(-1).to(DEV), got_counts)
+    assert_same_bits(gpos, pos)
+    assert_same_bits(ginv, inv)
+    x = rand((T, 1), torch.float32, 12)
+    buf = ops().scatter_rows(x, pos, K, None)
+    gbuf = ops().scatter_rows(x.to(DEV), gpos, K, None)
+    assert_same_bits(gbuf, buf)
+    w = rand((T, K), torch.float32, 13)
+    torch.testing.assert_close(ops().gather_rows(gbuf, ginv, K, w.to(DEV)).cpu(),
+                               ops().gather_rows(buf, inv, K, w), rtol=1e-5, atol=1e-5)
+    gy = rand((T, 1), torch.float32, 14)
+    torch.testing.assert_close(ops().gather_weight_grad(gy.to(DEV), gbuf, ginv, K).cpu(),
+                               ops().gather_weight_grad(gy, buf, inv, K), rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    """Strided views (every other column, a transposed weight) give the results of their
+    contiguous copies."""
+    pos, inv = plan(5, 200, 2, 8, 0.1)
+    wide = rand((200, 64), torch.float32, 15).to(DEV)
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    assert_same_bits(ops().scatter_rows(x, pos.to(DEV), 2, None),
+                     ops().scatter_rows(x.contiguous(), pos.to(DEV), 2, None))
+    counts = torch.tensor([50, 0, 70, 80])
+    xs = rand((200, 32), torch.float32, 16).to(DEV)
+    w_t = rand((4, 32, 24), torch.float32, 17).to(DEV).transpose(1, 2)  # [E, out 24, in 32]
+    assert not w_t.is_contiguous()
+    torch.testing.assert_close(ops().grouped_mm(xs, w_t, counts, None),
+                               ops().grouped_mm(xs, w_t.contiguous(), counts, None),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_assign_pos_checks_gpu_counts_without_slots():
+    """No slots but counts on the GPU that are not zero: an error, as on the CPU."""
+    with pytest.raises(RuntimeError, match="counts sum to more than the 0 rows"):
+        ops().assign_pos(torch.empty(0, dtype=torch.int64), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="counts sum to more than the 0 rows"):
+        ops().assign_pos(torch.empty(0, dtype=torch.int64, device=DEV),
+                         torch.tensor([3], device=DEV))
 
 
 # ---------------------------------------------------------------------------- grouped GEMM
@@ -278,18 +334,19 @@ def gemm_tol(dtype, I):
 
 @pytest.mark.parametrize("counts_on", ["cpu", "cuda"])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64])
 @pytest.mark.parametrize("i,case", list(enumerate(GEMM_CASES)))
 def test_grouped_mm(i, case, dtype, with_bias, counts_on):
     counts_l, I, O, extra = case
     x, w, b, _, counts = gemm_inputs(i, counts_l, I, O, extra, dtype)
     bias = b if with_bias else None
-    want = ops().grouped_mm(x.float(), w.float(), counts, b.float() if with_bias else None)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # the reference's precision
+    want = ops().grouped_mm(x.to(wide), w.to(wide), counts, b.to(wide) if with_bias else None)
     got = ops().grouped_mm(x.to(DEV), w.to(DEV), counts.to(counts_on),
                            bias.to(DEV) if with_bias else None)
     assert got.device.type == "cuda" and got.dtype == dtype and got.shape == (x.shape[0], O)
     rtol, atol = gemm_tol(dtype, I)
-    torch.testing.assert_close(got.cpu().float(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.cpu().to(wide), want, rtol=rtol, atol=atol)
     assert (got[sum(counts_l):] == 0).all()
     again = ops().grouped_mm(x.to(DEV), w.to(DEV), counts.to(counts_on),
                              bias.to(DEV) if with_bias else None)
@@ -318,6 +375,29 @@ def test_grouped_mm_backward(i, case, dtype, mask):
     again = ops().grouped_mm_backward(gy.to(DEV), x.to(DEV), w.to(DEV), counts, list(mask))
     for a, g in zip(again, got):
         assert_same_bits(a, g)
+
+
+def test_grouped_mm_waits_for_its_side_streams():
+    """Products large enough to outlast the copy that follows them, behind a spin on the current
+    stream: without the current stream waiting for the side streams, the copy to the host would
+    read rows not yet written."""
+    counts = torch.tensor([2048] * 8)
+    I, O = 1024, 1024
+    x = rand((int(counts.sum()), I), torch.float32, 18)
+    w = rand((8, O, I), torch.float32, 19) * 0.05
+    gy = rand((int(counts.sum()), O), torch.float32, 20)
+    want = ops().grouped_mm(x, w, counts, None)
+    want_gx, want_gw, _ = ops().grouped_mm_backward(gy, x, w, counts, [True, True, False])
+    xd, wd, gyd = x.to(DEV), w.to(DEV), gy.to(DEV)
+    torch.cuda.synchronize()
+    for _ in range(3):
+        torch.cuda._sleep(100_000_000)
+        got = ops().grouped_mm(xd, wd, counts, None).cpu()  # the copy runs on the current stream
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * I ** 0.5)
+        torch.cuda._sleep(100_000_000)
+        gx, gw, _ = ops().grouped_mm_backward(gyd, xd, wd, counts, [True, True, False])
+        torch.testing.assert_close(gx.cpu(), want_gx, rtol=1e-4, atol=1e-4 * O ** 0.5)
+        torch.testing.assert_close(gw.cpu(), want_gw, rtol=1e-4, atol=1e-4 * 2048 ** 0.5)
 
 
 def test_dispatch_round_trip_through_autograd_ops():
