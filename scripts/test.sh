@@ -5,6 +5,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FMOE_VENV:-$ROOT/.venv}
+# A relative FMOE_VENV is read from where this runs (as setup.sh does), not from the checkout.
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac
+export FMOE_VENV=$VENV
 cd "$ROOT"
 bash scripts/setup.sh
 

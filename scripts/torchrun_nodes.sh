@@ -12,6 +12,14 @@ torchrun_nodes() {
   if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
   fi
+  if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]]; then
+    echo "$name: NNODES must be a positive integer, got '$NNODES'" >&2
+    exit 2
+  fi
+  if [ -n "${NODE_RANK:-}" ] && { ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; }; then
+    echo "$name: NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
+    exit 2
+  fi
   if [ "$NNODES" = 1 ]; then
     launch=(--standalone)
   elif [ -n "${RDZV_ENDPOINT:-}" ]; then

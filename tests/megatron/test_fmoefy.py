@@ -240,6 +240,24 @@ def test_launch_scripts_need_a_node_rank_or_a_rendezvous(script, tmp_path):
     assert f"{script}: with NNODES=3 set NODE_RANK (0..2) or RDZV_ENDPOINT" in out.stderr
 
 
+@pytest.mark.parametrize("nnodes,node_rank,message", [
+    ("2", "2", "NODE_RANK must be one of 0..1 (NNODES=2), got '2'"),
+    ("2", "-1", "NODE_RANK must be one of 0..1 (NNODES=2), got '-1'"),
+    ("2", "one", "NODE_RANK must be one of 0..1 (NNODES=2), got 'one'"),
+    ("0", "0", "NNODES must be a positive integer, got '0'"),
+    ("two", "0", "NNODES must be a positive integer, got 'two'"),
+])
+def test_launch_scripts_refuse_node_ranks_out_of_range(nnodes, node_rank, message, tmp_path):
+    """A NODE_RANK outside 0..NNODES-1 used to start torchrun, which then waited out its
+    rendezvous timeout (minutes) for nodes that never come."""
+    env = dict(os.environ, NNODES=nnodes, NODE_RANK=node_rank, NPROC_PER_NODE="1",
+               FMOE_VENV=sys.prefix)
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "pretrain_gpt_multinode.sh")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"pretrain_gpt_multinode.sh: {message}" in out.stderr
+
+
 def test_multinode_script_two_nodes_on_localhost(tmp_path):
     """scripts/pretrain_gpt_multinode.sh as 2 nodes x 1 process on 127.0.0.1 (static rendezvous),
     started from another folder: relative paths in the arguments (an @file, --save) are the
