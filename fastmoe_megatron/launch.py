@@ -12,7 +12,7 @@ The launcher puts the script's folder first on ``sys.path`` (as ``python SCRIPT`
 (``fastmoe_megatron.megatron.megatron_lm``; ``--list-patches`` lists them with the versions they
 were checked against), then runs the script as ``__main__`` with the remaining arguments. The
 script parses its own arguments; the patches add the flags below to its parser and act only when
-``--fmoefy`` is given. An unchecked Megatron-LM version stops with an error before anything is
+``--fmoefy`` is given (any of the other flags without it is an error). An unchecked Megatron-LM version stops with an error before anything is
 patched (``FMOE_MEGATRON_UNCHECKED=1`` tries anyway).
 
 --fmoefy flags (Megatron-LM's ``--help`` lists them too, in the group "fastmoe-megatron"):

@@ -93,6 +93,17 @@ def fmoe_flags_set(args) -> list[str]:
     return found
 
 
+def check_unused_fmoe_flags(args) -> None:
+    """Without ``--fmoefy``, fastmoe flags given a value would be silently ignored (the model stays
+    dense): a ValueError naming them."""
+    if getattr(args, "fmoefy", False):
+        return
+    unused = fmoe_flags_set(args)
+    if unused:
+        raise ValueError(f"{', '.join(unused)} without --fmoefy: fastmoe's MoE flags take effect "
+                         "only with --fmoefy (megatron-core's own MoE: --num-experts)")
+
+
 def fmoe_config_from_args(args) -> FMoEConfig:
     """FMoEConfig from parsed flags; raises ValueError naming the flag on a bad combination."""
     if not args.fmoefy:

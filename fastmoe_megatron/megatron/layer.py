@@ -72,6 +72,8 @@ class FMoEConfig:
                              f"{', '.join(sorted(GATES))}")
         if self.num_experts < 1:
             raise ValueError(f"--fmoe-num-experts must be >= 1, got {self.num_experts}")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ValueError(f"--hidden-hidden-size must be >= 1, got {self.hidden_size}")
         if self.num_experts % ep_size:
             raise ValueError(f"--fmoe-num-experts {self.num_experts} is not divisible by the "
                              f"expert-parallel size {ep_size} (--expert-model-parallel-size)")
@@ -150,7 +152,7 @@ class MegatronMLP(MegatronModule):
         self.moe = FMoETransformerMLP(
             num_expert=self.num_local_experts,
             d_model=config.hidden_size,
-            d_hidden=fmoe.hidden_size or config.ffn_hidden_size,
+            d_hidden=config.ffn_hidden_size if fmoe.hidden_size is None else fmoe.hidden_size,
             activation=config.activation_func,
             # as megatron-core's MLP: --disable-bias-linear, and --swiglu (gated, [a, b] layout)
             bias=config.add_bias_linear,

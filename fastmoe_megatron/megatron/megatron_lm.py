@@ -121,11 +121,14 @@ def add_arguments(parser):
 
 def prepare_args(args) -> None:
     """Before Megatron's ``validate_args``, with --fmoefy: rejects what cannot work together and
-    sets ``expert_tensor_parallel_size`` (Megatron's default would be the TP size) to 1.
-    Raises ValueError naming the flag to fix."""
+    sets ``expert_tensor_parallel_size`` (Megatron's default would be the TP size) to 1. Without
+    --fmoefy: rejects fastmoe flags given a value (they would be ignored). Raises ValueError
+    naming the flag to fix."""
+    from .arguments import check_unused_fmoe_flags, fmoe_config_from_args
+
+    check_unused_fmoe_flags(args)
     if not _fmoefy_enabled(args):
         return
-    from .arguments import fmoe_config_from_args
 
     if getattr(args, "num_experts", None):
         raise ValueError("--fmoefy replaces the MLPs with fastmoe_megatron experts; it cannot be "
@@ -336,9 +339,9 @@ def _parse_args(original):
 def _validate_args(original):
     @functools.wraps(original)
     def validate_args(args, defaults={}):  # noqa: B006 - Megatron's signature
+        prepare_args(args)  # also refuses fastmoe flags given without --fmoefy
         if not _fmoefy_enabled(args):
             return original(args, defaults)
-        prepare_args(args)
         if (getattr(args, "expert_model_parallel_size", 1) or 1) == 1:
             return original(args, defaults)
         module = sys.modules[original.__module__]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .arguments import add_fmoe_args, fmoe_config_from_args, fmoe_flags_set
+from .arguments import add_fmoe_args, check_unused_fmoe_flags, fmoe_config_from_args
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -216,11 +216,7 @@ def validate_args(args, world_size: int):
     if not args.distributed_timeout_minutes > 0:
         raise ValueError("--distributed-timeout-minutes must be > 0, got "
                          f"{args.distributed_timeout_minutes}")
-    if not args.fmoefy:
-        unused = fmoe_flags_set(args)
-        if unused:
-            raise ValueError(f"{', '.join(unused)} without --fmoefy: fastmoe's MoE flags take "
-                             "effect only with --fmoefy (megatron-core's own MoE: --num-experts)")
+    check_unused_fmoe_flags(args)
     _check_split(args.split, args.skip_train, bool(args.eval_interval))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):

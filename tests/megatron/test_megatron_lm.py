@@ -167,6 +167,9 @@ def test_launcher_parses_flags_with_the_checkouts_parser(checkout):
         "ep0": base + w.FMOE + ["--expert-model-parallel-size", "0"],
         "tp2-etp-default": base + w.FMOE + ["--tensor-model-parallel-size", "2"],
         "legacy": w.TINY + w.LEGACY + w.FMOE,
+        # fastmoe flags without --fmoefy would leave a dense model: refused, naming them
+        "flags-without-fmoefy": base + ["--fmoe-num-experts", "8", "--balance-strategy", "gshard"],
+        "hidden-hidden-size-0": base + w.FMOE + ["--hidden-hidden-size", "0"],
     }
     results = run_workers(w.parse_cases, 1, timeout=120, args=(checkout, cases, 2),
                           init_process_group=False)[0]
@@ -188,6 +191,9 @@ def test_launcher_parses_flags_with_the_checkouts_parser(checkout):
     assert "--expert-model-parallel-size 4" in results["ep4-world2"]["error"]
     assert "world size 2" in results["ep4-world2"]["error"]
     assert "--expert-model-parallel-size must be >= 1" in results["ep0"]["error"]
+    assert ("--fmoe-num-experts, --balance-strategy without --fmoefy"
+            in results["flags-without-fmoefy"]["error"]), results["flags-without-fmoefy"]
+    assert "--hidden-hidden-size must be >= 1, got 0" in results["hidden-hidden-size-0"]["error"]
     tp2 = results["tp2-etp-default"]
     assert "error" not in tp2, tp2
     assert tp2["validated"]["expert_tensor_parallel_size"] == 1  # Megatron would say 2 (= TP)
