@@ -345,7 +345,11 @@ def initialize(args, use_cuda: bool):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=1,
+        # fastmoe experts live whole on a rank (expert TP 1); megatron-core's own MoE keeps its
+        # default, expert TP = TP (as its TransformerConfig assumes): with expert TP 1 its
+        # experts are whole on every TP rank, yet their gradients are reduced over the dense
+        # data-parallel group only (EP 1 marks them allreduce), so the TP copies drift apart.
+        expert_tensor_parallel_size=args.tensor_model_parallel_size if args.num_experts else 1,
         # megatron's groups carry the training collectives: they get the same timeout
         distributed_timeout_minutes=args.distributed_timeout_minutes,
     )

@@ -167,3 +167,32 @@ def evaluation(rank, world):
 
     out["recorded_in_eval"] = stats.collect(args.num_layers, args.fmoe.num_experts)
     return out
+
+
+def megatron_core_moe(rank, world, extra, iters):
+    """Trains ``iters`` iterations of TINY's GPT with megatron-core's own MoE (``--num-experts``)
+    instead of --fmoefy; checks that every copy of a parameter agrees over the groups it is
+    replicated on, and returns the losses."""
+    from megatron.core import parallel_state as ps
+
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    dense = TINY[:TINY.index("--fmoefy")]
+    argv = dense + ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear",
+                    "--clip-grad", "1e9", "--train-iters", str(iters), "--seed", "7",
+                    "--threads", "1"] + list(extra)
+    res = run(argv)
+    model = _inner(res.model)
+    experts = 0
+    for name, p in model.named_parameters():
+        expert = ".experts." in name
+        experts += expert
+        groups = [ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()]
+        if not getattr(p, "tensor_model_parallel", False):
+            groups.append(ps.get_expert_tensor_parallel_group() if expert
+                          else ps.get_tensor_model_parallel_group())
+        for g in groups:
+            for r, other in enumerate(_gather(p.detach(), g)):
+                assert torch.equal(other, p.detach()), f"{name} differs from group rank {r}"
+    assert experts, "no megatron-core expert parameters"
+    return {"losses": list(res.losses)}

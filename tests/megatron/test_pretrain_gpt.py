@@ -41,6 +41,20 @@ def test_sequence_parallel_keeps_the_gate_loss_gradient():
         assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4), (key, runs)
 
 
+@pytest.mark.parametrize("world,extra", [
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),  # and DP=2
+])
+def test_megatron_core_moe_under_tensor_parallel_keeps_its_copies_equal(world, extra):
+    """megatron-core's own MoE (the e2e baseline) at TP=2 with sequence parallel: every copy of
+    every parameter agrees after training (megatron_core_moe checks). With expert TP 1 its experts
+    were whole on each TP rank but reduced over data parallel only, so the TP copies drifted
+    apart (and a checkpoint kept TP rank 0's); expert TP is now TP, as megatron-core assumes."""
+    out = run_workers(w.megatron_core_moe, world, timeout=420, threads_per_worker=1,
+                      args=(extra, 4))
+    assert len({tuple(o["losses"]) for o in out}) == 1
+
+
 def test_default_corpus_with_a_cache_per_node(tmp_path):
     out = run_workers(w.node_local_caches, 2, timeout=300, args=(str(tmp_path),),
                       threads_per_worker=1)
