@@ -277,13 +277,16 @@ def upcycle_experts(moe: FMoETransformerMLP, fc1: nn.Linear, fc2: nn.Linear, noi
     global experts ``rank*E .. rank*E+E-1``). With ``noise > 0`` each global expert's weights get
     ``noise * std(dense weight) * N(0, 1)``; the noise of all global experts is drawn (on the CPU,
     from ``generator``) and the rank keeps its slice. A dense linear without bias gives zero
-    expert biases."""
+    expert biases; experts without biases (``bias=False``) take only dense linears without."""
     E, W = moe.num_expert, moe.world_size
     for dense, experts in ((fc1, moe.experts.htoh4), (fc2, moe.experts.h4toh)):
         w = dense.weight.detach()
         if tuple(experts.weight.shape[1:]) != tuple(w.shape):
             raise ValueError(f"upcycling needs experts shaped like the dense block: expert weight "
                              f"{tuple(experts.weight.shape[1:])}, dense {tuple(w.shape)}")
+        if experts.bias is None and dense.bias is not None:
+            raise ValueError("upcycling copies the dense block, whose linears have biases: build "
+                             "the experts with bias=True (the default), not bias=False")
         experts.weight.copy_(w.expand_as(experts.weight))
         if noise > 0:
             eps = torch.randn((E * W, *w.shape), generator=generator, dtype=torch.float32)

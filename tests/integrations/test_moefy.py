@@ -281,6 +281,20 @@ def test_upcycle_noise():
     torch.testing.assert_close(bias, dense.blocks[0].fc2.bias.expand(4, -1))
 
 
+def test_upcycle_without_expert_biases():
+    """Experts without biases (bias=False) upcycle a dense block without biases exactly, and
+    refuse one with biases (they used to drop them silently: not the dense model)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16, bias=False), nn.GELU(), nn.Linear(16, 8, bias=False))
+    moe = moefy(copy.deepcopy(plain), "", num_expert=2, upcycle=True, bias=False)
+    assert [m.experts.htoh4.bias for _, m in moe_layers(moe)] == [None]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(moe(x), plain(x), **TOL)
+    biased = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="build the experts with bias=True"):
+        moefy(biased, "", num_expert=2, upcycle=True, bias=False)
+
+
 def test_param_tags():
     model = moefy(Net(), MLP, num_expert=2)
     moe = model.blocks[0].fc2
