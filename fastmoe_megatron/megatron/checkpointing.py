@@ -35,7 +35,8 @@ Failure handling:
 - Atomic saves: a checkpoint is written into ``iter_XXXXXXX.tmp``; after every rank has written
   its part, rank 0 writes the manifest (size and CRC32 of every file), renames the folder and
   then replaces the ``latest`` file (write + ``os.replace``). A process killed at any point
-  leaves the previous checkpoint as the latest one; leftover ``.tmp`` folders are removed by the
+  leaves the previous checkpoint as the latest one (or, killed after committing the first one
+  but before writing ``latest``, that one); leftover ``.tmp`` folders are removed by the
   next save. Saving an iteration that already has a checkpoint moves the old folder to
   ``iter_XXXXXXX.old`` until the new one is committed (a load falls back to it if killed in
   between).
@@ -49,7 +50,10 @@ Failure handling:
   anything is loaded.
 - ``--load`` of a folder that does not exist or holds no checkpoint starts from scratch (and
   says so); a checkpoint folder without its manifest, or a root with checkpoints but no
-  ``latest`` file, raises ``CheckpointError`` (a fresh start would overwrite them).
+  ``latest`` file, raises ``CheckpointError`` (a fresh start would overwrite them). The one
+  exception is a root holding exactly one complete checkpoint and nothing else, as a run killed
+  between committing its first checkpoint and writing ``latest`` leaves it: that checkpoint is
+  loaded (with a warning).
 
 Fault injection (tests and ``scripts/soak_test.py``): ``FMOE_FAULT_INJECT`` holds comma-separated
 ``point:iteration[:rank[:action]]`` entries; ``point`` is ``step`` (pretrain_gpt, between the
@@ -214,13 +218,29 @@ def saved_progress(root) -> tuple[int, Optional[int]]:
 
 
 def latest_iteration(root) -> int | None:
+    """The iteration the ``latest`` file of the root ``root`` names; None without one, except
+    after an interrupted first save (see ``_first_save_committed``)."""
     path = Path(root) / LATEST
     if not path.is_file():
-        return None
+        return _first_save_committed(Path(root))
     text = path.read_text().strip()
     if not text.isdigit():
         raise CheckpointError(f"{path} is corrupt: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def _first_save_committed(root: Path) -> int | None:
+    """A run killed between committing its first checkpoint and writing ``latest`` leaves a root
+    with that one complete checkpoint and nothing else (but an unfinished save's ``.tmp``): its
+    iteration is then the latest, so that the restart resumes from it (as after a kill during any
+    later save) instead of stopping. Any other root without ``latest`` gives None."""
+    if not root.is_dir() or (root / MANIFEST).is_file():
+        return None
+    names = [p.name for p in root.glob("iter_*") if not p.name.endswith(".tmp")]
+    if len(names) == 1 and re.fullmatch(r"iter_\d+", names[0]) \
+            and (root / names[0] / MANIFEST).is_file():
+        return int(names[0][len("iter_"):])
+    return None
 
 
 def resolve(path) -> Path:
@@ -927,6 +947,9 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
         _nothing_to_load(root)
         return 0
     folder = resolve(root)
+    if folder != root and not (root / LATEST).is_file():
+        _warn0(f"--load {root} has no {LATEST}, but its one checkpoint {folder.name} is complete "
+               "(a run stopped right after committing it): resuming from it")
     manifest = verify(folder)
     contents = manifest.get("contents", {})
     layout = current_layout()

@@ -334,6 +334,12 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
             base + ["--load", str(Path(corrupt_root).parent / "partial" / "iter_0000003")])),
         "missing": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "new")])),
     }
+    done = {}
+    error = _error_of(lambda: done.update(res=run(
+        base + ["--load", str(Path(corrupt_root).parent / "first_save_killed")])))
+    result["first_save_killed"] = {
+        "error": error, "want": run(base + ["--load", sources[0]]).consumed_samples,
+        "consumed_samples": done["res"].consumed_samples if "res" in done else None}
     return portable(result)
 
 

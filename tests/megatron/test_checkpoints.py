@@ -111,6 +111,13 @@ def at_ep1(source, work):
     untracked = work / "untracked"
     shutil.copytree(roots["dist"], untracked)
     (untracked / "latest_checkpointed_iteration.txt").unlink()
+    shutil.copytree(untracked / "iter_0000003", untracked / "iter_0000002")
+    # A run killed between committing its first checkpoint and writing the latest file (with the
+    # .tmp folder of a save that did not finish).
+    first = work / "first_save_killed"
+    shutil.copytree(roots["dist"], first)
+    (first / "latest_checkpointed_iteration.txt").unlink()
+    (first / "iter_0000005.tmp").mkdir()
     partial = work / "partial"
     shutil.copytree(roots["dist"], partial)
     (partial / "iter_0000003" / "fmoe_checkpoint.json").unlink()
@@ -226,11 +233,19 @@ def test_load_never_starts_from_scratch_beside_checkpoints(at_ep1, work):
     overwrote the checkpoints): both are errors naming --load and what is there."""
     err = at_ep1["errors"]["untracked"]
     assert err.startswith("CheckpointError"), err
-    assert f"--load {work / 'untracked'} holds checkpoints (iter_0000003)" in err, err
+    assert f"--load {work / 'untracked'} holds checkpoints (iter_0000002, iter_0000003)" in err, err
     assert "latest_checkpointed_iteration.txt" in err
     err = at_ep1["errors"]["partial"]
     assert err.startswith("CheckpointError") and "partial checkpoint" in err, err
     assert at_ep1["errors"]["missing"] == "no error"  # a first run: --load of a new folder
+
+
+def test_a_first_save_killed_before_the_latest_file_resumes(at_ep1):
+    """Killed between committing its first checkpoint and writing the latest file, a run left a
+    root that every restart refused (a --load X --save X loop was stuck): its one complete
+    checkpoint is now loaded, as the latest file would have named it."""
+    got = at_ep1["first_save_killed"]
+    assert got["error"] == "no error" and got["consumed_samples"] == got["want"] > 0, got
 
 
 def test_resume_with_another_global_batch_and_tp_size(tmp_path):
