@@ -90,6 +90,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ReshardFailed(RuntimeError):
+    """A process of the new layout failed; ``output`` is its whole log."""
+
+    def __init__(self, rank: int, code: int, output: str):
+        self.rank, self.code, self.output = rank, code, output
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        super().__init__(f"reshard: rank {rank} exited with {code}; its last lines:\n"
+                         + "\n".join(lines[-8:]))
+
+
 def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None = None,
             extra: list[str] | None = None, timeout: float = 3600, log=print) -> Path:
     """Writes the checkpoint ``load`` for expert-parallel size ``ep`` under ``save`` (see the
@@ -102,6 +112,13 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
             f"{folder} was not written by pretrain_gpt (no saved arguments), so the model cannot "
             "be rebuilt here; load it at the new expert-parallel size directly (torch_dist and "
             "torch formats reshard at load) or merge it")
+    source_root = folder.parent if folder.name.startswith("iter_") else folder
+    target = Path(save).resolve()
+    if target == source_root.resolve() or folder.resolve() in (target, *target.parents):
+        # The new checkpoint (same iteration) would replace the one it is made from, or land
+        # inside it.
+        raise ValueError(f"--save {save} would write over --load {load}: reshard into another "
+                         "folder")
     if ep < 1:
         raise ValueError(f"--expert-model-parallel-size must be >= 1, got {ep}")
     if world_size is not None and world_size < 1:
@@ -142,7 +159,7 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
     failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         rank, code = failed[0]
-        raise RuntimeError(f"reshard: rank {rank} exited with {code}:\n{outputs[rank][-4000:]}")
+        raise ReshardFailed(rank, code, outputs[rank])
     out = ckpt.resolve(save)
     log(f"reshard: wrote {out}")
     return out
@@ -288,6 +305,9 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ReshardFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -185,6 +185,38 @@ def test_reshard_to_a_bad_layout_fails_before_starting_processes(source, work, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("load,save", [("", ""), ("", "iter_0000003"),
+                                       ("iter_0000003", "iter_0000003"),
+                                       ("iter_0000003", "iter_0000003/inner")])
+def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load, save):
+    """--save on the --load root replaced the source checkpoint (same iteration) with the new
+    layout's; --save inside the source folder nested a checkpoint in it."""
+    from fastmoe_megatron.megatron import reshard
+
+    root = tmp_path / "ck"
+    shutil.copytree(source["roots"]["torch"], root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert reshard.main(["reshard", "--load", str(root / load), "--save", str(root / save),
+                         "--expert-model-parallel-size", "1"]) == 2
+    assert "would write over --load" in capsys.readouterr().err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_a_failed_reshard_process_ends_with_a_short_message(source, work, capsys):
+    """A process of the new layout that fails: its last lines and exit 1, not a traceback of
+    reshard itself carrying 4 KB of log."""
+    from fastmoe_megatron.megatron import reshard
+
+    blocker = work / "a_file"
+    blocker.write_text("not a folder")
+    code = reshard.main(["reshard", "--load", source["roots"]["torch"], "--save",
+                         str(blocker / "ckpt"), "--expert-model-parallel-size", "1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: reshard: rank 0 exited with") and len(err) < 2500, err
+    assert "--save" in err and "Traceback" not in err, err
+
+
 def test_merge_loads_into_plain_fmoe_layers(at_ep1, work):
     """merge -> one weights_only file; plain FMoETransformerMLP layers built from it give the
     Megatron model's MoE-layer outputs (the worker also checks the merged model dict)."""
