@@ -452,12 +452,16 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
     state = _sharded_state(model, optimizer, scheduler, iteration, loading=False, rng=rng,
                            with_optimizer=with_optimizer)
     meta = _model_meta(state["model"])
-    if fmt == "torch_dist":
-        _in_process_results_queue()
-        dist_checkpointing.save(state, str(tmp))
-        mine = None
-    else:
-        mine = _save_torch(state, tmp)
+    try:
+        if fmt == "torch_dist":
+            _in_process_results_queue()
+            dist_checkpointing.save(state, str(tmp))
+            mine = None
+        else:
+            mine = _save_torch(state, tmp)
+    except (Exception, _TorchCheckpointException) as exc:  # noqa: BLE001 - a full disk gives
+        # torch's own opaque errors (torch.distributed.checkpoint's is a BaseException)
+        raise CheckpointError(_write_failure(root, tmp, iteration, exc)) from exc
     fault_point("save", iteration)
     _barrier()
     files = _checksums(tmp)
@@ -493,6 +497,30 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
         print(f"checkpoint: saved iteration {iteration} to {final} ({fmt})", flush=True)
     _barrier()
     return final
+
+
+try:
+    from torch.distributed.checkpoint.api import CheckpointException as _TorchCheckpointException
+except ImportError:  # pragma: no cover - torch without distributed checkpointing
+    class _TorchCheckpointException(Exception):
+        pass
+
+
+def _write_failure(root: Path, tmp: Path, iteration: int, exc: BaseException) -> str:
+    """What a failed checkpoint write says: where, the error, the room left on that disk, and
+    which checkpoint is still the latest."""
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    try:
+        latest = latest_iteration(root)
+    except CheckpointError:
+        latest = None
+    kept = (f"the latest checkpoint is still iteration {latest}" if latest is not None
+            else "no earlier checkpoint there")
+    return (f"writing iteration {iteration} into {tmp} failed ({free}; a full disk or a file size "
+            f"limit gives such errors): {type(exc).__name__}: {_short(exc)}; {kept}")
 
 
 def _in_process_results_queue():

@@ -535,6 +535,35 @@ def test_sigterm_and_time_limit_stop_with_a_checkpoint(tmp_path):
     assert off_main == {"losses": 2}, off_main
 
 
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_a_failed_checkpoint_write_says_where_and_what_stays(tmp_path, fmt):
+    """A save that cannot write its files (here a 40 KiB file size limit, as a full disk does)
+    used to end with torch's own "unexpected pos 704 vs 598": now with the folder, the room left
+    there, and the checkpoint that is still the latest (which a restart then resumes)."""
+    import resource
+
+    argv = [sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", "--num-layers", "1",
+            "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--default-corpus-bytes", "300000", "--threads", "1",
+            "--train-iters", "4", "--save", "ck", "--save-interval", "2", "--ckpt-format", fmt]
+    env = dict(_env(), OMP_NUM_THREADS="1")
+    first = subprocess.run(argv + ["--exit-interval", "2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
+
+    full = subprocess.run(argv + ["--load", "ck"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+    assert full.returncode != 0
+    line = next((x for x in full.stderr.splitlines() if "pretrain_gpt: rank 0 failed" in x), "")
+    assert "CheckpointError: writing iteration 4 into ck/iter_0000004.tmp failed (" in line, \
+        full.stderr[-3000:]
+    assert "MiB free there" in line and line.endswith("the latest checkpoint is still iteration 2")
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
 @pytest.mark.parametrize("fault", ["exit", "hang"])
 def test_failed_worker_ends_the_job_with_a_message(tmp_path, fault):
     """2 processes (no torchrun). exit: rank 1 os._exit()s in the middle of iteration 2; rank 0
