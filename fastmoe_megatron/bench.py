@@ -852,8 +852,8 @@ def _e2e_runs(cfg: dict, iters: int, threads: int, corpus_bytes: int | None) -> 
     (see the module doc)."""
     extra = ["--default-corpus-bytes", str(corpus_bytes)] if corpus_bytes else []
     base = _e2e_argv(cfg, iters, threads) + extra
-    # All without linear biases (megatron-core's expert biases fail, see pretrain_gpt); fmoefy's
-    # experts keep theirs. The same router: top-k softmax, no balance loss.
+    # All without linear biases (megatron-core's expert biases fail, see pretrain_gpt), the
+    # experts of both MoEs included. The same router: top-k softmax, no balance loss.
     return {
         "fmoefy": base + ["--fmoefy", "--fmoe-num-experts", str(cfg["experts"]),
                           "--fmoe-top-k", str(cfg["top_k"]), "--balance-strategy", "naive",

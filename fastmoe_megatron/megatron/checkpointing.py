@@ -104,7 +104,7 @@ SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "max_position_embeddings", "make_vocab_size_divisible_by", "fmoefy",
                "fmoe_num_experts", "hidden_hidden_size", "balance_strategy",
                "fmoe_expert_bias_update_rate", "untie_embeddings_and_output_weights",
-               "position_embedding_type", "vocab_file")
+               "position_embedding_type", "vocab_file", "disable_bias_linear", "swiglu")
 
 
 class CheckpointError(RuntimeError):

@@ -2,7 +2,8 @@
 
 Input ``[s, b, h]``, output ``(output, bias)`` with ``bias = None`` (the experts add their own).
 Each expert is the config's dense MLP: its ``activation_func``, ``add_bias_linear`` and
-``gated_linear_unit`` (Megatron's ``--swiglu``), at the expert width.
+``gated_linear_unit`` (Megatron's ``--swiglu``, ``--quick-geglu``), at the expert width (a
+``glu_linear_offset`` or ``activation_func_clamp_value`` is refused).
 
 Parallelism, read from megatron-core's ``parallel_state`` (initialised with
 ``expert_tensor_parallel_size=1``: an expert lives whole on one rank):
@@ -127,6 +128,10 @@ class MegatronMLP(MegatronModule):
             raise ValueError("MegatronMLP needs an FMoEConfig (fmoe=..., or config.fmoe)")
         ep_size = parallel_state.get_expert_model_parallel_world_size()
         self.fmoe_config = fmoe.validate(ep_size)
+        for field, default in (("glu_linear_offset", 0.0), ("activation_func_clamp_value", None)):
+            if getattr(config, field, default) != default:
+                raise ValueError(f"fastmoe_megatron experts do not implement the config's {field} "
+                                 f"({getattr(config, field)!r}): leave it at {default!r}")
         if parallel_state.get_expert_tensor_parallel_world_size() != 1:
             raise ValueError("fastmoe_megatron experts are not tensor parallel: initialise megatron "
                              "with --expert-tensor-parallel-size 1")

@@ -202,8 +202,11 @@ def merge(load, output) -> dict:
         raise ckpt.CheckpointError(f"{ckpt.resolve(load)} holds no fastmoe MoE layer")
     fmoe = dict(manifest.get("fmoe") or {})
     some = next(iter(layers.values()))
-    w = some["experts.htoh4.weight"]
-    fmoe.update(num_experts=int(w.shape[0]), d_hidden=int(w.shape[1]), d_model=int(w.shape[2]))
+    w1, w2 = some["experts.htoh4.weight"], some["experts.h4toh.weight"]  # [E, H or 2H, D], [E, D, H]
+    d_hidden = int(w2.shape[2])
+    fmoe.update(num_experts=int(w1.shape[0]), d_hidden=d_hidden, d_model=int(w1.shape[2]),
+                gated_linear_unit=int(w1.shape[1]) == 2 * d_hidden,
+                bias="experts.htoh4.bias" in some)
     merged = {"format": MERGED_FORMAT, "version": 1, "iteration": int(manifest["iteration"]),
               "source": str(ckpt.resolve(load)), "fmoe": fmoe,
               "moe_layers": dict(sorted(layers.items(), key=lambda kv: _natural(kv[0]))),
@@ -254,7 +257,9 @@ def build_fmoe_layers(merged: dict) -> dict:
     for prefix, state in merged["moe_layers"].items():
         moe = FMoETransformerMLP(num_expert=cfg["num_experts"], d_model=cfg["d_model"],
                                  d_hidden=cfg["d_hidden"], activation=activation,
-                                 top_k=cfg.get("top_k", 2), gate=gate)
+                                 top_k=cfg.get("top_k", 2), gate=gate,
+                                 bias=cfg.get("bias", True),
+                                 gated_linear_unit=cfg.get("gated_linear_unit", False))
         moe.load_state_dict(state)
         layers[prefix] = moe
     return layers

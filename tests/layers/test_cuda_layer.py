@@ -150,7 +150,7 @@ def test_bf16_matches_fp32_reference(E, K, T, d, h, backend):
                                 dict(gated_linear_unit=True, bias=False, activation=nn.SiLU())],
                          ids=["no-bias", "swiglu", "swiglu-no-bias"])
 def test_expert_variants_match_reference(kw, dtype, backend):
-    """Experts without biases (the fused expert op with no bias tensors) and gated experts."""
+    """Experts without biases (grouped GEMMs without bias tensors) and gated experts."""
     torch.manual_seed(0)
     model = FMoETransformerMLP(num_expert=16, d_model=64, d_hidden=128, top_k=2, **kw)
     model.to(DEV, dtype)

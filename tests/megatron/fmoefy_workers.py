@@ -182,3 +182,24 @@ def init_leaves_gpu_generators_alone(rank, world):
     assert after[1] is before[1] and after[2] is before[2], "a GPU generator was reseeded"
     if before[0] is not None:
         assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
+
+
+def refuses_glu_options_it_lacks(rank, world):
+    """A config's glu_linear_offset or activation_func_clamp_value (which megatron-core's dense
+    MLP applies) would silently not reach the experts: MegatronMLP refuses them, naming them."""
+    import torch.nn.functional as F
+
+    from fastmoe_megatron.megatron.layer import FMoEConfig, MegatronMLP
+
+    _megatron_setup()
+    errors = {}
+    for field, value in (("glu_linear_offset", 1.0), ("activation_func_clamp_value", 7.0)):
+        cfg = _config(gated_linear_unit=True, activation_func=F.silu, **{field: value})
+        try:
+            MegatronMLP(cfg, FMoEConfig(num_experts=4, top_k=2), layer_number=1)
+            errors[field] = "no error"
+        except ValueError as exc:
+            errors[field] = str(exc)
+    MegatronMLP(_config(gated_linear_unit=True, activation_func=F.silu),
+                FMoEConfig(num_experts=4, top_k=2), layer_number=1)  # the defaults build
+    return errors

@@ -46,6 +46,12 @@ def test_expert_init_reseeds_no_gpu_generator():
     run_workers(w.init_leaves_gpu_generators_alone, 1, timeout=240)
 
 
+def test_glu_options_the_experts_lack_are_refused():
+    (errors,) = run_workers(w.refuses_glu_options_it_lacks, 1, timeout=240)
+    for field in ("glu_linear_offset", "activation_func_clamp_value"):
+        assert f"do not implement the config's {field}" in errors[field], errors
+
+
 def test_wrappers_tags_and_layer_spec():
     run_workers(w.fmoefy_wrappers_and_spec, 1, timeout=240)
 
@@ -198,6 +204,18 @@ def test_swiglu_without_biases_reaches_the_experts(tmp_path):
     experts = {k.split("experts.")[1]: v["shape"] for k, v in manifest["model"].items()
                if ".mlp.moe.experts." in k}
     assert experts == {"htoh4.weight": [1, 4, 128, 32], "h4toh.weight": [1, 4, 32, 64]}, experts
+    # merge -> plain FMoETransformerMLP layers of the same kind (it took 2 x ffn for the width and
+    # built biased, ungated layers, which then failed to load).
+    import torch
+
+    from fastmoe_megatron.megatron import reshard
+
+    merged = reshard.merge(tmp_path / "ckpt", tmp_path / "merged.pt")
+    assert merged["fmoe"]["d_hidden"] == 64 and merged["fmoe"]["gated_linear_unit"] is True
+    assert merged["fmoe"]["bias"] is False
+    (layer,) = reshard.build_fmoe_layers(reshard.load_merged(tmp_path / "merged.pt")).values()
+    assert layer.experts.gated_linear_unit and layer.experts.htoh4.bias is None
+    assert layer(torch.randn(5, 32)).shape == (5, 32)
 
 
 def test_megatron_core_moe_flag_trains(tmp_path):
