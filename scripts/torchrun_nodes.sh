@@ -12,20 +12,22 @@ torchrun_nodes() {
   if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
   fi
-  if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]]; then
-    echo "$name: NNODES must be a positive integer, got '$NNODES'" >&2
-    exit 2
-  fi
-  if [ -n "${NODE_RANK:-}" ] && { ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; }; then
-    echo "$name: NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
-    exit 2
-  fi
   if [ "$NNODES" = 1 ]; then
     launch=(--standalone)
   elif [ -n "${RDZV_ENDPOINT:-}" ]; then
+    # torchrun checks NNODES here (N, or MIN:MAX for an elastic job); NODE_RANK is not used
     launch=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
             --rdzv-id "${RDZV_ID:-fmoe}")
   elif [ -n "${NODE_RANK:-}" ]; then
+    # static rendezvous: a rank outside 0..NNODES-1 would wait out torchrun's timeout
+    if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]]; then
+      echo "$name: NNODES must be a positive integer with NODE_RANK (MIN:MAX needs RDZV_ENDPOINT), got '$NNODES'" >&2
+      exit 2
+    fi
+    if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+      echo "$name: NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
+      exit 2
+    fi
     launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
             --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
   else

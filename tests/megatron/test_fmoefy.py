@@ -262,14 +262,14 @@ def test_launch_scripts_need_a_node_rank_or_a_rendezvous(script, tmp_path):
     ("2", "2", "NODE_RANK must be one of 0..1 (NNODES=2), got '2'"),
     ("2", "-1", "NODE_RANK must be one of 0..1 (NNODES=2), got '-1'"),
     ("2", "one", "NODE_RANK must be one of 0..1 (NNODES=2), got 'one'"),
-    ("0", "0", "NNODES must be a positive integer, got '0'"),
-    ("two", "0", "NNODES must be a positive integer, got 'two'"),
+    ("0", "0", "NNODES must be a positive integer with NODE_RANK (MIN:MAX needs RDZV_ENDPOINT), got '0'"),
+    ("two", "0", "NNODES must be a positive integer with NODE_RANK (MIN:MAX needs RDZV_ENDPOINT), got 'two'"),
 ])
 def test_launch_scripts_refuse_node_ranks_out_of_range(nnodes, node_rank, message, tmp_path):
     """A NODE_RANK outside 0..NNODES-1 used to start torchrun, which then waited out its
     rendezvous timeout (minutes) for nodes that never come."""
-    env = dict(os.environ, NNODES=nnodes, NODE_RANK=node_rank, NPROC_PER_NODE="1",
-               FMOE_VENV=sys.prefix)
+    env = {k: v for k, v in os.environ.items() if k != "RDZV_ENDPOINT"}
+    env.update(NNODES=nnodes, NODE_RANK=node_rank, NPROC_PER_NODE="1", FMOE_VENV=sys.prefix)
     out = subprocess.run(["bash", str(ROOT / "scripts" / "pretrain_gpt_multinode.sh")], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
