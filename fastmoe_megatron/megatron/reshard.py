@@ -112,9 +112,10 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
             f"{folder} was not written by pretrain_gpt (no saved arguments), so the model cannot "
             "be rebuilt here; load it at the new expert-parallel size directly (torch_dist and "
             "torch formats reshard at load) or merge it")
-    source_root = folder.parent if folder.name.startswith("iter_") else folder
+    real = folder.resolve()  # through symlinks: the folder the source files are in
+    source_root = real.parent if real.name.startswith("iter_") else real
     target = Path(save).resolve()
-    if target == source_root.resolve() or folder.resolve() in (target, *target.parents):
+    if target == source_root or real in (target, *target.parents):
         # The new checkpoint (same iteration) would replace the one it is made from, or land
         # inside it.
         raise ValueError(f"--save {save} would write over --load {load}: reshard into another "
