@@ -22,8 +22,10 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <mutex>
@@ -56,20 +58,24 @@ Blocks blocks_of(const Tensor& counts, int64_t limit, const char* op) {
 
 constexpr int64_t kMaxStreams = 4;
 
-// The side streams of a device: taken from torch's stream pool once and kept. The pool hands out
-// its 32 streams in turn, and torch keeps a cuBLAS workspace for every (handle, stream) that ran a
-// product, never freed: new pool streams on every call would soon tie up a workspace on each of
-// the 32.
+// The side streams of a device: created once, for this op alone, and kept for the process' life.
+// Not torch's stream pool: taking new pool streams on every call left a cuBLAS workspace on each
+// of the pool's 32 (torch keeps one per handle and stream, never freed), and fixed pool streams
+// could be the very ones ProcessGroupNCCL runs its collectives on, queueing the products behind
+// them.
 const std::vector<c10::cuda::CUDAStream>& side_streams(c10::DeviceIndex device) {
   static std::mutex mutex;
   static std::unordered_map<c10::DeviceIndex, std::vector<c10::cuda::CUDAStream>> streams;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = streams.find(device);
   if (it == streams.end()) {
+    c10::cuda::CUDAGuard on_device(device);
     std::vector<c10::cuda::CUDAStream> mine;
     mine.reserve(kMaxStreams);
     for (int64_t s = 0; s < kMaxStreams; ++s) {
-      mine.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device));
+      cudaStream_t raw = nullptr;
+      C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
+      mine.push_back(c10::cuda::getStreamFromExternal(raw, device));
     }
     it = streams.emplace(device, std::move(mine)).first;
   }
