@@ -51,9 +51,9 @@ Failure handling:
 - ``--load`` of a folder that does not exist or holds no checkpoint starts from scratch (and
   says so); a checkpoint folder without its manifest, or a root with checkpoints but no
   ``latest`` file, raises ``CheckpointError`` (a fresh start would overwrite them). The one
-  exception is a root holding exactly one complete checkpoint and nothing else, as a run killed
-  between committing its first checkpoint and writing ``latest`` leaves it: that checkpoint is
-  loaded (with a warning).
+  exception is a root whose only ``iter_*`` folder (unfinished ``.tmp`` ones aside) is one
+  complete checkpoint, as a run killed between committing its first checkpoint and writing
+  ``latest`` leaves it: that checkpoint is loaded (with a warning).
 
 Fault injection (tests and ``scripts/soak_test.py``): ``FMOE_FAULT_INJECT`` holds comma-separated
 ``point:iteration[:rank[:action]]`` entries; ``point`` is ``step`` (pretrain_gpt, between the
@@ -231,7 +231,7 @@ def latest_iteration(root) -> int | None:
 
 def _first_save_committed(root: Path) -> int | None:
     """A run killed between committing its first checkpoint and writing ``latest`` leaves a root
-    with that one complete checkpoint and nothing else (but an unfinished save's ``.tmp``): its
+    whose only ``iter_*`` folder (unfinished ``.tmp`` ones aside) is that complete checkpoint: its
     iteration is then the latest, so that the restart resumes from it (as after a kill during any
     later save) instead of stopping. Any other root without ``latest`` gives None."""
     if not root.is_dir() or (root / MANIFEST).is_file():
@@ -461,41 +461,55 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
             mine = _save_torch(state, tmp)
     except (Exception, _TorchCheckpointException) as exc:  # noqa: BLE001 - a full disk gives
         # torch's own opaque errors (torch.distributed.checkpoint's is a BaseException)
-        raise CheckpointError(_write_failure(root, tmp, iteration, exc)) from exc
+        raise CheckpointError(_write_failure(f"writing iteration {iteration} into {tmp}", root,
+                                             exc)) from exc
     fault_point("save", iteration)
     _barrier()
     files = _checksums(tmp)
     gathered = _all_gather_object({"model": meta, "torch": mine, "fmoe": _fmoe_meta(model)})
     if _rank0():
-        model_meta: dict = {}
-        for g in gathered:
-            model_meta.update(g["model"])
-        manifest = {
-            "format": fmt, "version": VERSION, "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "layout": current_layout(), "saved_at": time.time(),
-            "contents": {"optimizer": with_optimizer, "scheduler": scheduler is not None,
-                         "rng": rng,
-                         "distributed_optimizer": with_optimizer and _is_distributed(optimizer)},
-            "model": model_meta,
-            "fmoe": next((g["fmoe"] for g in gathered if g["fmoe"]), None),
-            "args": _jsonable_args(args),
-            "files": files,
-        }
-        if fmt == "torch":
-            manifest["ranks"] = [g["torch"] for g in gathered]
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        old = final.with_name(final.name + ".old")
-        if final.exists():  # an earlier save of the same iteration: set aside until committed
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        fault_point("commit", iteration)
-        _write_atomic(root / LATEST, str(iteration))
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            final = _commit(root, tmp, final, iteration, fmt, gathered, meta_of={
+                "consumed_samples": consumed_samples, "args": _jsonable_args(args),
+                "contents": {"optimizer": with_optimizer, "scheduler": scheduler is not None,
+                             "rng": rng,
+                             "distributed_optimizer": with_optimizer and _is_distributed(optimizer)},
+                "files": files})
+        except OSError as exc:  # the manifest, the renames, the latest file: a full disk too
+            raise CheckpointError(_write_failure(f"committing iteration {iteration} in {root}",
+                                                 root, exc)) from exc
         print(f"checkpoint: saved iteration {iteration} to {final} ({fmt})", flush=True)
     _barrier()
+    return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, iteration: int, fmt: str, gathered: list,
+            meta_of: dict) -> Path:
+    """Rank 0's part of ``save`` once every rank has written its files: the manifest (``meta_of``
+    holds its run-dependent entries), the rename of ``tmp`` to ``final`` (an older save of the
+    same iteration set aside until then), and the ``latest`` file."""
+    model_meta: dict = {}
+    for g in gathered:
+        model_meta.update(g["model"])
+    manifest = {
+        "format": fmt, "version": VERSION, "iteration": iteration,
+        "layout": current_layout(), "saved_at": time.time(),
+        "model": model_meta,
+        "fmoe": next((g["fmoe"] for g in gathered if g["fmoe"]), None),
+        **meta_of,
+    }
+    if fmt == "torch":
+        manifest["ranks"] = [g["torch"] for g in gathered]
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # an earlier save of the same iteration: set aside until committed
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    fault_point("commit", iteration)
+    _write_atomic(root / LATEST, str(iteration))
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -506,9 +520,9 @@ except ImportError:  # pragma: no cover - torch without distributed checkpointin
         pass
 
 
-def _write_failure(root: Path, tmp: Path, iteration: int, exc: BaseException) -> str:
-    """What a failed checkpoint write says: where, the error, the room left on that disk, and
-    which checkpoint is still the latest."""
+def _write_failure(what: str, root: Path, exc: BaseException) -> str:
+    """What a failed checkpoint write says: what failed where, the room left on that disk, the
+    error, and which checkpoint is still the latest."""
     try:
         free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
     except OSError:
@@ -519,8 +533,7 @@ def _write_failure(root: Path, tmp: Path, iteration: int, exc: BaseException) ->
         latest = None
     kept = (f"the latest checkpoint is still iteration {latest}" if latest is not None
             else "no earlier checkpoint there")
-    return (f"writing iteration {iteration} into {tmp} failed ({free}; a full disk or a file size "
-            f"limit gives such errors): {type(exc).__name__}: {_short(exc)}; {kept}")
+    return f"{what} failed ({free}): {type(exc).__name__}: {_short(exc)}; {kept}"
 
 
 def _in_process_results_queue():
