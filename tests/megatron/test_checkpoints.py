@@ -187,7 +187,8 @@ def test_reshard_to_a_bad_layout_fails_before_starting_processes(source, work, c
 
 @pytest.mark.parametrize("load,save", [("", ""), ("", "iter_0000003"),
                                        ("iter_0000003", "iter_0000003"),
-                                       ("iter_0000003", "iter_0000003/inner")])
+                                       ("iter_0000003", "iter_0000003/inner"),
+                                       ("../link", "")])  # a symlink to the source folder
 def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load, save):
     """--save on the --load root replaced the source checkpoint (same iteration) with the new
     layout's; --save inside the source folder nested a checkpoint in it."""
@@ -195,6 +196,7 @@ def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load,
 
     root = tmp_path / "ck"
     shutil.copytree(source["roots"]["torch"], root)
+    (tmp_path / "link").symlink_to(root / "iter_0000003")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     assert reshard.main(["reshard", "--load", str(root / load), "--save", str(root / save),
                          "--expert-model-parallel-size", "1"]) == 2
