@@ -5,11 +5,11 @@
 //
 // The experts' products are independent, so they go round robin to a few side streams (the same
 // ones on every call, per device): small products (many experts, few rows each) then run side by
-// side on the GPU instead of queuing one behind the other on one stream. The side streams first wait for the current stream (the inputs
-// are ready), and the current stream then waits for all of them (the outputs are ready). Every
-// tensor the products touch was allocated on the current stream and is freed after the op has
-// queued that wait, so the caching allocator can only hand its memory to work that runs after the
-// products: no record_stream is needed.
+// side on the GPU instead of queuing one behind the other on one stream. The side streams first
+// wait for the current stream (the inputs are ready), and the current stream then waits for all
+// of them (the outputs are ready). Every tensor the products touch was allocated on the current
+// stream and is freed after the op has queued that wait, so the caching allocator can only hand
+// its memory to work that runs after the products: no record_stream is needed.
 //
 // The block sizes (counts) are needed on the host to slice. They are normally a CPU tensor; a CUDA
 // counts tensor is copied to the host once per call, the op's only host synchronization.
