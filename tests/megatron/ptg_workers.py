@@ -23,6 +23,12 @@ def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
+def _same_over(t: torch.Tensor, group, what: str) -> None:
+    """``t`` is bitwise the same on every rank of ``group``."""
+    for r, other in enumerate(_gather(t.detach(), group)):
+        assert torch.equal(other, t.detach()), f"{what} differs from group rank {r}"
+
+
 def _inner(model):
     while hasattr(model, "module"):
         model = model.module
@@ -82,8 +88,7 @@ def train_and_check(rank, world, extra, iters):
         for name, p in m.moe.experts.named_parameters():
             assert getattr(p, "allreduce", True) is False, name
             # Expert replicas (expert-data-parallel) are identical after the steps...
-            for r, other in enumerate(_gather(p.detach(), edp_group)):
-                assert torch.equal(other, p.detach()), f"expert {name}: replica {r} differs"
+            _same_over(p, edp_group, f"expert {name}: its replica")
             # ...and the expert-parallel ranks hold different experts.
             if dist.get_world_size(ep_group) > 1 and name.endswith("weight"):
                 pieces = _gather(p.detach(), ep_group)
@@ -96,8 +101,7 @@ def train_and_check(rank, world, extra, iters):
         if not getattr(p, "tensor_model_parallel", False):
             groups.append(ps.get_tensor_model_parallel_group())
         for g in groups:
-            for r, other in enumerate(_gather(p.detach(), g)):
-                assert torch.equal(other, p.detach()), f"dense {name} differs from group rank {r}"
+            _same_over(p, g, f"dense {name}")
     return {"losses": losses, "norm": res.grad_norms[-1]}
 
 
@@ -192,7 +196,6 @@ def megatron_core_moe(rank, world, extra, iters):
             groups.append(ps.get_expert_tensor_parallel_group() if expert
                           else ps.get_tensor_model_parallel_group())
         for g in groups:
-            for r, other in enumerate(_gather(p.detach(), g)):
-                assert torch.equal(other, p.detach()), f"{name} differs from group rank {r}"
+            _same_over(p, g, name)
     assert experts, "no megatron-core expert parameters"
     return {"losses": list(res.losses)}
