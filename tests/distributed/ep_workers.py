@@ -587,27 +587,30 @@ def double_backward(rank, world, overlap):
     return True
 
 
+def refused(build, what: str, *needles: str) -> None:
+    """``build()`` raises ValueError, and its message holds every one of ``needles``."""
+    try:
+        build()
+    except ValueError as err:
+        for needle in needles:
+            assert needle in str(err), err
+    else:
+        raise AssertionError(f"{what} was accepted")
+
+
 def misconfigured_layouts(rank, world):
     """Configurations that used to go wrong quietly, or with a shape error: a ``world_size`` that
     the default group does not have, and experts replicated on every rank (``world_size=1``) but
     tagged ``none``, whose copies then drifted apart under DistributedGroupedDataParallel."""
-    try:
-        FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN, world_size=world + 2)
-    except ValueError as err:
-        assert f"world_size={world + 2} but moe_group=None (the default group) has {world}" \
-            in str(err), err
-    else:
-        raise AssertionError("a world_size the default group does not have was accepted")
+    refused(lambda: FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN,
+                                       world_size=world + 2),
+            "a world_size the default group does not have",
+            f"world_size={world + 2} but moe_group=None (the default group) has {world}")
 
     torch.manual_seed(0)
     replicated = FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN)
-    try:
-        DistributedGroupedDataParallel(replicated)
-    except ValueError as err:
-        assert "experts.htoh4.weight is tagged dp_comm='none'" in str(err), err
-        assert "expert_dp_comm='dp'" in str(err), err
-    else:
-        raise AssertionError("replicated experts tagged 'none' were accepted")
+    refused(lambda: DistributedGroupedDataParallel(replicated), "replicated experts tagged 'none'",
+            "experts.htoh4.weight is tagged dp_comm='none'", "expert_dp_comm='dp'")
 
     # Tagged dp, the replicas are averaged like any dense parameter and stay equal.
     replicated.mark_parallel_comm("dp")
@@ -626,13 +629,9 @@ def misconfigured_layouts(rank, world):
         ep_group, edp_group, _, _ = layout(world, 2)
         sharded = FMoETransformerMLP(num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN,
                                      world_size=2, moe_group=ep_group)
-        try:
-            DistributedGroupedDataParallel(sharded, data_parallel_size=world)
-        except ValueError as err:
-            assert "world_size=2 and data_parallel_size is 4" in str(err), err
-            assert "expert_dp_comm='edp'" in str(err), err
-        else:
-            raise AssertionError("EP=2 experts with replicas, tagged 'none', were accepted")
+        refused(lambda: DistributedGroupedDataParallel(sharded, data_parallel_size=world),
+                "EP=2 experts with replicas, tagged 'none'",
+                "world_size=2 and data_parallel_size is 4", "expert_dp_comm='edp'")
         sharded.mark_parallel_comm("edp")
         DistributedGroupedDataParallel(sharded, edp_group=edp_group, data_parallel_size=world)
     return True
