@@ -38,8 +38,21 @@ patch) Megatron's own flag and default apply: 1, i.e. every rank holds all exper
 from __future__ import annotations
 
 import argparse
+import math
 
 from .layer import CAPACITY_GATES, GATES, FMoEConfig
+
+
+def finite_float(text: str) -> float:
+    """argparse type of the float flags: ``nan`` passed every ``value <= 0`` check (and turned
+    clipping off), and ``inf`` failed deep inside a library."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _has_top_k(parser: argparse.ArgumentParser) -> bool:
@@ -67,15 +80,15 @@ def add_fmoe_args(parser: argparse.ArgumentParser,
                         "the parser has no sampling --top_k)")
     g.add_argument("--balance-strategy", default="naive", choices=sorted(GATES),
                    help="the gate (default naive: top-k softmax, no balance loss)")
-    g.add_argument("--balance-loss-weight", type=float, default=1.0,
+    g.add_argument("--balance-loss-weight", type=finite_float, default=1.0,
                    help="weight of the balance loss added to the training loss (default 1)")
     g.add_argument("--hidden-hidden-size", type=int, default=None,
                    help="hidden width of each expert (default: --ffn-hidden-size)")
-    g.add_argument("--fmoe-capacity-factor", type=float, default=None,
+    g.add_argument("--fmoe-capacity-factor", type=finite_float, default=None,
                    help=f"capacity factor for the {', '.join(CAPACITY_GATES)} gates "
                         "(train F, eval 2F; default: the gate's own)")
-    g.add_argument("--fmoe-z-loss-weight", type=float, default=0.0, help="router z-loss weight")
-    g.add_argument("--fmoe-expert-bias-update-rate", type=float, default=0.0,
+    g.add_argument("--fmoe-z-loss-weight", type=finite_float, default=0.0, help="router z-loss weight")
+    g.add_argument("--fmoe-expert-bias-update-rate", type=finite_float, default=0.0,
                    help="aux-loss-free balancing: per-iteration step of the expert bias (0: off)")
     return parser
 

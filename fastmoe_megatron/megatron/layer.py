@@ -84,12 +84,13 @@ class FMoEConfig:
             raise ValueError(f"--fmoe-top-k {self.top_k} must be between 1 and --fmoe-num-experts "
                              f"{self.num_experts}")
         if self.capacity_factor is not None:
-            if self.capacity_factor <= 0:
+            if not 0 < self.capacity_factor < float("inf"):
                 raise ValueError(f"--fmoe-capacity-factor must be > 0, got {self.capacity_factor}")
             if self.gate not in CAPACITY_GATES:
                 raise ValueError(f"--fmoe-capacity-factor needs a gate with capacity "
                                  f"(--balance-strategy {', '.join(CAPACITY_GATES)}), not {self.gate!r}")
-        if self.z_loss_weight < 0 or self.expert_bias_update_rate < 0 or self.balance_loss_weight < 0:
+        if not all(0 <= w < float("inf") for w in (self.z_loss_weight, self.expert_bias_update_rate,
+                                                    self.balance_loss_weight)):
             raise ValueError("--fmoe-z-loss-weight, --fmoe-expert-bias-update-rate and "
                              "--balance-loss-weight must be >= 0")
         return self

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .arguments import add_fmoe_args, check_unused_fmoe_flags, fmoe_config_from_args
+from .arguments import (add_fmoe_args, check_unused_fmoe_flags, finite_float,
+                        fmoe_config_from_args)
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -52,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--position-embedding-type", default="learned_absolute",
                    choices=["learned_absolute", "rope"])
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    m.add_argument("--hidden-dropout", type=float, default=0.0)
-    m.add_argument("--attention-dropout", type=float, default=0.0)
-    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--hidden-dropout", type=finite_float, default=0.0)
+    m.add_argument("--attention-dropout", type=finite_float, default=0.0)
+    m.add_argument("--init-method-std", type=finite_float, default=0.02)
     m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     m.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
     m.add_argument("--disable-bias-linear", action="store_true",
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["allgather", "alltoall"])
     moe.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                      choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"])
-    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-aux-loss-coeff", type=finite_float, default=0.0)
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -83,22 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "data-parallel group; must divide tensor x data parallel size)")
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
-    par.add_argument("--distributed-timeout-minutes", type=float, default=10)
+    par.add_argument("--distributed-timeout-minutes", type=finite_float, default=10)
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=4)
     t.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch size x data-parallel size")
     t.add_argument("--train-iters", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr", type=finite_float, default=1e-3)
+    t.add_argument("--min-lr", type=finite_float, default=0.0)
     t.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine"])
     t.add_argument("--lr-warmup-iters", type=int, default=0)
     t.add_argument("--lr-decay-iters", type=int, default=None, help="default: train iters")
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.95)
-    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--weight-decay", type=finite_float, default=0.01)
+    t.add_argument("--adam-beta1", type=finite_float, default=0.9)
+    t.add_argument("--adam-beta2", type=finite_float, default=0.95)
+    t.add_argument("--clip-grad", type=finite_float, default=1.0)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: the CPUs this process may use, e.g. "
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM (a scheduler's preemption or time limit), finish the iteration, "
                         "save a checkpoint (with --save) and exit 0")
-    c.add_argument("--exit-duration-in-mins", type=float, default=None,
+    c.add_argument("--exit-duration-in-mins", type=finite_float, default=None,
                    help="stop (after a checkpoint, with --save) once the run has trained this long")
     c.add_argument("--skip-train", action="store_true",
                    help="load (--load), save (--save) and exit without training: converts a "
@@ -193,12 +194,14 @@ def validate_args(args, world_size: int):
                  "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "train_iters", "lr_decay_iters", "log_interval",
                  "threads", "make_vocab_size_divisible_by", "max_position_embeddings",
-                 "init_method_std", "eval_interval", "eval_iters"):
+                 "init_method_std", "eval_interval", "eval_iters", "default_corpus_bytes"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     if args.lr_warmup_iters < 0:
         raise ValueError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.weight_decay < 0:

@@ -391,12 +391,31 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--eval-interval", "10"], "--split"),  # the default split has no valid share
     (["--eval-interval", "0", "--split", "90,10,0"], "--eval-interval"),
     (["--eval-interval", "10", "--eval-iters", "0", "--split", "90,10,0"], "--eval-iters"),
+    # --lr was named as --min-lr's fault, and --lr 0 passed; 0 meant no limit on the corpus.
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--default-corpus-bytes", "0"], "--default-corpus-bytes"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 
     with pytest.raises(ValueError, match=re.escape(flag)):
         validate_args(build_parser().parse_args(argv), 4)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--clip-grad", "--init-method-std", "--weight-decay",
+                                  "--distributed-timeout-minutes", "--fmoe-capacity-factor"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_flags_must_be_finite(flag, value, capsys):
+    """NaN passed every "value <= 0" check: --clip-grad nan turned clipping off without a word,
+    and --init-method-std nan or --distributed-timeout-minutes inf failed later with a traceback.
+    argparse now refuses them, naming the flag (exit status 2)."""
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([f"{flag}={value}"])
+    assert info.value.code == 2
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--split", "969,30,1"], ["--split", "0.9/0.1"],
