@@ -839,8 +839,10 @@ def _train(args, use_cuda: bool) -> TrainResult:
         return None
 
     def stop_reason(iteration: int):
-        """Why the run stops after ``iteration`` (the same on every rank), or None."""
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        """Why the run stops after ``iteration`` (the same on every rank), or None. A run that
+        reaches --train-iters ends there anyway: --exit-interval does not cut its evaluation."""
+        if args.exit_interval and iteration % args.exit_interval == 0 \
+                and iteration < args.train_iters:
             return f"--exit-interval {args.exit_interval}"
         if stop_requested is None:
             return None

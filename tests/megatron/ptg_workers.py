@@ -145,8 +145,11 @@ def evaluation(rank, world):
                    "--balance-strategy", "noisy", "--hidden-dropout", "0.1"]
     plain = run(base)
     evaluated = run(base + ["--eval-interval", "2", "--eval-iters", "2"])
+    # An --exit-interval that falls on --train-iters used to skip the evaluation after the last.
+    at_end = run(base + ["--eval-interval", "3", "--eval-iters", "1", "--exit-interval", "5"])
     out = {"same_training": plain.losses == evaluated.losses,
-           "iterations": [i for i, _ in evaluated.valid_losses]}
+           "iterations": [i for i, _ in evaluated.valid_losses],
+           "exit_interval_at_end": [i for i, _ in at_end.valid_losses]}
     args, model = evaluated.args, evaluated.model
     prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes)
     n = args.eval_iters * args.global_batch_size

@@ -130,6 +130,7 @@ def test_evaluation_on_the_valid_split():
     for o in out:
         assert o["same_training"], "evaluating changed the training"
         assert o["iterations"] == [2, 4, 5], o  # every --eval-interval, and at the end
+        assert o["exit_interval_at_end"] == [3, 5], o
         assert abs(o["valid"][-1] - o["brute_force"]) <= 1e-5 * o["brute_force"], o
         assert o["recorded_in_eval"] == {}, o
     assert out[0]["valid"] == out[1]["valid"]
