@@ -8,6 +8,9 @@ parameters sum over all ranks; an expert sharded over the MoE group already hold
 that group's ranks (its rows came through the all-to-all), so it sums over its replicas only (the
 expert-data-parallel group, or nothing) and is still divided by ``data_parallel_size``. FastMoE
 skipped that division for experts, so they trained with a gradient ``world_size`` times too big.
+One exception: the workers of a layer's slice group run its gate on the same whole batch, so they
+hold the same gate gradient, and a gate reduced over a group that takes in ``c`` of them is
+divided by ``c`` as well.
 """
 from __future__ import annotations
 
@@ -21,26 +24,32 @@ _DEFAULT_TAGS = ("dp", "gate", "moe", "world")
 
 
 def _flat_reduce(tensors: list[torch.Tensor], group, scale: float, device=None,
-                 fp32: bool = False):
+                 fp32: bool = False, scale_first: bool = False, extra=None):
     """All-reduces (sum) ``tensors`` in place as one flat buffer per dtype (in fp32 with
-    ``fp32``), then scales them."""
+    ``fp32``) and scales them, before the sum with ``scale_first`` (an fp16 sum of large
+    gradients stays in range), else after it. ``extra``: a further divisor of each tensor."""
     by_dtype = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    for ts in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in ts])
+    for i, t in enumerate(tensors):
+        by_dtype[t.dtype].append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
         if device is not None:
             flat = flat.to(device)
         if fp32 and flat.is_floating_point():
             flat = flat.float()
+        if scale != 1.0 and scale_first:
+            flat.mul_(scale)
         if group is not False:
             dist.all_reduce(flat, group=group)
-        if scale != 1.0:
+        if scale != 1.0 and not scale_first:
             flat.mul_(scale)
         offset = 0
-        for t in ts:
+        for i in idx:
+            t = tensors[i]
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
+            if extra is not None and extra[i] != 1:
+                t.div_(extra[i])
             offset += n
 
 
@@ -73,6 +82,7 @@ class DistributedGroupedDataParallel(nn.Module):
         self.data_parallel_size = (data_parallel_size if data_parallel_size is not None
                                    else dist.get_world_size(self.comms["dp"]))
         self._check_tags()
+        self._gate_copies = self._sliced_gate_copies()
         self.auto_allreduce = auto_allreduce
         self._auto_task = None  # the backward pass whose reduction is queued
         if need_sync:
@@ -116,6 +126,26 @@ class DistributedGroupedDataParallel(nn.Module):
                         f"{self.data_parallel_size}: its experts are replicated and their copies "
                         f"would drift apart. To train them, {fix}")
 
+    def _sliced_gate_copies(self) -> dict:
+        """{gate parameter: c} for the gates of layers with a slice group: their gradient is the
+        same on every worker of it (each runs the gate on the whole batch), so a reduction over
+        a group holding ``c`` of those workers counts it ``c`` times."""
+        from .moefy import moe_layers
+
+        copies = {}
+        for _, layer in moe_layers(self.module):
+            if getattr(layer, "slice_size", 1) <= 1:
+                continue
+            workers = set(_ranks(layer.slice_group))
+            for p in layer.gate.parameters():
+                tag = self._tag(p)
+                if tag == "none":
+                    continue
+                c = len(workers & set(_ranks(self.comms[tag])))
+                if c > 1:
+                    copies[p] = c
+        return copies
+
     def _params_by_tag(self):
         groups = defaultdict(list)
         for p in self.module.parameters():
@@ -143,26 +173,47 @@ class DistributedGroupedDataParallel(nn.Module):
                             fp32_allreduce: bool = False, *, reduced=None):
         """Reduces every gradient over the group of its tag and divides it by
         ``data_parallel_size`` (FastMoE's arguments: ``no_scale`` leaves out the division,
-        ``fp32_allreduce`` reduces in fp32; ``reduce_after``, whether FastMoE divides before or
-        after the sum, changes nothing here). ``reduced`` maps parameters to the part of their
+        ``reduce_after`` divides after the sum instead of before it, ``fp32_allreduce`` reduces
+        in fp32). A parameter whose gradient is None on some ranks of its group only (unused
+        there) counts as zero on those. ``reduced`` maps parameters to the part of their
         gradient that is already reduced (what ``auto_allreduce`` held when a backward pass
         began): only the rest is reduced, so gradients accumulated over several backward passes
         are right."""
-        del reduce_after
         scale = 1.0 if no_scale else 1.0 / self.data_parallel_size
         for tag, params in self._params_by_tag().items():
-            params = [p for p in params if p.grad is not None]
+            group = False if tag == "none" else self.comms[tag]
+            device = None if group is False else self._device_for(group)
+            params = self._with_grads(params, group, device)
             if not params:
                 continue
             before = [None if reduced is None else reduced.get(p) for p in params]
             # The part to reduce: the whole gradient, or what was added since ``before``.
             fresh = [p.grad if b is None else p.grad - b for p, b in zip(params, before)]
-            group = False if tag == "none" else self.comms[tag]
-            device = None if group is False else self._device_for(group)
-            _flat_reduce(fresh, group, scale, device, fp32=fp32_allreduce)
+            _flat_reduce(fresh, group, scale, device, fp32=fp32_allreduce,
+                         scale_first=not reduce_after,
+                         extra=[self._gate_copies.get(p, 1) for p in params])
             for p, b, f in zip(params, before, fresh):
                 if b is not None:
                     p.grad.copy_(b + f)
+
+    @staticmethod
+    def _with_grads(params, group, device) -> list:
+        """The parameters of one tag whose gradient some rank of ``group`` has, with a zero
+        gradient where this rank has none: the ranks' flat buffers must hold the same
+        parameters (they were misaligned, or of different sizes, when a parameter was unused on
+        some ranks only)."""
+        params = [p for p in params if p.requires_grad]
+        if group is False or not params:
+            return [p for p in params if p.grad is not None]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+        out = []
+        for p, h in zip(params, has.tolist()):
+            if h:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                out.append(p)
+        return out
 
     allreduce_params = allreduce_gradients
 
@@ -189,6 +240,11 @@ class DistributedGroupedDataParallel(nn.Module):
                 if torch.is_tensor(t) and t.requires_grad:
                     t.register_hook(queue)
         return out
+
+
+def _ranks(group) -> list[int]:
+    """The global ranks of ``group`` (None: the whole world)."""
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
 def is_expert_param(p: torch.Tensor) -> bool:

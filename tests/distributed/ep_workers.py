@@ -393,21 +393,62 @@ def fastmoe_allreduce_arguments(rank, world):
         want = sum(g.to(torch.bfloat16).float() for g in grads)
         want = (want if no_scale else want / world).to(torch.bfloat16)
         check(f"no_scale={no_scale}", model.weight.grad, want, rtol=0, atol=0)
+    # fp16 gradients of 40000 on every rank: FastMoE's default (reduce_after=False) divides
+    # before the sum, which stays in range (the sum, 80000, overflows fp16: it gave inf).
+    half = torch.nn.Linear(1, 1, bias=False).to(torch.float16)
+    ddp = DistributedGroupedDataParallel(half)
+    for reduce_after, want in ((False, 40000.0), (True, float("inf"))):
+        half.weight.grad = torch.full((1, 1), 40000.0, dtype=torch.float16)
+        ddp.allreduce_gradients(reduce_after=reduce_after)
+        assert float(half.weight.grad) == want, (reduce_after, half.weight.grad)
     return True
 
 
-def slice_group_matches_full(rank, world):
+def gradients_missing_on_some_ranks(rank, world):
+    """A parameter unused on some ranks has no gradient there; it counts as zero. The ranks used
+    to reduce flat buffers of different parameters: rank 0's gradient of `a` was added to rank
+    1's of `b` (same sizes), or gloo failed on the sizes. Brute force: the mean over ranks of
+    each rank's gradients, None as zero."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3),
+                                 "c": torch.nn.Linear(3, 3)})
+    ddp = DistributedGroupedDataParallel(model)
+    for used in ({0: "a", 1: "b"}, {0: "ab", 1: "b"}):
+        grads = []  # every rank's gradients, as each computes them alone
+        for r in range(world):
+            model.zero_grad(set_to_none=True)
+            x = torch.full((2, 3), float(r + 1))
+            sum(model[k](x).sum() for k in used[r]).backward()
+            grads.append({n: None if q.grad is None else q.grad.clone()
+                          for n, q in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        x = torch.full((2, 3), float(rank + 1))
+        sum(model[k](x).sum() for k in used[rank]).backward()
+        ddp.allreduce_gradients()
+        for n, q in model.named_parameters():
+            mine = [g[n] for g in grads if g[n] is not None]
+            if not mine:  # unused everywhere: stays None
+                assert q.grad is None, n
+                continue
+            check(f"{used} {n}", q.grad, sum(mine) / world)
+    return True
+
+
+def slice_group_matches_full(rank, world, gate_over_world):
     """Workers of a slice group share one batch and each send a slice through the experts. Every
     worker must end with the unsliced model's output and input gradient; the gate's gradients
-    agree without any reduction, and the experts' sum over the group."""
+    agree without any reduction, and the experts' sum over the group. ``gate_over_world``: the
+    gate is reduced over the default gate group (the world: both workers, which hold the same
+    gate gradient; it came out twice the unsliced one), else over each worker alone."""
     torch.manual_seed(0)
     model = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K,
                                slice_group=dist.group.WORLD, expert_dp_comm="slice")
     torch.manual_seed(0)
     ref = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K)
     solo = dist.new_group([rank], use_local_synchronization=True)
-    ddp = DistributedGroupedDataParallel(model, dp_group=solo, gate_group=solo,
-                                         slice_group=dist.group.WORLD, data_parallel_size=1)
+    groups = {} if gate_over_world else {"gate_group": solo}
+    ddp = DistributedGroupedDataParallel(model, dp_group=solo, slice_group=dist.group.WORLD,
+                                         **groups)
     x, w = batch(1, [11], 0)
     xr = x[0].clone().requires_grad_(True)
     y = ddp(xr)

@@ -99,8 +99,13 @@ def test_allreduce_takes_fastmoe_arguments():
     run_workers(w.fastmoe_allreduce_arguments, 2, timeout=120, args=())
 
 
-def test_slice_group_matches_unsliced():
-    run_workers(w.slice_group_matches_full, 2, timeout=120, args=())
+def test_gradients_missing_on_some_ranks_count_as_zero():
+    run_workers(w.gradients_missing_on_some_ranks, 2, timeout=120, args=())
+
+
+@pytest.mark.parametrize("gate_over_world", [False, True])
+def test_slice_group_matches_unsliced(gate_over_world):
+    run_workers(w.slice_group_matches_full, 2, timeout=120, args=(gate_over_world,))
 
 
 @pytest.mark.parametrize("cap", [0, 1, 3, 100])
