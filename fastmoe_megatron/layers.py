@@ -361,10 +361,23 @@ class FMoE(nn.Module):
             torch._assert_async(finite, "fastmoe_megatron: the MoE layer's input holds NaN or Inf")
             finite = None
         # Expert parallel: the count exchange runs while the positions and the scatter are made.
-        # The finiteness flag travels with the counts, so that when one rank's input is not
-        # finite every rank raises here, before the rows are exchanged (none is left waiting).
-        pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group, flag=finite)
-                   if self.world_size > 1 else None)
+        # A flag travels with the counts: bit 0, whether the input is finite, so that when one
+        # rank's is not every rank raises here, before the rows are exchanged (none is left
+        # waiting); bit 1, whether this rank can take the overlapped exchange (FMoETransformerMLP's
+        # own experts, fused, on the CPU over gloo, FMOE_EP_OVERLAP not 0): it is taken only when
+        # every rank can, since a rank on it and one on the all-to-all would wait for each other.
+        pending = activation = None
+        overlap = False
+        if self.world_size > 1:
+            own = type(self.experts) is _Expert and type(self).expert_fn is FMoE.expert_fn
+            activation = self.experts.fused_activation() if own else None
+            overlap = activation is not None and ep_overlap.usable(x, self.moe_group)
+            flag = finite
+            if flag is None and not torch.compiler.is_compiling():
+                flag = torch.ones((), dtype=torch.int64)  # finiteness not checked: say finite
+            if flag is not None:
+                flag = flag.to(torch.int64) + 2 * int(overlap)
+            pending = comm.exchange_counts_async(counts, self.num_expert, self.moe_group, flag=flag)
         pos, inv = ops.assign_pos(idx, counts)
         x = x.contiguous()
         buf = ops.scatter_rows(x, pos, inv, self.top_k)  # [T*K, d], grouped by expert
@@ -384,19 +397,15 @@ class FMoE(nn.Module):
         self.last_expert_count = local_count  # slots sent to each global expert (for load stats)
         if self.world_size > 1:
             global_count = pending.wait()
-            if pending.flags is not None and not bool(pending.flags.all()):
-                bad = (pending.flags == 0).nonzero().flatten().tolist()
+            flags = pending.flags
+            if flags is not None and not bool((flags & 1).all()):
+                bad = ((flags & 1) == 0).nonzero().flatten().tolist()
                 raise FloatingPointError(
                     f"{type(self).__name__}: the MoE layer's input holds NaN or Inf values on "
                     f"rank(s) {bad} of the expert-parallel group (they raise the same error), so "
                     "this rank stops too instead of waiting for their rows; set "
                     "check_finite=False on every rank to skip this check")
-            # The overlapped exchange runs FMoETransformerMLP's own experts: not an overridden
-            # expert_fn or a subclass of its experts.
-            own = (type(self.experts) is _Expert
-                   and type(self).expert_fn is FMoE.expert_fn)
-            activation = self.experts.fused_activation() if own else None
-            if activation is not None and ep_overlap.usable(buf, self.moe_group):
+            if overlap and flags is not None and bool((flags & 2).all()):
                 # The exchange overlapped with the experts (CPU, gloo): see ep_overlap.
                 e = self.experts
                 return ep_overlap.expert_parallel_mlp(

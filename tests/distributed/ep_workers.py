@@ -99,15 +99,22 @@ def graph_nodes(t: torch.Tensor) -> set[str]:
     return names
 
 
-def set_overlap(overlap: str) -> str:
-    """FMOE_EP_OVERLAP for this worker; returns the autograd node the layer must then go through."""
-    os.environ["FMOE_EP_OVERLAP"] = overlap
+def set_overlap(overlap: str, rank: int = 0, world: int = 1) -> str:
+    """FMOE_EP_OVERLAP for this worker; returns the autograd node the layer must then go through.
+    Two settings that differ between ranks, after which every rank must take the all-to-alls
+    (a rank on the overlapped schedule and one on the all-to-all waited for each other):
+    ``mixed``, FMOE_EP_OVERLAP=1 on rank 0 only; ``unfused-last``, FMOE_FUSED_EXPERTS=0 on the
+    last rank only (unfused experts cannot take the overlapped schedule)."""
+    os.environ["FMOE_EP_OVERLAP"] = {"mixed": "1" if rank == 0 else "0",
+                                     "unfused-last": "1"}.get(overlap, overlap)
+    if overlap == "unfused-last":
+        os.environ["FMOE_FUSED_EXPERTS"] = "0" if rank == world - 1 else "1"
     return "_OverlappedExpertsBackward" if overlap == "1" else "_GlobalScatterBackward"
 
 
 def forward_backward(rank, world, ep, e_local, zero_rank, overlap="1", dtype="fp32",
                      variant="plain"):
-    node = set_overlap(overlap)
+    node = set_overlap(overlap, rank, world)
     ep_group, edp_group, ep_rank, _ = layout(world, ep)
     ref, model = make_models(world, ep, e_local, ep_group, ep_rank, **VARIANTS[variant])
     if variant == "swiglu":  # gated experts never take the overlapped schedule

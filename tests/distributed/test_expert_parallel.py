@@ -31,6 +31,14 @@ def test_forward_backward_matches_reference(world, ep, zero_rank, e_local, overl
         assert out[zero_rank]["tokens"] == 0
 
 
+@pytest.mark.parametrize("switches", ["mixed", "unfused-last"])
+def test_ranks_agree_on_the_exchange_path(switches):
+    """FMOE_EP_OVERLAP or FMOE_FUSED_EXPERTS set differently on different ranks: every rank takes
+    the all-to-alls (they hung: one rank on the overlapped schedule, the other in the
+    all-to-all), agreed through the flag the count exchange carries."""
+    run_workers(w.forward_backward, 2, timeout=120, args=(2, 2, None, switches))
+
+
 @pytest.mark.parametrize("overlap", ["1", "0"])
 def test_forward_backward_bf16(overlap):
     run_workers(w.forward_backward, 2, timeout=240, args=(2, 3, None, overlap, "bf16"))
