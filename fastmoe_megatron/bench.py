@@ -909,7 +909,10 @@ def case_e2e(args, device) -> list[dict]:
         for r in range(args.e2e_rounds):
             for variant in (list(runs) if r % 2 == 0 else list(reversed(runs))):
                 t0 = time.perf_counter()
-                (res,) = launch(_e2e_worker, 1, args=(runs[variant], warmup), threads=threads)
+                # pretrain_gpt trains on a GPU whenever it sees one: --device cpu hides them.
+                with (_env("CUDA_VISIBLE_DEVICES", "") if device.type == "cpu"
+                      else contextlib.nullcontext()):
+                    (res,) = launch(_e2e_worker, 1, args=(runs[variant], warmup), threads=threads)
                 times[variant] += res["iter_s"]
                 losses[variant] = res["last_loss"]
                 # Progress: each run is a fresh process (seconds of start-up on a GPU machine).
@@ -918,7 +921,8 @@ def case_e2e(args, device) -> list[dict]:
                     f"({time.perf_counter() - t0:.1f} s with start-up)")
         tokens = c["mbs"] * c["seq"]
         tps = {n: tokens / statistics.median(v) for n, v in times.items()}
-        row = {"config": name, "model": c, "threads": threads, "processes": 1,
+        row = {"config": name, "model": c, "device": device.type,
+               "threads": threads if device.type == "cpu" else None, "processes": 1,
                "tokens_per_iter": tokens,
                "iter_ms": {n: round(1e3 * statistics.median(v), 2) for n, v in times.items()},
                "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
@@ -968,6 +972,8 @@ def case_compile(args, shapes, device) -> list[dict]:
         x = torch.randn(s.T, s.d, generator=g).to(device)
         gy = torch.randn(s.T, s.d, generator=g).to(device)
         steps = {"eager": make_step(eager, x, gy), "compiled": make_step(compiled, x, gy)}
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads[0])  # the first count the loop below times
         t0 = time.perf_counter()
         steps["compiled"]()  # compiles
         compile_s = time.perf_counter() - t0
@@ -976,6 +982,12 @@ def case_compile(args, shapes, device) -> list[dict]:
         for threads in (args.threads if device.type == "cpu" else [None]):
             if threads is not None:
                 torch.set_num_threads(threads)
+            if threads != (args.threads[0] if device.type == "cpu" else None):
+                # Another thread count recompiles (Dynamo guards on it): not in a timed round,
+                # whatever --warmup says.
+                t0 = time.perf_counter()
+                steps["compiled"]()
+                compile_s = time.perf_counter() - t0
             timing = interleaved(steps, args.rounds, args.warmup, clock)
             t = {n: round(v["ms"], 3) for n, v in timing.items()}
             row = {"shape": s.name, "dims": dataclasses.asdict(s), "threads": threads,
@@ -1034,10 +1046,15 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    args.cases = CASES if args.case == "all" else tuple(c.strip() for c in args.case.split(","))
+    names = [c.strip() for c in args.case.split(",") if c.strip()]
+    if "all" in names and len(names) > 1:
+        p.error(f"--case {args.case!r}: 'all' stands alone (it runs every case)")
+    args.cases = CASES if names == ["all"] else tuple(names)
+    if not args.cases:
+        p.error(f"--case: name at least one of {', '.join(CASES)}, or all")
     for c in args.cases:
         if c not in CASES:
-            p.error(f"--case {c!r}: valid cases are {', '.join(CASES)}, all")
+            p.error(f"--case {c!r}: valid cases are {', '.join(CASES)}, or all alone")
     cores = os.cpu_count() or 1
     if args.threads is None:
         args.threads = sorted({1, min(2, cores)})
@@ -1076,6 +1093,13 @@ def parse_args(argv=None):
         args.e2e_rounds = 1 if args.tiny else 5
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if args.tiny else "inductor"
+    if "compile" in args.cases:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in known:
+            p.error(f"--compile-backend {args.compile_backend!r}: valid back ends are "
+                    f"{', '.join(known)}")
     if args.tiny:
         args.gemm_ref = True  # exercise the GPU's reference path on the CPU too
         args.unfused = True
@@ -1143,7 +1167,7 @@ def summary(report: dict) -> str:
                      f"{100 * r['communication_share_all_to_all']:.1f}%)")
     for r in cases.get("e2e", []):
         tps = r["tokens_per_s"]
-        lines.append(f"{'e2e':8s} {r['config']:10s} {r['threads']:>7d}  --fmoefy/megatron-core MoE "
+        lines.append(f"{'e2e':8s} {r['config']:10s} {str(r['threads']):>7s}  --fmoefy/megatron-core MoE "
                      f"tokens/s {r['ratios']['fmoefy_over_megatron_moe']:.3f} "
                      f"({tps['fmoefy']:.0f} vs {tps['megatron_moe']:.0f}); dense GPT "
                      f"{tps['dense']:.0f}: --fmoefy/dense {r['ratios']['fmoefy_over_dense']:.3f}, "
@@ -1177,31 +1201,41 @@ def main(argv=None) -> int:
     def shapes_for(case):
         return [TINY_SHAPE] if args.tiny else [SHAPES[n] for n in args.shape_names[case]]
 
-    t_start = time.perf_counter()
-    for case in args.cases:
-        t0 = time.perf_counter()
+    def run_case(case):
         if case == "layer":
-            res = case_layer(args, shapes_for("layer"), device)
-        elif case == "memory":
-            res = case_memory(args, shapes_for("memory"), device)
-        elif case == "ep":
-            res = case_ep(args, shapes_for("ep"), device)
-        elif case == "e2e":
+            return case_layer(args, shapes_for("layer"), device)
+        if case == "memory":
+            return case_memory(args, shapes_for("memory"), device)
+        if case == "ep":
+            return case_ep(args, shapes_for("ep"), device)
+        if case == "e2e":
             why = _megatron_missing()
             if why:
                 log(f"e2e: skipped ({why})")
                 report.setdefault("skipped", {})["e2e"] = why
-                res = []
-            else:
-                res = case_e2e(args, device)
-        else:
-            res = case_compile(args, shapes_for("compile"), device)
-        torch.set_num_threads(threads0)
+                return []
+            return case_e2e(args, device)
+        return case_compile(args, shapes_for("compile"), device)
+
+    t_start = time.perf_counter()
+    for case in args.cases:
+        t0 = time.perf_counter()
+        try:
+            res = run_case(case)
+        except Exception as exc:  # noqa: BLE001 - the other cases' results still come out
+            why = f"{type(exc).__name__}: {exc}"
+            log(f"{case}: FAILED: {why}")
+            report.setdefault("errors", {})[case] = why
+            res = []
+        finally:
+            torch.set_num_threads(threads0)
         report["cases"][case] = res
         report.setdefault("seconds", {})[case] = round(time.perf_counter() - t0, 1)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     report["environment"]["loadavg_end"] = loadavg()
     log(summary(report))
+    for case, why in report.get("errors", {}).items():
+        log(f"bench: the {case} case failed: {why}")
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -1211,7 +1245,7 @@ def main(argv=None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return 1 if report.get("errors") else 0
 
 
 if __name__ == "__main__":

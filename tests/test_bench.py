@@ -89,6 +89,7 @@ def test_end_to_end_case(report):
         assert "e2e" in rep.get("skipped", {})
         return
     for r in rows:
+        assert r["device"] == rep["environment"]["device"].split(":")[0]
         assert set(r["tokens_per_s"]) == {"fmoefy", "megatron_moe", "dense"}
         assert all(_number(v) for v in r["tokens_per_s"].values())
         assert set(r["ratios"]) == {"fmoefy_over_megatron_moe", "fmoefy_over_dense",
@@ -204,6 +205,10 @@ def test_e2e_runs_differ_only_in_the_mlp():
     (["--device", "tpu"], "--device"),
     (["--shapes", ","], "--shapes: name at least one"),
     (["--e2e-configs", ","], "--e2e-configs: name at least one"),
+    (["--case", "all,layer"], "'all' stands alone"),
+    (["--case", ","], "--case: name at least one"),
+    # A bad back end failed after every earlier case had run, and their results were lost.
+    (["--case", "layer,compile", "--compile-backend", "bogus"], "--compile-backend 'bogus'"),
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     from fastmoe_megatron.bench import parse_args
@@ -222,3 +227,23 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
 
     assert main(["--device", "cuda", "--case", "layer", "--tiny"]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_failing_case_keeps_the_other_results(monkeypatch, capsys):
+    """A case that raises (here the memory case, made to fail) no longer throws away what the
+    cases before and after it measured: the JSON comes out with the error, and the exit status
+    is 1."""
+    from fastmoe_megatron import bench
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "case_memory", broken)
+    code = bench.main(["--tiny", "--json", "--case", "memory,layer", "--skip", "naive,megatron",
+                       "--threads", "1"])
+    out = capsys.readouterr()
+    rep = json.loads(out.out)
+    assert code == 1
+    assert rep["errors"] == {"memory": "RuntimeError: out of memory"}
+    assert rep["cases"]["memory"] == [] and rep["cases"]["layer"], rep["cases"]
+    assert "bench: the memory case failed: RuntimeError: out of memory" in out.err
