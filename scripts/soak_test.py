@@ -20,8 +20,10 @@ bias on, so the RNG and balancing state matter) under ``torchrun`` on the CPU:
    resumed from that iteration;
 3. compares the final model weights of both runs, bitwise.
 
-Exit status 0 when every check passed; ``--report`` writes what happened as JSON. Not part of
-CI; ``tests/megatron/test_checkpoints.py`` runs a short setting (3 kills).
+Exit status 0 when every check passed; ``--report`` writes what happened as JSON, however the
+script ends. A launch that runs past ``--timeout`` is ended whole (torchrun and its workers) and
+counts as a failure. Not part of CI; ``tests/megatron/test_checkpoints.py`` runs a short setting
+(3 kills).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +53,9 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 POINTS = ("step", "save", "commit")
 
 
+TIMED_OUT = -9999  # launch()'s exit code for a job that ran past its timeout
+
+
 def launch(nproc: int, argv: list[str], fault: str | None, timeout: float, log: Path) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -60,12 +66,25 @@ def launch(nproc: int, argv: list[str], fault: str | None, timeout: float, log: 
            f"--nproc-per-node={nproc}", "--max-restarts=0", "-m",
            "fastmoe_megatron.megatron.pretrain_gpt", *argv]
     with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            code = -9999
+            # torchrun's workers run in sessions of their own: killing torchrun alone left them
+            # training, and writing into the folder of the next launch. On SIGTERM its agent
+            # ends them first.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            code = TIMED_OUT
     return code, log.read_text(errors="replace")
+
+
+def _exit_text(code: int, timeout: float) -> str:
+    return f"ran past --timeout {timeout:g} s" if code == TIMED_OUT else f"exited with {code}"
 
 
 def plan_kills(n: int, iters: int, save_interval: int, nproc: int, rng: random.Random) -> list:
@@ -121,6 +140,11 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="write the report here (JSON)")
     p.add_argument("extra", nargs="*", help="more pretrain_gpt flags (after --)")
     args = p.parse_args(argv)
+    for flag, least in (("nproc", 1), ("iters", 1), ("save_interval", 1), ("kills", 0)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be > 0, got {args.timeout}")
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -136,20 +160,45 @@ def main(argv=None) -> int:
         print(f"soak: {msg}", flush=True)
 
     t0 = time.time()
+    try:
+        _soak(args, base, work, rng, report, failures, say)
+    except BaseException as exc:
+        failures.append(f"stopped by {type(exc).__name__}: {exc}")
+        raise
+    finally:  # the report, however it ended (a failed launch, an exception, ^C)
+        report["failures"] = failures
+        report["ok"] = not failures and report.get("final_weights_equal", False)
+        report["seconds"] = round(time.time() - t0, 1)
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=1))
+    say(("PASS" if report["ok"] else "FAIL") + f" in {report['seconds']:.0f} s"
+        + "".join(f"\n  - {f}" for f in failures))
+    if args.workdir is None and report["ok"]:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if report["ok"] else 1
+
+
+def _soak(args, base, work: Path, rng, report: dict, failures: list, say) -> None:
+    """The reference run, the interrupted segments and the comparison; what goes wrong is added
+    to ``failures``, what happened to ``report``."""
+    t0 = time.time()
     ref_root, run_root = work / "reference", work / "interrupted"
     for d in (ref_root, run_root):
         shutil.rmtree(d, ignore_errors=True)
     code, _ = launch(args.nproc, base + ["--save", str(ref_root)], None, args.timeout,
                      work / "reference.log")
     if code != 0:
-        say(f"the uninterrupted run failed ({code}); see {work / 'reference.log'}")
-        return 1
+        failures.append(f"the uninterrupted run {_exit_text(code, args.timeout)}; see "
+                        f"{work / 'reference.log'}")
+        return
     say(f"reference run done in {time.time() - t0:.0f} s")
 
     from fastmoe_megatron.megatron import checkpointing as ckpt
 
     kills = plan_kills(args.kills, args.iters, args.save_interval, args.nproc, rng)
-    say(f"kill schedule (seed {seed}): " + ", ".join(f"{p}@{i} rank {r}" for p, i, r, _ in kills))
+    report["kills"] = len(kills)
+    say(f"kill schedule (seed {report['seed']}): "
+        + ", ".join(f"{p}@{i} rank {r}" for p, i, r, _ in kills))
     expected_resume = 0
     for n, fault in enumerate(kills + [None]):
         t = time.time()
@@ -157,6 +206,11 @@ def main(argv=None) -> int:
         code, out = launch(args.nproc, base + ["--save", str(run_root), "--load", str(run_root)],
                            spec, args.timeout, work / f"segment{n}.log")
         seg = {"fault": spec, "returncode": code, "seconds": round(time.time() - t, 1)}
+        report["segments"].append(seg)
+        if code == TIMED_OUT:
+            failures.append(f"segment {n} {_exit_text(code, args.timeout)}; see "
+                            f"{work / f'segment{n}.log'}")
+            return
         m = re.search(r"checkpoint: resumed from .+ \(iteration (\d+), ", out)  # (paths: spaces)
         seg["resumed_from"] = int(m.group(1)) if m else 0
         if seg["resumed_from"] != expected_resume:
@@ -186,27 +240,20 @@ def main(argv=None) -> int:
             if point == "commit":
                 seg["committed_but_not_latest"] = ckpt.checkpoint_dir(run_root, it).is_dir()
             expected_resume = latest
-        report["segments"].append(seg)
         say(f"segment {n}: {json.dumps(seg)}")
 
-    a, b = final_weights(ref_root), final_weights(run_root)
+    try:
+        a, b = final_weights(ref_root), final_weights(run_root)
+    except ckpt.CheckpointError as exc:
+        failures.append(f"the final weights cannot be compared: {exc}")
+        return
     diff = [k for k in a if k not in b or not (a[k].shape == b[k].shape and bool((a[k] == b[k]).all()))]
     report["final_weights_equal"] = not diff and a.keys() == b.keys()
     report["tensors_compared"] = len(a)
     if not report["final_weights_equal"]:
         failures.append(f"final weights differ from the uninterrupted run: {diff[:5]}")
-    report["failures"] = failures
-    report["ok"] = not failures
-    report["seconds"] = round(time.time() - t0, 1)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1))
-    say(("PASS" if report["ok"] else "FAIL") + f": {len(kills)} kills, final weights "
-        + ("equal" if report["final_weights_equal"] else "DIFFERENT")
-        + f" ({len(a)} tensors), {report['seconds']:.0f} s"
-        + "".join(f"\n  - {f}" for f in failures))
-    if args.workdir is None and report["ok"]:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if report["ok"] else 1
+    say(f"{len(kills)} kills; final weights "
+        + ("equal" if report["final_weights_equal"] else "DIFFERENT") + f" ({len(a)} tensors)")
 
 
 if __name__ == "__main__":

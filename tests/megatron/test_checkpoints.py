@@ -659,3 +659,27 @@ def test_soak_short_setting_three_kills(tmp_path):
     assert save_kill["partial_left"], save_kill  # the interrupted save left only its .tmp folder
     resumed = [s["resumed_from"] for s in rep["segments"][1:]]
     assert resumed == [s["latest"] for s in kills], rep["segments"]
+
+
+def test_soak_timeout_ends_the_whole_job(tmp_path):
+    """A launch past --timeout: torchrun's workers (in sessions of their own) kept training after
+    torchrun was killed, writing checkpoints into the work folder, and no report was written.
+    Now the job ends whole, the report says why, and bad numbers are refused at once."""
+    import psutil
+
+    report, work = tmp_path / "report.json", tmp_path / "work"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"), "--iters", "400",
+                          "--save-interval", "2", "--timeout", "25", "--workdir", str(work),
+                          "--report", str(report)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert not rep["ok"] and rep["failures"] == [
+        f"the uninterrupted run ran past --timeout 25 s; see {work / 'reference.log'}"], rep
+    left = [q.pid for q in psutil.process_iter(["cmdline"])
+            if any(str(work) in a for a in (q.info["cmdline"] or []))]
+    assert left == [], left
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"),
+                          "--save-interval", "0"], env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--save-interval must be >= 1, got 0" in bad.stderr, bad.stderr
