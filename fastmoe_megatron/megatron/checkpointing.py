@@ -206,17 +206,6 @@ def _consumed_samples(manifest: dict, iteration: int) -> Optional[int]:
     return consumed
 
 
-def saved_progress(root) -> tuple[int, Optional[int]]:
-    """(iteration, consumed samples or None) of the checkpoint that ``load(root)`` would load,
-    from its manifest alone (nothing verified or unpickled); (0, None) when there is none. For
-    sizing the training data before ``load`` (which restores the RNG states, so comes last)."""
-    root = Path(root)
-    if not (root / MANIFEST).is_file() and latest_iteration(root) is None:
-        return 0, None
-    manifest = read_manifest(resolve(root))
-    return int(manifest["iteration"]), _consumed_samples(manifest, int(manifest["iteration"]))
-
-
 def latest_iteration(root) -> int | None:
     """The iteration the ``latest`` file of the root ``root`` names; None without one, except
     after an interrupted first save (see ``_first_save_committed``)."""

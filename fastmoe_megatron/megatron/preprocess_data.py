@@ -8,8 +8,9 @@
 document per line, its text under ``--json-key``, a string or a list of strings that are joined),
 a text file (one document), a folder (every .py/.txt/.md/.rst file under it is a document), or
 ``stdlib``: the Python standard library's own source, present on every machine. Every document
-ends with the tokenizer's end-of-document token. The files appear under their names only when
-complete; a failure leaves nothing behind.
+ends with the tokenizer's end-of-document token. ``PREFIX.tokenizer.json`` records the tokenizer
+(``pretrain_gpt`` refuses the data with another one). The files appear under their names only
+when complete; a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -88,6 +89,11 @@ def iter_documents(source: str, json_key: str = "text", limit_bytes: int | None 
             return
 
 
+def tokenizer_record_path(prefix: str) -> str:
+    """Where ``preprocess`` records the tokenizer of the dataset ``prefix``."""
+    return str(prefix) + ".tokenizer.json"
+
+
 def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None,
                json_key="text", limit_bytes=None, log=print) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
@@ -100,6 +106,8 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
     # nodes, sharing a cache) do not write into each other's files.
     me = f"{socket.gethostname()}.{os.getpid()}"
     tmp_bin, tmp_idx = f"{bin_path}.{me}.tmp", f"{idx_path}.{me}.tmp"
+    record_path = tokenizer_record_path(output_prefix)
+    tmp_record = f"{record_path}.{me}.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     t0, docs, tokens = time.time(), 0, 0
     try:
@@ -113,19 +121,22 @@ def preprocess(source: str, output_prefix: str, vocab_file=None, merge_file=None
         if docs == 0:
             raise ValueError(f"--input {source}: no documents found")
         builder.finalize(tmp_idx)
+        Path(tmp_record).write_text(json.dumps(tokenizer.record(), sort_keys=True) + "\n")
         # The .idx last: a dataset whose .idx is there is complete (the default corpus is
         # checked that way), and an interrupted run leaves nothing under the real names. An
-        # older, different .idx goes first, so that a crash between the two renames leaves a
-        # .bin without an .idx (incomplete), never the new .bin under the old .idx. One equal
-        # to the new .idx stays (another process that wrote the same dataset may be reading it).
+        # older, different .idx goes first, so that a crash between the renames leaves a .bin
+        # (and tokenizer record) without an .idx (incomplete), never the new .bin under the old
+        # .idx. One equal to the new .idx stays (another process that wrote the same dataset may
+        # be reading it).
         old_idx = Path(idx_path)
         if old_idx.is_file() and old_idx.read_bytes() != Path(tmp_idx).read_bytes():
             old_idx.unlink(missing_ok=True)
+        Path(tmp_record).replace(record_path)
         Path(tmp_bin).replace(bin_path)
         Path(tmp_idx).replace(idx_path)
     except BaseException:
         builder.data_file.close()
-        for p in (tmp_bin, tmp_idx):
+        for p in (tmp_bin, tmp_idx, tmp_record):
             Path(p).unlink(missing_ok=True)
         raise
     log(f"preprocess: wrote {bin_path} and {idx_path}: {docs} documents, {tokens} tokens "
@@ -137,7 +148,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastmoe_megatron.megatron.preprocess_data",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="a .jsonl or text file, a folder, or 'stdlib'")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.tokenizer.json")
     p.add_argument("--json-key", default="text", help="the text field of each jsonl line")
     p.add_argument("--vocab-file", help="GPT-2 vocab.json (with --merge-file; default: byte-level)")
     p.add_argument("--merge-file", help="GPT-2 merges.txt")

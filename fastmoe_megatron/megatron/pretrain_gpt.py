@@ -511,17 +511,6 @@ def param_scheduler(args, optimizer):
         override_opt_param_scheduler=args.override_opt_param_scheduler)
 
 
-def training_samples(train_iters: int, global_batch: int, saved_iteration: int = 0,
-                     saved_consumed: int | None = None) -> int:
-    """Samples the training data must hold: ``train_iters x global_batch``, or more when a run
-    resumes at ``saved_consumed`` samples with a smaller global batch than it had (the rest of
-    its iterations read on from there). Without this the data would wrap around to its start."""
-    samples, left = train_iters * global_batch, train_iters - saved_iteration
-    if saved_consumed is not None and left > 0:
-        samples = max(samples, saved_consumed + left * global_batch)
-    return samples
-
-
 def local_gpu(local_rank: int) -> int:
     """The GPU of a node's ``local_rank``-th process: its local rank, modulo the GPUs it sees (a
     launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES shows it as GPU 0)."""
@@ -576,9 +565,10 @@ def main(argv=None) -> int:
 
     try:
         result = train(args, use_cuda)  # on failure: no barrier (a dead peer would make it wait)
-    except DataConfigError as exc:  # every rank finds it in the same data
-        if rank == 0:
-            print(f"pretrain_gpt: error: {exc}", file=sys.stderr, flush=True)
+    except DataConfigError as exc:
+        if rank == 0 or not exc.every_rank:  # (a bad sample: only the ranks that read it)
+            where = "" if exc.every_rank else f" (rank {rank})"
+            print(f"pretrain_gpt: error{where}: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         return 2
     ok = not result.losses or result.losses[-1] == result.losses[-1]  # not NaN
@@ -717,12 +707,11 @@ def _train(args, use_cuda: bool) -> TrainResult:
             data_prefix = default_data_prefix(args.cache_dir, args.default_corpus_bytes,
                                               args.vocab_file, args.merge_file)
             index_cache = args.data_cache_path or ""  # in memory: the cache may be node-local
-        # A run resumed with a smaller global batch reads more than train_iters x global batch.
-        saved = checkpointing.saved_progress(args.load) if args.load else (0, None)
-        samples = training_samples(args.train_iters, args.global_batch_size, *saved)
+        # One epoch of training samples, which the BatchIterator reshuffles for each further
+        # pass: the order does not depend on --train-iters or the global batch size.
         valid_samples = args.eval_iters * args.global_batch_size if args.eval_interval else 0
         train_ds, valid_ds, _ = build_datasets(data_prefix, tokenizer, args.seq_length, args.seed,
-                                               args.split, [samples, valid_samples, 0], index_cache)
+                                               args.split, [None, valid_samples, 0], index_cache)
     iteration, loaded = 0, {}
     if args.load:  # last before the loop: it restores the RNG states
         iteration = checkpointing.load(args.load, model, optimizer, scheduler, args,
@@ -758,7 +747,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
     data = None if train_ds is None else BatchIterator(
         train_ds, args.global_batch_size, args.micro_batch_size,
         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-        start_sample=consumed, device=device)
+        start_sample=consumed, device=device, seed=args.seed, vocab_size=tokenizer.vocab_size,
+        source=data_prefix)
 
     ep, dp = args.expert_model_parallel_size, args.data_parallel_size
     log0(f"pretrain_gpt: {dist.get_world_size()} processes ({'NCCL' if use_cuda else 'gloo, CPU'}): "
@@ -799,7 +789,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
         capacity) on the first --eval-iters global batches of the valid split."""
         batches = BatchIterator(valid_ds, args.global_batch_size, args.micro_batch_size,
                                 parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-                                start_sample=0, device=device)
+                                start_sample=0, device=device, vocab_size=tokenizer.vocab_size,
+                                source=data_prefix)
         model.eval()
         reports = []
         try:

@@ -8,10 +8,12 @@ Both split text with GPT-2's pre-tokenization pattern (through the ``regex`` pac
   files Megatron-LM's ``--vocab-file`` / ``--merge-file`` take), for real runs.
 
 Each has what megatron-core's ``GPTDataset`` reads (``vocab_size``, ``eod``, ``pad``) plus
-``tokenize`` / ``detokenize``.
+``tokenize`` / ``detokenize``, and ``record()``: what a dataset's token ids depend on, which
+``preprocess_data`` writes beside the data and ``pretrain_gpt`` compares with its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 
@@ -35,6 +37,9 @@ class ByteLevelTokenizer:
         self.pad = 256
         # GPTDataset names its index cache after these.
         self.unique_identifiers = {"class": "ByteLevelTokenizer", "pattern": GPT2_PATTERN.pattern}
+
+    def record(self) -> dict:
+        return {"class": "ByteLevelTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
 
     def tokenize(self, text: str) -> list[int]:
         return [b for piece in pretokenize(text) for b in piece.encode("utf-8")]
@@ -106,6 +111,13 @@ class GPT2BPETokenizer:
             mapped = "".join(self._byte_map[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[tok] for tok in self._bpe(mapped))
         return ids
+
+    def record(self) -> dict:
+        """``files``: a digest of the vocabulary and merges (their contents, not their paths)."""
+        merges = sorted(self.ranks, key=self.ranks.get)
+        digest = hashlib.sha256(json.dumps([sorted(self.encoder.items()), merges]).encode())
+        return {"class": "GPT2BPETokenizer", "vocab_size": self.vocab_size, "eod": self.eod,
+                "files": digest.hexdigest()[:12]}
 
     def detokenize(self, ids) -> str:
         text = "".join(self.decoder[int(i)] for i in ids)

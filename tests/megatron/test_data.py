@@ -103,6 +103,91 @@ def test_batch_iterator_reads_the_next_samples_from_the_start_sample(start, glob
     assert rows == want
 
 
+def test_later_passes_over_the_data_are_seeded_permutations():
+    """Samples past the dataset's end read it again in an order drawn from the seed and the
+    pass, not in the first pass's order; the order is a function of the sample position alone,
+    so an iterator started anywhere reads what a run that got there would."""
+    import torch
+
+    from fastmoe_megatron.megatron.data import BatchIterator
+
+    dataset = [{"i": torch.tensor(i)} for i in range(10)]
+
+    def read(n, seed=3, start=0):
+        batches = BatchIterator(dataset, 4, 2, 0, 1, start_sample=start, seed=seed)
+        return [v for _ in range(n // 2) for v in next(batches)["i"].tolist()]
+
+    rows = read(40)
+    passes = [rows[i:i + 10] for i in range(0, 40, 10)]
+    assert passes[0] == list(range(10))
+    assert all(sorted(p) == list(range(10)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 4  # every pass in its own order
+    assert read(40, seed=4)[10:] != rows[10:] and read(40, seed=4)[:10] == rows[:10]
+    assert read(20, start=16) == rows[16:36]
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_data_error():
+    """Data made with a larger vocabulary (and no tokenizer record) used to end in the
+    embedding's IndexError (on a GPU a device-side assert; under TP the ids were silently
+    zeroed): it is an error naming the data and the tokenizer flags when read."""
+    import torch
+
+    from fastmoe_megatron.megatron.data import BatchIterator, DataConfigError
+
+    dataset = [{"tokens": torch.tensor([1, 2, 3]), "labels": torch.tensor([2, 3, 4])},
+               {"tokens": torch.tensor([5, 300, 6]), "labels": torch.tensor([300, 6, 7])}]
+    assert next(BatchIterator(dataset, 1, 1, 0, 1, vocab_size=257, source="d"))["tokens"].tolist() \
+        == [[1, 2, 3]]
+    with pytest.raises(DataConfigError, match=r"--data-path d: item 1 holds token id 300, beyond "
+                                              r"this run's vocabulary of 257: .*--vocab-file"):
+        next(BatchIterator(dataset, 2, 2, 0, 1, vocab_size=257, source="d"))
+
+
+def test_data_made_with_another_tokenizer_is_refused(tmp_path):
+    """preprocess_data records its tokenizer; a run with another one is refused before it
+    trains (byte-level data read with GPT-2 BPE trained on without a word: the ids were in
+    range, but meant other tokens and the end of document was another id)."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    import os
+
+    from fastmoe_megatron.megatron.data import DataConfigError, build_datasets
+    from fastmoe_megatron.megatron.preprocess_data import preprocess
+
+    _, vf, mf = _tiny_gpt2_files(tmp_path)
+    byte_level = _dataset(tmp_path, [f"document {i} " * 20 for i in range(4)])
+    bpe = str(tmp_path / "bpe" / "corpus")
+    preprocess(str(tmp_path / "docs.jsonl"), bpe, vf, mf, log=lambda m: None)
+    other_vocab = dict(json.loads(open(vf).read()), extra=999)
+    (tmp_path / "v2.json").write_text(json.dumps(other_vocab))
+    runs = {"bytes": ByteLevelTokenizer(), "bpe": build_tokenizer(vf, mf),
+            "bpe2": build_tokenizer(str(tmp_path / "v2.json"), mf)}
+    for data, ok in ((byte_level, "bytes"), (bpe, "bpe")):
+        for name, tok in runs.items():
+            if name == ok:
+                assert build_datasets(data, tok, 16, 1, "100,0,0", [None, 0, 0])[0] is not None
+                continue
+            with pytest.raises(DataConfigError, match=rf"--data-path {data} was tokenized with "
+                                                      r".*this run's tokenizer is .*--vocab-file"):
+                build_datasets(data, tok, 16, 1, "100,0,0", [None, 0, 0])
+    os.unlink(bpe + ".tokenizer.json")  # data made elsewhere: checked as it is read instead
+    assert build_datasets(bpe, runs["bytes"], 16, 1, "100,0,0", [None, 0, 0])[0] is not None
+
+
+def test_a_bin_that_does_not_match_its_idx_is_refused(tmp_path):
+    """A truncated .bin passed start-up and failed with numpy's "buffer is smaller than
+    requested size" at the first sample past its end, wherever the shuffle put it."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from fastmoe_megatron.megatron.data import DataConfigError, build_datasets
+
+    prefix = _dataset(tmp_path, [f"document {i} " * 20 for i in range(4)])
+    size = len(open(prefix + ".bin", "rb").read())
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(size - 64)
+    with pytest.raises(DataConfigError, match=rf"--data-path {prefix}: {prefix}\.bin holds "
+                                              rf"{size - 64} bytes, but its \.idx describes {size}"):
+        build_datasets(prefix, ByteLevelTokenizer(), 16, 1, "100,0,0", [None, 0, 0])
+
+
 @pytest.mark.parametrize("line,why", [
     ('["a"]', "not a JSON object"), ('"abc"', "not a JSON object"), ('{"text": null}', "NoneType"),
     ('{"text": 5}', "is a int"), ('{"text": "ok"', "not a JSON object"),
@@ -133,7 +218,7 @@ def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monk
     out = tmp_path / "out"
     preprocess(str(src), str(out / "d"), log=lambda m: None)
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(files) == ["d.bin", "d.idx"]
+    assert sorted(files) == ["d.bin", "d.idx", "d.tokenizer.json"]
     real_replace = Path.replace
 
     def replace(self, target):
@@ -148,7 +233,7 @@ def test_a_crash_between_the_renames_leaves_no_mismatched_dataset(tmp_path, monk
     src.write_text(json.dumps({"text": "new"}) + "\n")
     with pytest.raises(KeyboardInterrupt):
         preprocess(str(src), str(out / "d"), log=lambda m: None)
-    assert sorted(p.name for p in out.iterdir()) == ["d.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["d.bin", "d.tokenizer.json"]
 
 
 def test_preprocess_reads_json_lines_and_sentence_lists(tmp_path):
@@ -182,7 +267,8 @@ def test_two_processes_preprocessing_the_same_dataset(tmp_path):
     for p in procs:
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["d.bin", "d.idx"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "d.bin", "d.idx", "d.tokenizer.json"]
 
 
 def test_default_corpus_uses_the_bpe_files(tmp_path):
@@ -233,11 +319,26 @@ def test_a_train_split_without_documents_is_an_error(tmp_path):
     from fastmoe_megatron.megatron.data import DataConfigError, build_datasets
 
     prefix = _dataset(tmp_path, [f"document {i} " * 20 for i in range(3)])
-    with pytest.raises(DataConfigError, match=r"--split 1,99,0: the train split .* no tokens "
-                                              r"\(0 of its 3 documents\)"):
+    with pytest.raises(DataConfigError, match=r"--split 1,99,0: the train split .* holds 0 "
+                                              r"tokens \(0 of its 3 documents\), fewer than one"):
         build_datasets(prefix, ByteLevelTokenizer(), 32, 1, "1,99,0", [50, 0, 0])
     train, _, _ = build_datasets(prefix, ByteLevelTokenizer(), 32, 1, "34,66,0", [50, 0, 0])
     assert len(train) >= 50
+
+
+@pytest.mark.timeout(120)
+def test_a_one_epoch_train_split_must_hold_a_sample(tmp_path):
+    """The training split is one epoch (None samples): one shorter than --seq-length + 1 tokens
+    would hold no sample at all, and is an error naming --split and --seq-length."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from fastmoe_megatron.megatron.data import DataConfigError, build_datasets
+
+    prefix = _dataset(tmp_path, ["abcdefghij"] * 3)  # 11 tokens each
+    with pytest.raises(DataConfigError, match=r"--split 34,66,0: the train split .* holds 11 "
+                                              r"tokens .* fewer than a sample \(--seq-length"):
+        build_datasets(prefix, ByteLevelTokenizer(), 16, 1, "34,66,0", [None, 0, 0])
+    train, _, _ = build_datasets(prefix, ByteLevelTokenizer(), 10, 1, "34,66,0", [None, 0, 0])
+    assert len(train) == 1
 
 
 def test_index_cache_follows_the_data(tmp_path):

@@ -59,7 +59,8 @@ def test_default_corpus_with_a_cache_per_node(tmp_path):
     out = run_workers(w.node_local_caches, 2, timeout=300, args=(str(tmp_path),),
                       threads_per_worker=1)
     assert out[0]["losses"] == out[1]["losses"] and len(out[0]["losses"]) == 2
-    assert out[0]["files"] == out[1]["files"] == ["stdlib_bytes_200000.bin", "stdlib_bytes_200000.idx"]
+    assert out[0]["files"] == out[1]["files"] == [
+        "stdlib_bytes_200000.bin", "stdlib_bytes_200000.idx", "stdlib_bytes_200000.tokenizer.json"]
 
 
 def test_masked_softmax_fusion_only_with_its_kernels(monkeypatch, tmp_path):
@@ -111,18 +112,6 @@ def test_gpu_config_fuses_bias_gelu_only_with_biases(no_bias):
     config = ptg.transformer_config(ptg.build_parser().parse_args(argv), use_cuda=True)
     assert config.bias_activation_fusion is (not no_bias)
     assert config.add_bias_linear is (not no_bias)
-
-
-def test_training_data_covers_a_resume_with_a_smaller_global_batch():
-    """Saved at iteration 3 with global batch 4 (12 samples read), resumed to iteration 5 with
-    global batch 2: the data must hold 12 + 2 x 2 samples, not 5 x 2 (it wrapped to its start)."""
-    from fastmoe_megatron.megatron.pretrain_gpt import training_samples
-
-    assert training_samples(5, 2) == 10
-    assert training_samples(5, 2, saved_iteration=3, saved_consumed=12) == 16
-    assert training_samples(5, 4, saved_iteration=3, saved_consumed=6) == 20  # a larger batch
-    assert training_samples(5, 4, saved_iteration=3, saved_consumed=None) == 20
-    assert training_samples(5, 2, saved_iteration=7, saved_consumed=28) == 10  # nothing left
 
 
 def test_evaluation_on_the_valid_split():
