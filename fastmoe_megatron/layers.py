@@ -374,7 +374,8 @@ class FMoE(nn.Module):
             overlap = activation is not None and ep_overlap.usable(x, self.moe_group)
             flag = finite
             if flag is None and not torch.compiler.is_compiling():
-                flag = torch.ones((), dtype=torch.int64)  # finiteness not checked: say finite
+                # finiteness not checked: say finite (made where the counts are: no copy)
+                flag = torch.ones((), dtype=torch.int64, device=counts.device)
             if flag is not None:
                 flag = flag.to(torch.int64) + 2 * int(overlap)
             pending = comm.exchange_counts_async(counts, self.num_expert, self.moe_group, flag=flag)

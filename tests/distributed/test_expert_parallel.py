@@ -31,12 +31,14 @@ def test_forward_backward_matches_reference(world, ep, zero_rank, e_local, overl
         assert out[zero_rank]["tokens"] == 0
 
 
-@pytest.mark.parametrize("switches", ["mixed", "unfused-last"])
-def test_ranks_agree_on_the_exchange_path(switches):
+@pytest.mark.parametrize("switches,variant", [("mixed", "plain"), ("unfused-last", "plain"),
+                                              ("mixed", "no-check"), ("1", "no-check")])
+def test_ranks_agree_on_the_exchange_path(switches, variant):
     """FMOE_EP_OVERLAP or FMOE_FUSED_EXPERTS set differently on different ranks: every rank takes
     the all-to-alls (they hung: one rank on the overlapped schedule, the other in the
-    all-to-all), agreed through the flag the count exchange carries."""
-    run_workers(w.forward_backward, 2, timeout=120, args=(2, 2, None, switches))
+    all-to-all), agreed through the flag the count exchange carries, with the finiteness check
+    on or off (no-check: the flag then says only which paths the rank can take)."""
+    run_workers(w.forward_backward, 2, timeout=120, args=(2, 2, None, switches, "fp32", variant))
 
 
 @pytest.mark.parametrize("overlap", ["1", "0"])
