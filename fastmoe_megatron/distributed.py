@@ -133,10 +133,19 @@ class DistributedGroupedDataParallel(nn.Module):
         from .moefy import moe_layers
 
         copies = {}
-        for _, layer in moe_layers(self.module):
+        for prefix, layer in moe_layers(self.module):
             if getattr(layer, "slice_size", 1) <= 1:
                 continue
             workers = set(_ranks(layer.slice_group))
+            in_dp = len(workers & set(_ranks(self.comms["dp"])))
+            if in_dp > 1:
+                # data_parallel_size would count copies of one batch as batches: every gradient
+                # (the experts' partial ones too) would come out divided by them.
+                raise ValueError(
+                    f"the dp group holds {in_dp} workers of the slice group of MoE layer "
+                    f"{prefix or '(the module)'}, which share one batch: pass "
+                    "dp_group=<the data-parallel group> (one worker of each slice group), as "
+                    "FastMoE's Megatron wrapper does")
             for p in layer.gate.parameters():
                 tag = self._tag(p)
                 if tag == "none":

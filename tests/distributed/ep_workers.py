@@ -456,6 +456,11 @@ def slice_group_matches_full(rank, world, gate_over_world):
     ref = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K)
     solo = dist.new_group([rank], use_local_synchronization=True)
     groups = {} if gate_over_world else {"gate_group": solo}
+    # The default dp group (all ranks) holds both workers of the slice group, which share one
+    # batch: refused, since every gradient would come out divided by them.
+    refused(lambda: DistributedGroupedDataParallel(model, slice_group=dist.group.WORLD),
+            "the default dp group", "the dp group holds 2 workers of the slice group",
+            "dp_group=")
     ddp = DistributedGroupedDataParallel(model, dp_group=solo, slice_group=dist.group.WORLD,
                                          **groups)
     x, w = batch(1, [11], 0)
