@@ -190,6 +190,8 @@ class BatchIterator:
     def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  start_sample: int = 0, device: str | torch.device = "cpu", seed: int = 0,
                  vocab_size: int | None = None, source: str = "the dataset"):
+        if not len(dataset):
+            raise DataConfigError(f"--data-path {source}: the split read here holds no sample")
         self.dataset = dataset
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -208,7 +210,9 @@ class BatchIterator:
             return j
         if self._order[0] != epoch:
             seed = int(hashlib.sha256(f"{self.seed}:{epoch}".encode()).hexdigest()[:15], 16)
-            self._order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
+            self._order = (epoch, torch.randperm(  # int32: half the memory of a huge epoch
+                n, generator=torch.Generator().manual_seed(seed),
+                dtype=torch.int32 if n < 2 ** 31 else torch.int64))
         return int(self._order[1][j])
 
     def _fill(self):
