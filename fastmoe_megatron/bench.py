@@ -1167,7 +1167,8 @@ def summary(report: dict) -> str:
                      f"{100 * r['communication_share_all_to_all']:.1f}%)")
     for r in cases.get("e2e", []):
         tps = r["tokens_per_s"]
-        lines.append(f"{'e2e':8s} {r['config']:10s} {str(r['threads']):>7s}  --fmoefy/megatron-core MoE "
+        lines.append(f"{'e2e':8s} {r['config']:10s} {str(r['threads']):>7s}  "
+                     "--fmoefy/megatron-core MoE "
                      f"tokens/s {r['ratios']['fmoefy_over_megatron_moe']:.3f} "
                      f"({tps['fmoefy']:.0f} vs {tps['megatron_moe']:.0f}); dense GPT "
                      f"{tps['dense']:.0f}: --fmoefy/dense {r['ratios']['fmoefy_over_dense']:.3f}, "

@@ -87,7 +87,8 @@ def add_fmoe_args(parser: argparse.ArgumentParser,
     g.add_argument("--fmoe-capacity-factor", type=finite_float, default=None,
                    help=f"capacity factor for the {', '.join(CAPACITY_GATES)} gates "
                         "(train F, eval 2F; default: the gate's own)")
-    g.add_argument("--fmoe-z-loss-weight", type=finite_float, default=0.0, help="router z-loss weight")
+    g.add_argument("--fmoe-z-loss-weight", type=finite_float, default=0.0,
+                   help="router z-loss weight")
     g.add_argument("--fmoe-expert-bias-update-rate", type=finite_float, default=0.0,
                    help="aux-loss-free balancing: per-iteration step of the expert bias (0: off)")
     return parser

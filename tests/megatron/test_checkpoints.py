@@ -668,9 +668,9 @@ def test_soak_timeout_ends_the_whole_job(tmp_path):
     import psutil
 
     report, work = tmp_path / "report.json", tmp_path / "work"
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"), "--iters", "100000",
-                          "--save-interval", "2", "--timeout", "25", "--workdir", str(work),
-                          "--report", str(report)],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_test.py"),
+                          "--iters", "100000", "--save-interval", "2", "--timeout", "25",
+                          "--workdir", str(work), "--report", str(report)],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     rep = json.loads(report.read_text())
