@@ -979,10 +979,10 @@ def case_compile(args, shapes, device) -> list[dict]:
         compile_s = time.perf_counter() - t0
         with torch.no_grad():
             diff = float((compiled(x) - eager(x)).abs().max())
-        for threads in (args.threads if device.type == "cpu" else [None]):
+        for i, threads in enumerate(args.threads if device.type == "cpu" else [None]):
             if threads is not None:
                 torch.set_num_threads(threads)
-            if threads != (args.threads[0] if device.type == "cpu" else None):
+            if i:
                 # Another thread count recompiles (Dynamo guards on it): not in a timed round,
                 # whatever --warmup says.
                 t0 = time.perf_counter()
