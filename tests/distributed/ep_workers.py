@@ -540,6 +540,57 @@ def capacity_follows_the_mean_load(rank, world, cls_name, counts, factor):
     return int((idx < 0).sum())
 
 
+def swipe_matches_brute_force(rank, world, e_local, top_k, counts):
+    """SwipeGate in training over ``world`` workers of uneven batches, against a row-by-row
+    simulation of its rule: in each round k, every worker accepts rows (senders in rank order,
+    each sender's rows in token order) while it has room (``top_k`` times its own batch over all
+    rounds); each sender's refused rows, senders in rank order and rows in token order, go to the
+    lowest-ranked worker with room left, to its local expert ``k % e_local``. The scores are the
+    softmax of the logits of the experts finally picked. Returns the rows it moved."""
+    from fastmoe_megatron.gates import SwipeGate
+
+    E = e_local * world
+    g = torch.Generator().manual_seed(11)
+    # The router's logits are the input itself (identity gate); expert 0 is the favourite.
+    xs = [torch.randn(n, E, generator=g) + torch.eye(E)[0] * 2.0 for n in counts]
+    gate = SwipeGate(E, e_local, world, top_k=top_k).train()
+    with torch.no_grad():
+        gate.gate.weight.copy_(torch.eye(E))
+        gate.gate.bias.zero_()
+    idx, score = gate(xs[rank])
+
+    choices = [torch.topk(x, top_k, dim=1).indices.tolist() for x in xs]
+    new = [[list(row) for row in c] for c in choices]
+    room = [n * top_k for n in counts]
+    moved = 0
+    for k in range(top_k):
+        refused = []  # (sender, token), senders in rank order, tokens in order
+        accepted = [[True] * n for n in counts]
+        for w_ in range(world):
+            for r in range(world):
+                for t in range(counts[r]):
+                    if choices[r][t][k] // e_local == w_:
+                        if room[w_] > 0:
+                            room[w_] -= 1
+                        else:
+                            accepted[r][t] = False
+        for r in range(world):
+            refused += [(r, t) for t in range(counts[r]) if not accepted[r][t]]
+        for r, t in refused:
+            w_ = next(w_ for w_ in range(world) if room[w_] > 0)
+            room[w_] -= 1
+            new[r][t][k] = w_ * e_local + k % e_local
+            moved += 1
+    want = torch.tensor(new[rank], dtype=torch.int64).reshape(counts[rank], top_k)
+    assert torch.equal(idx, want), (rank, idx.tolist(), want.tolist())
+    want_score = torch.softmax(xs[rank].gather(1, want), dim=1)
+    torch.testing.assert_close(score, want_score, rtol=RTOL, atol=ATOL)
+    # Eval mode routes as the naive gate: no exchange, the router's own choices.
+    idx_eval, _ = gate.eval()(xs[rank])
+    assert idx_eval.tolist() == choices[rank]
+    return moved
+
+
 def nonfinite_input_stops_every_rank(rank, world, ep, bad_ranks, overlap):
     """A NaN in the input of ``bad_ranks`` makes every rank of their expert-parallel group raise
     FloatingPointError (the flag travels with the counts), instead of the others waiting for rows

@@ -133,6 +133,15 @@ def test_capacity_follows_the_mean_load_over_all_ranks(cls, counts, factor):
         assert sum(dropped) > 0, "the case should drop slots"
 
 
+@pytest.mark.parametrize("e_local,top_k,counts", [(2, 2, [10, 10]), (2, 1, [4, 16]),
+                                                  (1, 2, [12, 0]), (2, 3, [5, 9, 3]),
+                                                  (1, 1, [0, 6, 2])])
+def test_swipe_gate_balances_like_its_rule(e_local, top_k, counts):
+    moved = run_workers(w.swipe_matches_brute_force, len(counts), timeout=120,
+                        args=(e_local, top_k, counts))
+    assert moved[0] > 0, "the case should move rows"
+
+
 def test_overlap_switch(monkeypatch):
     """FMOE_EP_OVERLAP: on by default, off with 0, and any other value is an error that names the
     variable and the allowed values."""
