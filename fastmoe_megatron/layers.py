@@ -52,12 +52,12 @@ class FMoELinear(nn.Module):
 
     @torch.no_grad()
     def reset_expert(self, e: int, generator: torch.Generator | None = None):
-        """Initialises expert ``e`` like an ``nn.Linear`` of the same shape (from ``generator``,
-        default the global one)."""
+        """Initialises expert ``e``: its weight like an ``nn.Linear`` of the same shape's (from
+        ``generator``, default the global one), its bias to zero (as FastMoE's ``FMoELinear`` and
+        Megatron do)."""
         nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5), generator=generator)
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_feat) if self.in_feat > 0 else 0.0
-            nn.init.uniform_(self.bias[e], -bound, bound, generator=generator)
+            self.bias[e].zero_()
 
     def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor) -> torch.Tensor:
         # Rows in another dtype (autocast) run in the weights' dtype, as in FastMoE.
@@ -101,6 +101,16 @@ def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
 
 def _make_gate(gate, d_model, num_expert, world_size, top_k, gate_bias):
     if isinstance(gate, nn.Module):
+        # A gate built for another expert count would leave experts idle, or route past them.
+        tot = getattr(gate, "tot_expert", None)
+        if tot is not None and tot != num_expert * world_size:
+            raise ValueError(f"the gate module routes to {tot} experts, but the layer has "
+                             f"num_expert * world_size = {num_expert} * {world_size} = "
+                             f"{num_expert * world_size}")
+        k = getattr(gate, "top_k", None)
+        if k is not None and k != top_k:
+            raise ValueError(f"the gate module picks top_k={k} experts per token, but the layer "
+                             f"has top_k={top_k}")
         return gate
     if not callable(gate):
         from . import gates

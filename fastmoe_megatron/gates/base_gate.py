@@ -14,16 +14,29 @@ Two options shared by every gate that computes router logits:
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 
 def check_top_k(top_k: int, tot_expert: int, name: str = "top_k") -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"{name} must be an int between 1 and the number of experts "
+                        f"(num_expert * world_size = {tot_expert}), got {top_k!r}")
     if not 1 <= top_k <= tot_expert:
         raise ValueError(f"{name}={top_k} must be between 1 and the number of experts "
                          f"(num_expert * world_size = {tot_expert})")
-    return top_k
+    return int(top_k)
+
+
+def reject_top_k_keyword(gate: str, options: dict) -> None:
+    """The gates that name their top-k ``topk`` (FastMoE's GShard, Switch and DC gates) refuse
+    ``top_k=`` with a message naming ``topk`` (it would otherwise reach ``NaiveGate`` twice)."""
+    if "top_k" in options:
+        raise TypeError(f"{gate} names its top-k argument topk, as FastMoE's does; "
+                        f"got top_k={options['top_k']!r}")
 
 
 class BaseGate(nn.Module):
@@ -90,7 +103,8 @@ class BaseGate(nn.Module):
 
     def set_loss_with_z(self, loss: torch.Tensor | None, logits: torch.Tensor):
         """Records ``loss`` plus the router z-loss of ``logits`` (when enabled). A gate without a
-        loss records a zero, as FastMoE's gates do."""
+        loss records a zero, as FastMoE's gates do; outside any graph (FastMoE's required a
+        gradient), so that the model can still be deep-copied after a forward."""
         z = self.z_loss(logits)
         if z is not None:
             loss = z if loss is None else loss + z

@@ -3,7 +3,7 @@ per-expert capacity, and random routing of the second choice."""
 import torch
 import torch.nn.functional as F
 
-from .base_gate import check_top_k
+from .base_gate import check_top_k, reject_top_k_keyword
 from .naive_gate import NaiveGate
 from .utils import check_capacity, expert_capacity, prune_gate_by_capacity
 
@@ -13,7 +13,7 @@ def gshard_balance_loss(top1_idx, logits, tot_expert):
     mean router probability of e."""
     T = max(1, logits.shape[0])
     c_e = torch.bincount(top1_idx.clamp(min=0), minlength=tot_expert).float() / T
-    m_e = F.softmax(logits.float(), dim=1).mean(0) if logits.shape[0] else logits.new_zeros(tot_expert)
+    m_e = F.softmax(logits.float(), dim=1).sum(0) / T  # zeros in the graph of logits for T = 0
     return (c_e * m_e).mean() * tot_expert ** 2
 
 
@@ -29,6 +29,7 @@ def random_routing(idx, score):
 class GShardGate(NaiveGate):
     def __init__(self, d_model, num_expert, world_size, topk=2, capacity=(1.2, 2.4),
                  random_routing=True, gate_bias=True, **options):
+        reject_top_k_keyword(type(self).__name__, options)
         check_top_k(topk, num_expert * world_size, "topk")
         super().__init__(d_model, num_expert, world_size, top_k=topk, gate_bias=gate_bias, **options)
         self.capacity = check_capacity(capacity)

@@ -1,5 +1,7 @@
 """Noisy top-k gate (Shazeer et al., 2017): Gaussian noise of learned scale on the logits while
 training; loss = cv^2(importance) + cv^2(load), with the smooth load estimator."""
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,16 @@ class NoisyGate(BaseGate):
         self.w_noise = nn.Parameter(torch.zeros(d_model, self.tot_expert))
         self.top_k = self._check_top_k(top_k)
         self.noise_epsilon = 1e-2
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Both weights start as an ``nn.Linear(d_model, experts)``'s would, uniform in
+        ``+-1 / sqrt(d_model)`` (FastMoE's ``kaiming_uniform_`` on the ``[d_model, experts]``
+        tensors took the expert count as the fan-in)."""
+        bound = 1.0 / math.sqrt(self.w_gate.shape[0]) if self.w_gate.shape[0] > 0 else 0.0
+        for w in (self.w_gate, self.w_noise):
+            nn.init.uniform_(w, -bound, bound)
 
     def _prob_in_top_k(self, clean, noisy, noise_std, top_values):
         # Probability that each logit stays in the top k under re-drawn noise: compare with the

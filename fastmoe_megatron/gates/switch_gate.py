@@ -1,8 +1,11 @@
 """Switch gate (Fedus et al., 2021): top-1 of an fp32 softmax, multiplicative jitter while
 training, capacity per expert enforced over all workers, loss ``sum(frac * prob) * E``."""
+import numbers
+
 import torch
 import torch.nn.functional as F
 
+from .base_gate import reject_top_k_keyword
 from .naive_gate import NaiveGate
 from .utils import check_capacity, expert_capacity, limit_by_capacity, tokens_over_workers
 
@@ -10,10 +13,16 @@ from .utils import check_capacity, expert_capacity, limit_by_capacity, tokens_ov
 class SwitchGate(NaiveGate):
     def __init__(self, d_model, num_expert, world_size, topk=1, switch_eps=0.1,
                  capacity=(1.2, 2.4), gate_bias=True, **options):
-        if topk != 1:
-            raise ValueError(f"SwitchGate routes to one expert: topk must be 1, got {topk}")
+        reject_top_k_keyword(type(self).__name__, options)
+        if isinstance(topk, bool) or topk != 1:
+            raise ValueError(f"SwitchGate routes to one expert: topk must be 1, got {topk!r}")
+        if (isinstance(switch_eps, bool) or not isinstance(switch_eps, numbers.Real)
+                or not 0 <= switch_eps < 1):
+            # The jitter multiplies the logits by U(1 - eps, 1 + eps): from eps = 1 on it can
+            # flip their sign.
+            raise ValueError(f"switch_eps must be a number in [0, 1), got {switch_eps!r}")
         super().__init__(d_model, num_expert, world_size, top_k=1, gate_bias=gate_bias, **options)
-        self.switch_eps = switch_eps
+        self.switch_eps = float(switch_eps)
         self.capacity = check_capacity(capacity)
 
     def forward(self, inp):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 
 import torch
@@ -72,6 +73,8 @@ def check_capacity(capacity):
     except (TypeError, ValueError):
         raise ValueError(f"capacity must be a (train, eval) pair of factors, got {capacity!r}") from None
     for name, value in (("train", train), ("eval", evaluate)):
-        if not value > 0:
-            raise ValueError(f"capacity factor ({name}) must be > 0, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not 0 < value < math.inf):
+            raise ValueError(f"capacity factor ({name}) must be a finite number > 0, "
+                             f"got {value!r}")
     return (float(train), float(evaluate))

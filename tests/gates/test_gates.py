@@ -26,7 +26,7 @@ LINEAR_GATES = [NaiveGate, GShardGate, SwitchGate, DCGate, SwipeGate]
 def make_gate(cls, top_k=2, num_expert=E, world_size=1, seed=0, **kw):
     torch.manual_seed(seed)
     gate = cls(D, num_expert, world_size, top_k, **kw)
-    if isinstance(gate, NoisyGate):  # zero-initialised like FastMoE's: give it something to route
+    if isinstance(gate, NoisyGate):  # larger logits than its default init, and some noise
         with torch.no_grad():
             gate.w_gate.normal_()
             gate.w_noise.normal_(0, 0.1)
@@ -119,7 +119,7 @@ def test_naive_gate_matches_reference(num_expert, top_k, gate_bias):
     if gate_bias:
         torch.testing.assert_close(gate.gate.bias.grad, b.grad, rtol=1e-5, atol=1e-6)
     # No balance loss (a zero is recorded, as in FastMoE).
-    assert gate.has_loss and float(gate.get_loss()) == 0.0 and not gate.has_loss
+    assert gate.has_loss and gate.get_loss().item() == 0.0 and not gate.has_loss
 
 
 # ---------------------------------------------------------------------------- balance losses
@@ -514,8 +514,8 @@ def test_update_expert_bias_moves_toward_balance():
 
 @pytest.mark.parametrize("cls", BIAS_GATES)
 def test_expert_load_counted_in_training_only(cls):
-    # Large capacity (no drops): GShard/DC count the router's choices before the capacity cut and
-    # Switch after it, so only a drop-free case pins the same number for every gate.
+    # Large capacity (no drops): the load is the router's choices, which a drop-free case pins
+    # for every gate (test_expert_load_is_the_demand_before_the_capacity_cut has drops).
     top_k = 1 if cls is SwitchGate else 2
     kw = {"capacity": (100.0, 100.0)} if cls in (GShardGate, DCGate, SwitchGate) else {}
     gate = make_gate(cls, top_k, expert_bias_update_rate=0.1, **kw).train()
@@ -528,6 +528,24 @@ def test_expert_load_counted_in_training_only(cls):
     gate.eval()
     gate(x_of(seed=5))
     assert torch.equal(gate.expert_load, want), "eval mode must not count load"
+
+
+@pytest.mark.parametrize("cls", [GShardGate, DCGate, SwitchGate], ids=lambda c: c.__name__)
+def test_expert_load_is_the_demand_before_the_capacity_cut(cls):
+    """The load that moves the aux-loss-free bias counts what the router asked for, slots the
+    capacity then dropped included: an expert over its capacity must still look overloaded."""
+    top_k = 1 if cls is SwitchGate else 2
+    gate = make_gate(cls, top_k, capacity=(0.3, 0.3), expert_bias_update_rate=0.1).train()
+    if hasattr(gate, "random_routing"):
+        gate.random_routing = False
+    if cls is SwitchGate:
+        gate.switch_eps = 0.0
+    x = x_of()
+    idx, _ = gate(x)
+    assert (idx < 0).any(), "the case should drop slots"
+    with torch.no_grad():
+        raw = torch.topk(logits_of(gate, x), top_k, dim=1).indices
+    assert torch.equal(gate.expert_load, torch.bincount(raw.reshape(-1), minlength=E).float())
 
 
 def test_balanced_load_keeps_bias():
@@ -564,6 +582,75 @@ def test_balanced_load_keeps_bias():
 def test_invalid_config(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: NaiveGate(D, 4, 1, top_k=1.5), TypeError, "top_k must be an int.*1.5"),
+    (lambda: NaiveGate(D, 4, 1, top_k="2"), TypeError, "top_k must be an int.*'2'"),
+    (lambda: NoisyGate(D, 4, 1, top_k=True), TypeError, "top_k must be an int"),
+    (lambda: GShardGate(D, 4, 1, topk=2.0), TypeError, "topk must be an int"),
+    (lambda: ZeroGate(D, 4, 1, top_k=1.5), ValueError, "top_k must be an int"),
+    (lambda: GShardGate(D, 4, 1, top_k=2), TypeError, "names its top-k argument topk"),
+    (lambda: SwitchGate(D, 4, 1, top_k=1), TypeError, "names its top-k argument topk"),
+    (lambda: DCGate(D, 4, 1, top_k=2), TypeError, "names its top-k argument topk"),
+    (lambda: GShardGate(D, 4, 1, capacity=("a", "b")), ValueError, r"capacity factor \(train\)"),
+    (lambda: GShardGate(D, 4, 1, capacity=(1.0, math.inf)), ValueError, r"\(eval\).*finite"),
+    (lambda: DCGate(D, 4, 1, capacity=(math.nan, 1.0)), ValueError, "finite number > 0"),
+    (lambda: SwitchGate(D, 4, 1, switch_eps=-0.5), ValueError, r"switch_eps.*\[0, 1\)"),
+    (lambda: SwitchGate(D, 4, 1, switch_eps=1.0), ValueError, "switch_eps"),
+    (lambda: SwitchGate(D, 4, 1, switch_eps="0.1"), ValueError, "switch_eps"),
+])
+def test_invalid_argument_types_and_values(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert NaiveGate(D, 4, 1, top_k=np.int64(2)).top_k == 2
+    assert GShardGate(D, 4, 1, capacity=(np.float32(1.5), 2)).capacity == (1.5, 2.0)
+    assert SwitchGate(D, 4, 1, switch_eps=np.float64(0.2)).switch_eps == 0.2
+
+
+def test_noisy_gate_starts_like_a_linear_layer():
+    """Its weights start uniform in +-1/sqrt(d_model), as nn.Linear(d_model, experts)'s (they were
+    zeros, which sent every token of a fresh gate in eval mode to the same experts)."""
+    d = 64
+    torch.manual_seed(0)
+    gate = NoisyGate(d, 8, 1, top_k=2).eval()
+    for w in (gate.w_gate, gate.w_noise):
+        assert w.abs().max() <= 1 / math.sqrt(d)
+        assert w.abs().max() > 0.9 / math.sqrt(d), "uniform over the whole range"
+        assert w.std() > 0.5 / math.sqrt(3 * d)
+    idx, _ = gate(torch.randn(32, d))
+    assert len({tuple(sorted(r)) for r in idx.tolist()}) > 1
+
+
+@pytest.mark.parametrize("cls", [GShardGate, DCGate, SwitchGate, NoisyGate],
+                         ids=lambda c: c.__name__)
+def test_loss_without_tokens_is_a_zero_in_the_graph(cls):
+    """A gate with a balance loss and no tokens records a zero that backward() accepts (GShard's
+    and DC's was a constant) and that adds nothing to any gradient."""
+    gate = make_gate(cls, 1 if cls is SwitchGate else 2).train()
+    gate(x_of(0))
+    loss = gate.get_loss()
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    for name, p in gate.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+@pytest.mark.parametrize("cls", [NaiveGate, SwipeGate], ids=lambda c: c.__name__)
+def test_layer_with_a_lossless_gate_deep_copies_after_forward(cls):
+    """Its zero loss requires no gradient: a non-leaf tensor on the gate would stop
+    copy.deepcopy of the model (an EMA copy, a reference model) after a forward."""
+    import copy
+
+    layer = fastmoe_megatron.FMoETransformerMLP(num_expert=E, d_model=D, d_hidden=4, gate=cls)
+    layer(x_of()).sum().backward()
+    assert layer.gate.has_loss and not layer.gate.get_loss(clear=False).requires_grad
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(x_of(seed=3)), layer(x_of(seed=3)))
 
 
 def test_gate_interface():

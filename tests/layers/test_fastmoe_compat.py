@@ -4,6 +4,8 @@ scalar mask fills, inputs under autocast (with and without a mask), ``gate_bias`
 subclasses, FastMoE 1.1's per-expert state dicts and its module paths."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -254,3 +256,29 @@ def test_fastmoe_module_paths():
     m = nn.Linear(2, 2)
     mark_module_parallel_comm(m, "dp")
     assert {p.dp_comm for p in m.parameters()} == {"dp"}
+
+
+def test_fmoe_linear_starts_like_fastmoes():
+    """Each expert's weight starts as an nn.Linear's of its shape, uniform in +-1/sqrt(in_feat),
+    and its bias at zero, as FastMoE's FMoELinear (and Megatron) start them."""
+    torch.manual_seed(0)
+    lin = FMoELinear(4, 64, 16)
+    bound = 1 / math.sqrt(64)
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(lin.bias) == 0
+    assert not torch.equal(lin.weight[0], lin.weight[1])
+
+
+@pytest.mark.parametrize("gate_kw,match", [
+    (dict(num_expert=2, world_size=1), r"routes to 2 experts.*= 4"),
+    (dict(num_expert=8, world_size=1), r"routes to 8 experts.*= 4"),
+    (dict(num_expert=4, world_size=1, top_k=1), r"top_k=1 experts.*top_k=2"),
+])
+def test_gate_module_built_for_another_layer_is_refused(gate_kw, match):
+    """A gate module must route to the layer's experts: one built for fewer left experts idle
+    silently, one for more failed later in the count op."""
+    gate = NaiveGate(D, **{"top_k": 2, **gate_kw})
+    with pytest.raises(ValueError, match=match):
+        FMoE(num_expert=4, d_model=D, top_k=2, gate=gate, expert=lambda d: nn.Linear(d, d))
+    ok = NaiveGate(D, 4, 1, top_k=2)
+    assert FMoE(num_expert=4, d_model=D, top_k=2, gate=ok, expert=lambda d: nn.Linear(d, d)).gate is ok
