@@ -6,7 +6,7 @@
 // with the same contracts.
 //
 // Shapes: T tokens, K = top_k, S = T*K token slots (slot s = t*K + j), E experts, N buffer rows.
-// Index tensors are int64. An expert id of -1 marks a dropped slot.
+// Index tensors are int64. A negative expert id (the gates write -1) marks a dropped slot.
 //
 //   expert_count(idx[any], E)              -> counts[E]          slots per expert, -1 skipped
 //   assign_pos(idx[S], counts[E])          -> (pos[S], inv[S])
@@ -23,15 +23,15 @@
 //   gather_weight_grad(gy[T,D], buf[N,D], inv[S], K) -> gw[S]
 //       gw[s] = dot(gy[s / K], buf[inv[s]]), 0 where inv[s] < 0 (fp32 accumulation, in a fixed
 //       order: deterministic; the CPU and CUDA kernels sum in different orders).
-//   limit_by_capacity(gec[W*E], cap[E], E, W) -> new_gec[W*E]
+//   limit_by_capacity(gec[W*E], cap[E] (an integer dtype), E, W) -> new_gec[W*E]
 //       gec is laid out [W, E]: gec[w*E + e] rows that worker w sends to local expert e. Each expert
 //       grants its capacity to workers in rank order: new[w,e] = min(gec[w,e], cap[e] - granted so far).
-//   prune_gate_by_capacity(idx[T,K], keep[E]) -> new_idx[T,K]
+//   prune_gate_by_capacity(idx[T,K], keep[E] (an integer dtype)) -> new_idx[T,K]
 //       For each expert e keep the first keep[e] slots routed to e, in priority order: all first
 //       choices (j = 0) by token, then all second choices, and so on; later slots become -1.
 //   grouped_mm(x[N,I], w[E,O,I], counts[E] (CPU), bias?[E,O]) -> y[N,O]
 //       rows are grouped by expert, counts[e] rows each, in expert order: y_e = x_e @ w[e]^T + bias[e].
-//       Rows after sum(counts) are zero.
+//       Rows after sum(counts) are zero. The bias is taken in x's dtype.
 //   grouped_mm_backward(gy[N,O], x[N,I], w[E,O,I], counts[E] (CPU), mask: bool[3],
 //                       gw_out?[E,O,I])
 //       -> (gx[N,I], gw[E,O,I], gb[E,O]): gradients of grouped_mm; an output whose mask entry is
@@ -74,6 +74,11 @@ using at::Tensor;
 // Validation shared by the CPU and CUDA kernels.
 void check_index(const Tensor& t, const char* name);
 int64_t checked_total(const Tensor& counts, int64_t limit, const char* op);
+// A capacity or keep tensor: any integer dtype (a float one would be truncated silently).
+inline void check_integral(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": ", name,
+              " must have an integer dtype, got ", t.scalar_type());
+}
 // grouped_mm's x [N, in_feat] and weight [E, out_feat, in_feat]: shapes and dtype (inline, as
 // GroupedMMGrads below; the CUDA kernels add their device checks).
 inline void check_gemm_args(const Tensor& x, const Tensor& w, const char* op) {
@@ -116,10 +121,12 @@ struct GroupedMMGrads {
     }
   }
 
+  // Each slot left out gets its own empty tensor: the op's schema says that its outputs do not
+  // alias one another (torch.library.opcheck and torch.compile check it).
   std::tuple<Tensor, Tensor, Tensor> result(const Tensor& x) const {
-    const Tensor none = at::empty({0}, x.options());
-    return {gx.defined() ? gx : none, gw.defined() && !into_out ? gw : none,
-            gb.defined() && !gb_into_out ? gb : none};
+    auto none = [&] { return at::empty({0}, x.options()); };
+    return {gx.defined() ? gx : none(), gw.defined() && !into_out ? gw : none(),
+            gb.defined() && !gb_into_out ? gb : none()};
   }
 
  private:

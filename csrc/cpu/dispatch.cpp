@@ -279,6 +279,7 @@ Tensor limit_by_capacity(const Tensor& gec, const Tensor& capacity, int64_t num_
   TORCH_CHECK(gec.numel() == num_expert * world_size,
               "limit_by_capacity: expert_count must have num_expert * world_size elements");
   TORCH_CHECK(capacity.numel() == num_expert, "limit_by_capacity: capacity must have num_expert elements");
+  check_integral(capacity, "limit_by_capacity", "capacity");
   auto gc = gec.contiguous();
   auto cap = capacity.to(at::kLong).contiguous();
   auto out = at::empty_like(gc);
@@ -299,6 +300,7 @@ Tensor limit_by_capacity(const Tensor& gec, const Tensor& capacity, int64_t num_
 Tensor prune_gate_by_capacity(const Tensor& idx, const Tensor& keep) {
   check_index(idx, "idx");
   TORCH_CHECK(idx.dim() == 2, "prune_gate_by_capacity: idx must be [T, top_k]");
+  check_integral(keep, "prune_gate_by_capacity", "keep");
   auto ic = idx.contiguous();
   auto kc = keep.to(at::kLong).contiguous();
   const int64_t T = ic.size(0), K = ic.size(1), E = kc.numel();

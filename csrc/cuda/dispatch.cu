@@ -514,6 +514,7 @@ Tensor limit_by_capacity(const Tensor& gec, const Tensor& capacity, int64_t num_
   TORCH_CHECK(gec.numel() == num_expert * world_size,
               "limit_by_capacity: expert_count must have num_expert * world_size elements");
   TORCH_CHECK(capacity.numel() == num_expert, "limit_by_capacity: capacity must have num_expert elements");
+  check_integral(capacity, "limit_by_capacity", "capacity");
   c10::cuda::CUDAGuard guard(gec.device());
   auto gc = gec.contiguous();
   auto cap = long_on(capacity, gec.device());
@@ -528,6 +529,7 @@ Tensor limit_by_capacity(const Tensor& gec, const Tensor& capacity, int64_t num_
 Tensor prune_gate_by_capacity(const Tensor& idx, const Tensor& keep) {
   check_index(idx, "idx");
   TORCH_CHECK(idx.dim() == 2, "prune_gate_by_capacity: idx must be [T, top_k]");
+  check_integral(keep, "prune_gate_by_capacity", "keep");
   check_cuda(idx, "prune_gate_by_capacity", "idx");
   check_same_device(keep, idx.device(), "prune_gate_by_capacity", "keep", /*allow_cpu=*/true);
   c10::cuda::CUDAGuard guard(idx.device());

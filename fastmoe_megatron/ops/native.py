@@ -22,6 +22,14 @@ def _register_fakes() -> bool:
     global _registered
     if _registered:
         return True
+    with _native._lock:  # two threads' first calls must not both register (the second raises)
+        if not _registered:
+            _register_fake_kernels()
+            _registered = True
+    return True
+
+
+def _register_fake_kernels():
     lib = "fmoe::"
 
     def fake(name):
@@ -62,11 +70,13 @@ def _register_fakes() -> bool:
 
     @fake("grouped_mm_backward")
     def _(grad_out, x, weight, counts, mask, grad_weight_out=None):
-        none = x.new_empty((0,))
+        def none():  # one empty tensor per slot: outputs must not alias
+            return x.new_empty((0,))
+
         return (
-            x.new_empty(x.shape) if mask[0] else none,
-            weight.new_empty(weight.shape) if mask[1] and grad_weight_out is None else none,
-            weight.new_empty(weight.shape[:2]) if mask[2] else none,
+            x.new_empty(x.shape) if mask[0] else none(),
+            weight.new_empty(weight.shape) if mask[1] and grad_weight_out is None else none(),
+            weight.new_empty(weight.shape[:2]) if mask[2] else none(),
         )
 
     @fake("expert_mlp")
@@ -76,17 +86,16 @@ def _register_fakes() -> bool:
     @fake("expert_mlp_backward")
     def _(grad_out, x, hidden, counts, w1, w2, activation, mask, grad_w1_out=None, grad_w2_out=None,
           grad_b1_out=None, grad_b2_out=None, accumulate=False):
-        none = x.new_empty((0,))
-        return (
-            x.new_empty(x.shape) if mask[0] else none,
-            w1.new_empty(w1.shape) if mask[1] and grad_w1_out is None else none,
-            w1.new_empty(w1.shape[:2]) if mask[2] and grad_b1_out is None else none,
-            w2.new_empty(w2.shape) if mask[3] and grad_w2_out is None else none,
-            w2.new_empty(w2.shape[:2]) if mask[4] and grad_b2_out is None else none,
-        )
+        def none():
+            return x.new_empty((0,))
 
-    _registered = True
-    return True
+        return (
+            x.new_empty(x.shape) if mask[0] else none(),
+            w1.new_empty(w1.shape) if mask[1] and grad_w1_out is None else none(),
+            w1.new_empty(w1.shape[:2]) if mask[2] and grad_b1_out is None else none(),
+            w2.new_empty(w2.shape) if mask[3] and grad_w2_out is None else none(),
+            w2.new_empty(w2.shape[:2]) if mask[4] and grad_b2_out is None else none(),
+        )
 
 
 def expert_count(idx, num_expert):

@@ -51,8 +51,20 @@ def _rows(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return torch.where(valid.unsqueeze(1), rows, 0)
 
 
+def _check_weight(weight: torch.Tensor | None, slots: int, op: str):
+    if weight is not None and weight.numel() != slots:
+        raise RuntimeError(f"{op}: weight must have T*top_k elements ({slots}), got "
+                           f"{weight.numel()}")
+
+
+def _check_integral(t: torch.Tensor, op: str, name: str):
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise RuntimeError(f"{op}: {name} must have an integer dtype, got {t.dtype}")
+
+
 def scatter_rows(x: torch.Tensor, pos: torch.Tensor, top_k: int,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    _check_weight(weight, x.shape[0] * top_k, "scatter_rows")
     valid = pos >= 0
     rows = _rows(x, torch.div(pos, top_k, rounding_mode="floor"), valid)
     if weight is None:
@@ -63,6 +75,7 @@ def scatter_rows(x: torch.Tensor, pos: torch.Tensor, top_k: int,
 
 def gather_rows(buf: torch.Tensor, inv: torch.Tensor, top_k: int,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    _check_weight(weight, inv.numel(), "gather_rows")
     valid = inv >= 0
     acc = torch.promote_types(buf.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
     rows = _rows(buf, inv, valid).to(acc)
@@ -82,6 +95,7 @@ def gather_weight_grad(grad_out: torch.Tensor, buf: torch.Tensor, inv: torch.Ten
 
 def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int,
                       world_size: int) -> torch.Tensor:
+    _check_integral(capacity, "limit_by_capacity", "capacity")
     counts = gec.reshape(world_size, num_expert)
     granted_before = torch.cumsum(counts, 0) - counts  # rows granted to lower ranks, uncapped
     left = (capacity.to(counts).reshape(1, -1).clamp(min=0) - granted_before).clamp(min=0)
@@ -89,13 +103,26 @@ def limit_by_capacity(gec: torch.Tensor, capacity: torch.Tensor, num_expert: int
 
 
 def prune_gate_by_capacity(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    _check_index(idx, "idx")
+    _check_integral(keep, "prune_gate_by_capacity", "keep")
     T, K = idx.shape
+    E = keep.numel()
     prio = idx.t().reshape(-1)  # priority order: all j=0 slots by token, then j=1, ...
     valid = prio >= 0
-    e = torch.where(valid, prio, torch.zeros_like(prio))
-    onehot = torch.nn.functional.one_hot(e, keep.numel()) * valid.unsqueeze(1).to(torch.int64)
-    rank = (torch.cumsum(onehot, 0) - onehot).gather(1, e.unsqueeze(1)).squeeze(1)
-    kept = valid & (rank < keep.to(prio.device).index_select(0, e))
+    if valid.any() and int(prio.max()) >= E:
+        raise RuntimeError(f"prune_gate_by_capacity: expert id {int(prio.max())} out of range "
+                           f"[0, {E})")
+    # Each slot's rank among the earlier slots of its expert: a stable sort by expert (dropped
+    # slots last, as expert E) keeps the priority order inside each expert.
+    e = torch.where(valid, prio, torch.full_like(prio, E))
+    order = torch.sort(e, stable=True).indices
+    sizes = torch.bincount(e, minlength=E + 1)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(prio)
+    rank[order] = torch.arange(prio.numel(), device=prio.device) - starts.index_select(0, e[order])
+    keep = keep.to(prio.device, torch.int64)
+    limit = torch.cat([keep, keep.new_zeros(1)])  # none kept for the dropped slots' "expert E"
+    kept = valid & (rank < limit.index_select(0, e))
     out = torch.where(kept, prio, torch.full_like(prio, -1))
     return out.view(K, T).t().contiguous()
 
@@ -120,7 +147,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     outs = []
     for e, (xe) in enumerate(torch.split(x[:total], sizes)):
         y = xe @ weight[e].t()
-        outs.append(y + bias[e] if bias is not None else y)
+        outs.append(y + bias[e].to(y.dtype) if bias is not None else y)
     pad = x.new_zeros(x.shape[0] - total, weight.shape[1])
     return torch.cat(outs + [pad], 0) if outs else pad
 

@@ -497,12 +497,11 @@ BOTH_ERRORS = [
     ("prune_expert_out_of_range", lambda: ops.prune_gate_by_capacity(IDX, torch.tensor([1, 1, 1])), "out of range"),
     ("limit_shape", lambda: ops.limit_by_capacity(torch.tensor([1, 2, 3]), torch.tensor([1, 1]), 2, 2), None),
 ]
-# Contract violations that the native kernels reject and the fallback does not check: the fallback
-# silently returns a routing plan that does not match idx, or fails with an IndexError.
+# Routing plans inconsistent with idx (or with the weights): both back ends reject them, each in its
+# own words (the matches are the native kernels').
 FALLBACK_UNCHECKED = [
     ("assign_pos_counts_too_small", lambda: ops.assign_pos(IDX, torch.tensor([1, 2, 1, 0])), "smaller"),
     ("assign_pos_expert_out_of_range", lambda: ops.assign_pos(IDX, torch.tensor([1, 3, 1])), "out of range"),
-    # The fallback raises IndexError from deep inside (weight[2]), not a RuntimeError/ValueError.
     ("gemm_counts_vs_experts", lambda: ops.grouped_linear(torch.randn(4, 3), torch.randn(2, 5, 3),
                                                          torch.tensor([2, 2, 0])), "experts"),
 ]
@@ -534,6 +533,34 @@ def test_fallback_rejects_bad_input(name, fn, match):
 def test_fallback_rejects_inconsistent_plan(name, fn, match):
     with ops.use_backend("torch"):
         _expect_error(fn, None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_arguments_checked_alike(impl):
+    """What the fallback used to take silently and the native kernels refused (or read
+    differently): weights of the wrong size, float capacities, a bias of another dtype, no
+    experts at all; and any negative expert id marks a dropped slot in both."""
+    x, buf = torch.randn(3, 4), torch.randn(6, 4)
+    pos = inv = torch.tensor([0, 1, 2, 3, 4, 5])
+    with pytest.raises(RuntimeError, match="T\\*top_k"):
+        impl.gather_rows(buf, inv, 2, torch.ones(1))
+    with pytest.raises(RuntimeError, match="T\\*top_k"):
+        impl.scatter_rows(x, pos, 2, torch.ones(7))
+    with pytest.raises(RuntimeError, match="keep must have an integer dtype"):
+        impl.prune_gate_by_capacity(IDX, torch.tensor([1.5, 0.5, 1.0, 1.0]))
+    with pytest.raises(RuntimeError, match="capacity must have an integer dtype"):
+        impl.limit_by_capacity(torch.tensor([1, 2, 3, 4]), torch.tensor([1.0, 2.0]), 2, 2)
+    # int32 limits are read as they are (first choices of every token before second ones).
+    assert impl.prune_gate_by_capacity(IDX, torch.tensor([1, 1, 1, 1], dtype=torch.int32)).tolist() == \
+        [[0, -1], [3, 2], [1, -1]]
+    dropped = torch.full((3, 2), -1, dtype=torch.int64)
+    assert torch.equal(impl.prune_gate_by_capacity(dropped, torch.zeros(0, dtype=torch.int64)), dropped)
+    y = impl.grouped_mm(x, torch.randn(2, 5, 4), torch.tensor([1, 2]),
+                        torch.randn(2, 5, dtype=torch.float64))
+    assert y.dtype == torch.float32
+    idx = torch.tensor([[0, -2], [-1, 1]])
+    assert impl.expert_count(idx, 2).tolist() == [1, 1]
+    assert impl.prune_gate_by_capacity(idx, torch.tensor([5, 5])).tolist() == [[0, -1], [-1, 1]]
 
 
 def test_use_backend_validates_its_argument():
