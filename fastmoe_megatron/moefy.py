@@ -153,7 +153,7 @@ def transformer_layer_ffn(layer: nn.Module) -> Optional[DenseFFN]:
     def install(moe: FMoETransformerMLP) -> nn.Module:
         # _ff_block still computes dropout2(linear2(dropout(activation(linear1(x))))).
         for name in ("linear1", "activation", "dropout"):
-            setattr(layer, name, MovedIntoMoE("linear2"))
+            setattr(layer, name, MovedIntoMoE("linear2").train(layer.training))
         layer.linear2 = moe
         # The fused inference kernel reads linear1/linear2's dense weights: never take it.
         layer.activation_relu_or_gelu = 0
@@ -217,7 +217,7 @@ def traced_ffn(module: nn.Module) -> Optional[DenseFFN]:
 
     def install(moe: FMoETransformerMLP) -> nn.Module:
         for path in [fc1_path, *middle_paths]:
-            _set_submodule(module, path, MovedIntoMoE(fc2_path))
+            _set_submodule(module, path, MovedIntoMoE(fc2_path).train(module.training))
         _set_submodule(module, fc2_path, moe)
         return module
 

@@ -239,6 +239,18 @@ def test_errors():
         moefy(two, nn.Sequential, num_expert=2)
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+def test_an_eval_mode_model_stays_in_eval_mode():
+    """The MovedIntoMoE placeholders take the module's mode (they started in training mode)."""
+    for model, match in ((nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D)), ""),
+                         (encoder(False), nn.TransformerEncoderLayer), (Net(), MLP)):
+        moefy(model.eval(), match, num_expert=2)
+        assert any(isinstance(m, MovedIntoMoE) for m in model.modules())
+        assert [n for n, m in model.named_modules() if m.training] == []
+    model = moefy(Net().train(), MLP, num_expert=2)
+    assert all(m.training for m in model.modules())
+
+
 def test_d_hidden_gate_options_and_training():
     torch.manual_seed(0)
     model = moefy(Net(), MLP, num_expert=4, top_k=2, d_hidden=8,
