@@ -176,7 +176,8 @@ class _LinearTracer(torch.fx.Tracer):
 def traced_ffn(module: nn.Module) -> Optional[DenseFFN]:
     """Finds the chain ``fc1 -> m1 -> ... -> mk -> fc2`` in ``module``'s traced forward (see the
     module docstring). ``None`` when there is no such chain; ``TypeError`` when the forward cannot
-    be traced, ``ValueError`` when it holds more than one chain."""
+    be traced or the only chain shares a module with the rest of the forward (naming it),
+    ``ValueError`` when it holds more than one chain."""
     try:
         graph = _LinearTracer().trace(module)
     except Exception as e:  # noqa: BLE001 - data-dependent control flow, unsupported ops, ...
@@ -188,7 +189,7 @@ def traced_ffn(module: nn.Module) -> Optional[DenseFFN]:
     def used_once(path):  # called once, and none of its parameters read directly
         return calls[path] == 1 and not any(a.startswith(path + ".") for a in attrs)
 
-    found = []
+    found, shared = [], []
     for first in graph.nodes:
         if first.op != "call_module" or not isinstance(module.get_submodule(first.target), nn.Linear):
             continue
@@ -199,12 +200,24 @@ def traced_ffn(module: nn.Module) -> Optional[DenseFFN]:
                 break
             if isinstance(module.get_submodule(nxt.target), nn.Linear):
                 fc1, fc2 = module.get_submodule(first.target), module.get_submodule(nxt.target)
-                if (fc1.in_features == fc2.out_features and fc1.out_features == fc2.in_features
-                        and all(used_once(n.target) for n in [first, *middle, nxt])):
-                    found.append((first.target, [m.target for m in middle], nxt.target))
+                if fc1.in_features == fc2.out_features and fc1.out_features == fc2.in_features:
+                    chain = [first.target, *(m.target for m in middle), nxt.target]
+                    reused = [p for p in chain if not used_once(p)]
+                    if reused:
+                        shared.append((chain, reused))
+                    else:
+                        found.append((first.target, chain[1:-1], nxt.target))
                 break
             middle.append(nxt)
             node = nxt
+    if not found and shared:
+        chain, reused = shared[0]
+        uses = "; ".join(f"{p} is called {calls[p]} times" if calls[p] != 1 else
+                         f"{p}'s parameters are also read directly" for p in reused)
+        raise TypeError(f"moefy: the feed-forward chain {' -> '.join(chain)} of "
+                        f"{type(module).__name__} shares a module with the rest of its forward "
+                        f"({uses}), so it cannot move into the experts; give the block its own "
+                        "modules, or pass adapter=...")
     if not found:
         return None
     if len(found) > 1:

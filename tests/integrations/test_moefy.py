@@ -239,6 +239,35 @@ def test_errors():
         moefy(two, nn.Sequential, num_expert=2)
 
 
+def test_a_module_shared_with_the_rest_of_the_forward_is_named():
+    """A chain fc1 -> act -> drop -> fc2 whose dropout also serves the attention branch cannot move
+    into the experts; the refusal names it (it said only "no feed-forward block found")."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc1, self.act = nn.Linear(D, D), nn.Linear(D, H), nn.GELU()
+            self.drop, self.fc2 = nn.Dropout(0.1), nn.Linear(H, D)
+
+        def forward(self, x):
+            x = x + self.drop(self.attn(x))
+            return x + self.fc2(self.drop(self.act(self.fc1(x))))
+
+    with pytest.raises(TypeError, match=r"fc1 -> act -> drop -> fc2 of Block .*\(drop is called 2 "
+                                        r"times\).*adapter="):
+        moefy(Block(), Block, num_expert=2)
+
+    class Tied(nn.Module):  # fc1's weight read directly elsewhere
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x))) + F.linear(x, self.fc1.weight).sum(-1, True)
+
+    with pytest.raises(TypeError, match="fc1's parameters are also read directly"):
+        moefy(Tied(), Tied, num_expert=2)
+
+
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 def test_an_eval_mode_model_stays_in_eval_mode():
     """The MovedIntoMoE placeholders take the module's mode (they started in training mode)."""
