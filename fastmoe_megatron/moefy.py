@@ -45,6 +45,7 @@ gate ``"gate"``, and the rest of the model is untagged (``"dp"``) for
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -369,8 +370,13 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
     """
     if num_expert < 1:
         raise ValueError(f"num_expert must be >= 1, got {num_expert}")
-    if upcycle_noise < 0:
-        raise ValueError(f"upcycle_noise must be >= 0, got {upcycle_noise}")
+    if not 0 <= upcycle_noise < math.inf:
+        raise ValueError(f"upcycle_noise must be a finite number >= 0, got {upcycle_noise}")
+    if upcycle_noise and not upcycle:
+        raise ValueError(f"upcycle_noise={upcycle_noise} is the noise on upcycled experts: it "
+                         "needs upcycle=True")
+    if d_hidden is not None and d_hidden < 1:
+        raise ValueError(f"d_hidden must be >= 1 (or None: the dense block's), got {d_hidden}")
     adapter = adapter or default_adapter
     if expert_dp_comm is None:
         expert_dp_comm = "none" if world_size > 1 else "dp"
@@ -388,7 +394,7 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
         if ffn is None:
             raise TypeError(f"moefy: no feed-forward block found in {name or '<model>'} "
                             f"({type(module).__name__}); pass adapter=... for this shape")
-        hidden = d_hidden or ffn.d_hidden
+        hidden = ffn.d_hidden if d_hidden is None else d_hidden
         if upcycle and hidden != ffn.d_hidden:
             raise ValueError(f"upcycle=True copies the dense block, so d_hidden must be its "
                              f"{ffn.d_hidden}, got {d_hidden}")

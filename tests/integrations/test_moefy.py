@@ -239,6 +239,19 @@ def test_errors():
         moefy(two, nn.Sequential, num_expert=2)
 
 
+def test_bad_arguments_are_named():
+    """They used to pass silently: noise without upcycling was ignored, NaN noise accepted, and
+    d_hidden=0 built experts as wide as the dense block."""
+    with pytest.raises(ValueError, match="upcycle_noise=0.5 .* needs upcycle=True"):
+        moefy(Net(), MLP, num_expert=2, upcycle_noise=0.5)
+    for bad in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(ValueError, match="upcycle_noise must be a finite number >= 0"):
+            moefy(Net(), MLP, num_expert=2, upcycle=True, upcycle_noise=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"d_hidden must be >= 1 .*got {bad}"):
+            moefy(Net(), MLP, num_expert=2, d_hidden=bad)
+
+
 def test_a_module_shared_with_the_rest_of_the_forward_is_named():
     """A chain fc1 -> act -> drop -> fc2 whose dropout also serves the attention branch cannot move
     into the experts; the refusal names it (it said only "no feed-forward block found")."""
