@@ -29,8 +29,9 @@ the two linears and the activation and says how to install the MoE layer (see ``
 
 Upcycling (``upcycle=True``): every expert starts as a copy of the dense block (Komatsuzaki et al.,
 "Sparse Upcycling"), optionally plus Gaussian noise on the weights. With noise 0 and a gate whose
-scores sum to one (NaiveGate), the MoE model computes what the dense model computed. Noise is
-drawn for all global experts from one generator and each rank keeps its slice.
+scores sum to one (NaiveGate), the MoE model computes what the dense model computed. Each
+global expert's noise comes from its own generator, seeded by (``upcycle_seed``, the block's index
+in ``model``, the expert's global index): a rank draws the noise of its own experts only.
 
 A moefied model, upcycled or not, is the same whatever the expert-parallel size: each MoE layer
 takes one draw of the global generator as its seed, builds its gate from it and initialises every
@@ -286,14 +287,16 @@ def _find(model: nn.Module, select) -> list:
 
 @torch.no_grad()
 def upcycle_experts(moe: FMoETransformerMLP, fc1: nn.Linear, fc2: nn.Linear, noise: float = 0.0,
-                    generator: Optional[torch.Generator] = None, rank: int = 0) -> None:
+                    seed: int = 0, rank: int = 0) -> None:
     """Copies the dense ``fc1``/``fc2`` into every local expert of ``moe`` (rank ``rank`` holds
     global experts ``rank*E .. rank*E+E-1``). With ``noise > 0`` each global expert's weights get
-    ``noise * std(dense weight) * N(0, 1)``; the noise of all global experts is drawn (on the CPU,
-    from ``generator``) and the rank keeps its slice. A dense linear without bias gives zero
-    expert biases; experts without biases (``bias=False``) take only dense linears without."""
-    E, W = moe.num_expert, moe.world_size
-    for dense, experts in ((fc1, moe.experts.htoh4), (fc2, moe.experts.h4toh)):
+    ``noise * std(dense weight) * N(0, 1)``, drawn (on the CPU, ``fc1``'s then ``fc2``'s) from a
+    generator seeded with ``key_seed(seed, global expert index)``: a rank draws only its own
+    experts' noise, and each expert's is the same at any expert-parallel size. A dense linear
+    without bias gives zero expert biases; experts without biases (``bias=False``) take only
+    dense linears without."""
+    pairs = ((fc1, moe.experts.htoh4), (fc2, moe.experts.h4toh))
+    for dense, experts in pairs:
         w = dense.weight.detach()
         if tuple(experts.weight.shape[1:]) != tuple(w.shape):
             raise ValueError(f"upcycling needs experts shaped like the dense block: expert weight "
@@ -302,15 +305,19 @@ def upcycle_experts(moe: FMoETransformerMLP, fc1: nn.Linear, fc2: nn.Linear, noi
             raise ValueError("upcycling copies the dense block, whose linears have biases: build "
                              "the experts with bias=True (the default), not bias=False")
         experts.weight.copy_(w.expand_as(experts.weight))
-        if noise > 0:
-            eps = torch.randn((E * W, *w.shape), generator=generator, dtype=torch.float32)
-            eps = eps[rank * E:(rank + 1) * E].to(experts.weight)
-            experts.weight.add_(eps * (noise * w.float().std()).to(experts.weight))
         if experts.bias is not None:
             if dense.bias is not None:
                 experts.bias.copy_(dense.bias.detach().expand_as(experts.bias))
             else:
                 experts.bias.zero_()
+    if noise > 0:
+        scales = [noise * dense.weight.detach().float().std() for dense, _ in pairs]
+        generator = torch.Generator()
+        for e in range(moe.num_expert):
+            generator.manual_seed(key_seed(seed, rank * moe.num_expert + e))
+            for (dense, experts), scale in zip(pairs, scales):
+                eps = torch.randn(dense.weight.shape, generator=generator, dtype=torch.float32)
+                experts.weight[e].add_((eps * scale).to(experts.weight))
 
 
 # ---------------------------------------------------------------------------- moefy
@@ -357,7 +364,8 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
         upcycle: start every expert as a copy of the dense block (needs the default ``d_hidden``).
         upcycle_noise: with ``upcycle``, add ``upcycle_noise * std(W) * N(0, 1)`` to each expert's
             weights ``W`` (biases are copied as they are).
-        upcycle_seed: seed of the noise (drawn in block order, the same on every rank).
+        upcycle_seed: seed of the noise (each expert of each block draws from its own
+            generator, seeded from this, the block's index and the expert's global index).
         world_size, moe_group: expert parallel: ``world_size`` ranks of ``moe_group`` (default:
             the whole world) each hold ``num_expert`` experts.
         expert_dp_comm: the ``dp_comm`` tag of expert parameters; default ``"none"`` when
@@ -381,7 +389,6 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
     if expert_dp_comm is None:
         expert_dp_comm = "none" if world_size > 1 else "dp"
     rank = comm.group_rank(moe_group) if world_size > 1 else 0
-    generator = torch.Generator().manual_seed(upcycle_seed)
 
     selected = _find(model, _matcher(match))
     if not selected:
@@ -389,7 +396,7 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
     if isinstance(gate, nn.Module) and len(selected) > 1:
         raise TypeError("moefy: gate is one module instance but there are "
                         f"{len(selected)} blocks; pass a gate class or factory")
-    for name, module in selected:
+    for block, (name, module) in enumerate(selected):
         ffn = adapter(module)
         if ffn is None:
             raise TypeError(f"moefy: no feed-forward block found in {name or '<model>'} "
@@ -404,7 +411,8 @@ def moefy(model: nn.Module, match: Match, *, num_expert: int, top_k: int = 2, ga
             world_size=world_size, moe_group=moe_group, top_k=top_k, gate=gate, **moe_kwargs)
         moe.to(device=ffn.fc1.weight.device, dtype=ffn.fc1.weight.dtype)
         if upcycle:
-            upcycle_experts(moe, ffn.fc1, ffn.fc2, upcycle_noise, generator, rank)
+            upcycle_experts(moe, ffn.fc1, ffn.fc2, upcycle_noise, key_seed(upcycle_seed, block),
+                            rank)
         moe.train(module.training)
         new = ffn.install(moe)
         if new is not module:

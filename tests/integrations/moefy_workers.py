@@ -2,10 +2,10 @@
 
 Every rank builds the same dense model (same seed) and from it two MoE models, both upcycled with
 the same noise seed: the one-process reference holding all ``world * E`` experts, and the
-expert-parallel model (``world_size=world``, ``E`` experts per rank). Upcycling draws the noise of
-all global experts and keeps the rank's slice, and moefy seeds each layer independently of the
-expert-parallel size, so from the same global seed the experts and the gates already agree
-(checked). Each rank feeds its own tokens; every comparison runs in the worker.
+expert-parallel model (``world_size=world``, ``E`` experts per rank). Upcycling draws each global
+expert's noise from its own seed, and moefy seeds each layer independently of the expert-parallel
+size, so from the same global seed the experts and the gates already agree (checked). Each rank
+feeds its own tokens; every comparison runs in the worker.
 """
 from __future__ import annotations
 

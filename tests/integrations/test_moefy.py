@@ -335,6 +335,42 @@ def test_upcycle_noise():
     torch.testing.assert_close(bias, dense.blocks[0].fc2.bias.expand(4, -1))
 
 
+def test_upcycle_noise_draws_only_the_ranks_experts():
+    """Rank r of W draws the noise of its own E experts (it drew E * W copies of each weight and
+    kept E), and each expert's noise is the one it gets on one rank holding all E * W."""
+    from types import SimpleNamespace
+
+    from fastmoe_megatron.layers import FMoELinear
+    from fastmoe_megatron.moefy import upcycle_experts
+
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def experts(e, w):
+        return SimpleNamespace(num_expert=e, world_size=w, experts=SimpleNamespace(
+            htoh4=FMoELinear(e, D, H), h4toh=FMoELinear(e, H, D)))
+
+    whole = experts(8, 1)
+    upcycle_experts(whole, fc1, fc2, noise=0.1, seed=3)
+    part = experts(2, 4)
+    drawn, randn = [], torch.randn
+
+    def spy(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        drawn.append(out.numel())
+        return out
+
+    try:
+        torch.randn = spy
+        upcycle_experts(part, fc1, fc2, noise=0.1, seed=3, rank=2)
+    finally:
+        torch.randn = randn
+    assert sum(drawn) == 2 * (fc1.weight.numel() + fc2.weight.numel())
+    for name in ("htoh4", "h4toh"):
+        torch.testing.assert_close(getattr(part.experts, name).weight,
+                                   getattr(whole.experts, name).weight[4:6], rtol=0, atol=0)
+
+
 def test_upcycle_without_expert_biases():
     """Experts without biases (bias=False) upcycle a dense block without biases exactly, and
     refuse one with biases (they used to drop them silently: not the dense model)."""
