@@ -119,6 +119,21 @@ def _train_step_matches(dense, world, rank, fn):
     return float(y.detach().abs().sum())
 
 
+def transformer_xl_plain_is_the_same_at_any_ep_size(rank, world):
+    """Not upcycled: moefy_transformer_xl draws the experts and gates again as transformers
+    initialises linears, each expert from its global index; they equal the one-process model's
+    (checked in _pair)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from fastmoe_megatron.transformer_xl import (byte_level_config, moefy_transformer_xl,
+                                                 transfo_xl_module)
+
+    torch.manual_seed(0)
+    config = byte_level_config(d_model=32, n_layer=2, n_head=4, d_inner=64, dropout=0.0)
+    dense = transfo_xl_module().TransfoXLLMHeadModel(config)
+    _pair(dense, world, rank, lambda model, **kw: moefy_transformer_xl(model, top_k=2, **kw))
+    return True
+
+
 def transformer_xl_matches_one_process(rank, world):
     warnings.filterwarnings("ignore", category=FutureWarning)
     from fastmoe_megatron.transformer_xl import (byte_level_config, moefy_transformer_xl,

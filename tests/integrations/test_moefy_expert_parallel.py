@@ -23,3 +23,8 @@ def test_plain_moefy_is_the_same_at_any_ep_size():
 def test_transformer_xl_expert_parallel_matches_one_process():
     pytest.importorskip("transformers")
     run_workers(w.transformer_xl_matches_one_process, 2, timeout=180)
+
+
+def test_transformer_xl_not_upcycled_is_the_same_at_any_ep_size():
+    pytest.importorskip("transformers")
+    run_workers(w.transformer_xl_plain_is_the_same_at_any_ep_size, 2, timeout=180)

@@ -82,6 +82,38 @@ def test_shapes_and_memory_unchanged_and_upcycled_equals_dense(pre_lnorm):
         torch.testing.assert_close(out_m.loss, out_d.loss, **TOL)
 
 
+@pytest.mark.parametrize("init", ["normal", "uniform"])
+def test_new_experts_and_gates_start_as_the_model_initialises_its_linears(init):
+    """Not upcycled, the experts and the gate are drawn as transformers draws every linear of
+    Transformer-XL (N(0, init_std) or U(-init_range, init_range), zero biases), as FastMoE's
+    example did; they used to keep nn.Linear's default, about 5x wider here."""
+    torch.manual_seed(0)
+    config = byte_level_config(d_model=64, n_layer=2, n_head=4, d_inner=128, init=init,
+                               init_std=0.03, init_range=0.05)
+    model = moefy_transformer_xl(transfo_xl_module().TransfoXLLMHeadModel(config), num_expert=4)
+    expected_std = 0.03 if init == "normal" else 0.05 / math.sqrt(3)
+    for _, moe in moe_layers(model):
+        for linear in (moe.experts.htoh4, moe.experts.h4toh, moe.gate.gate):
+            # (the gate has 256 weights; nn.Linear's default gives it about 2.4 x expected_std)
+            assert abs(float(linear.weight.detach().std()) / expected_std - 1) < 0.2
+            assert not linear.bias.any()
+        if init == "uniform":
+            assert float(moe.experts.htoh4.weight.detach().abs().max()) <= 0.05
+        w = moe.experts.htoh4.weight
+        assert all(not torch.equal(w[i], w[j]) for i in range(4) for j in range(i))
+    # Upcycled experts are still copies of the dense block.
+    dense = small_txl()
+    up = moefy_transformer_xl(copy.deepcopy(dense), num_expert=2, upcycle=True)
+    torch.testing.assert_close(up.transformer.layers[0].pos_ff.moe.experts.htoh4.weight[1],
+                               dense.transformer.layers[0].pos_ff.CoreNet[0].weight)
+
+
+def test_d_inner_is_the_experts_width():
+    model = moefy_transformer_xl(small_txl(), num_expert=2, d_hidden=48)
+    ff = model.transformer.layers[0].pos_ff
+    assert ff.d_inner == ff.moe.d_hidden == 48 and ff.moe.experts.htoh4.weight.shape == (2, 48, 32)
+
+
 def test_generic_moefy_on_positionwise_ff_matches_the_adapter():
     """moefy's traced default adapter handles PositionwiseFF too (keeping its class): same output
     as MoEPositionwiseFF with the same gate and experts."""
