@@ -83,7 +83,8 @@ def parse_args(argv=None):
     d.add_argument("--world-size", type=int, default=2)
     args = p.parse_args(argv)
     for name in ("moe_num_expert", "n_layer", "d_model", "n_head", "d_inner", "tgt_len", "iters",
-                 "batch_size", "log_interval", "eval_segments", "corpus_bytes", "threads"):
+                 "batch_size", "log_interval", "eval_segments", "corpus_bytes", "threads",
+                 "world_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.mem_len < 0 or args.warmup < 0:
@@ -95,9 +96,64 @@ def parse_args(argv=None):
     if args.moe_gate == "switch" and args.moe_top_k != 1:
         p.error(f"--moe-gate switch routes each token to one expert: --moe-top-k must be 1, "
                 f"got {args.moe_top_k}")
+    world = _world_size(args)
+    experts = args.moe_num_expert * world
+    if args.moe and not 1 <= args.moe_top_k <= experts:
+        p.error(f"--moe-top-k must be between 1 and the experts of all processes (--moe-num-expert "
+                f"{args.moe_num_expert} x {world} process(es) = {experts}), got {args.moe_top_k}")
     if args.moe_top_k < 1:
         p.error(f"--moe-top-k must be at least 1, got {args.moe_top_k}")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be at least 0 and below 1, got {args.dropout}")
+    for name in ("lr", "clip"):
+        if not 0 < getattr(args, name) < math.inf:
+            p.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
+    if not 0 <= args.balance_loss_weight < math.inf:
+        p.error(f"--balance-loss-weight must be at least 0, got {args.balance_loss_weight}")
+    short = corpus_too_short(stdlib_corpus(args.corpus_bytes).numel(), world, args)
+    if short:
+        p.error(short)
     return args
+
+
+def _world_size(args) -> int:
+    """Processes of the run: torchrun's WORLD_SIZE, else --world-size with --distributed."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:
+        return launched
+    return args.world_size if args.distributed else 1
+
+
+def split_sizes(n_bytes: int, world: int, args) -> tuple:
+    """(held-out bytes, bytes per training stream, bytes per held-out stream) of the corpus: the
+    held-out part is the last twentieth, or ``eval_segments`` segments per stream if that is
+    more; the rest makes ``batch_size`` streams per process."""
+    n_eval = max(args.batch_size * (args.eval_segments * args.tgt_len + 1), n_bytes // 20)
+    train_len = max(0, n_bytes - n_eval) // (args.batch_size * world)
+    return n_eval, train_len, min(n_eval, n_bytes) // args.batch_size
+
+
+def corpus_too_short(n_bytes: int, world: int, args):
+    """Why ``n_bytes`` of corpus cannot feed this run (a message naming --corpus-bytes), or None:
+    every training stream needs a segment and its next byte (``tgt_len + 1``), every held-out
+    stream ``eval_segments * tgt_len + 1`` bytes (a shorter stream would read its segments
+    over and over)."""
+    def fits(n):
+        _, train_len, eval_len = split_sizes(n, world, args)
+        return (train_len >= args.tgt_len + 1
+                and eval_len >= args.eval_segments * args.tgt_len + 1)
+
+    if fits(n_bytes):
+        return None
+    need = (args.batch_size * (args.eval_segments * args.tgt_len + 1)
+            + args.batch_size * world * (args.tgt_len + 1))
+    while not fits(need):
+        need += max(1, need // 100)
+    got = (f"{args.corpus_bytes}" if n_bytes == args.corpus_bytes
+           else f"{args.corpus_bytes} ({n_bytes} bytes of stdlib source found)")
+    return (f"--corpus-bytes {got} is too small for --batch-size {args.batch_size} x {world} "
+            f"process(es) of --tgt-len {args.tgt_len} and --eval-segments {args.eval_segments}: "
+            f"give at least {need}")
 
 
 def streams(data: torch.Tensor, n: int) -> torch.Tensor:
@@ -132,8 +188,10 @@ def train(rank: int, world: int, args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)  # experts differ between ranks; the rest is broadcast
     data = stdlib_corpus(args.corpus_bytes)
-    n_eval = max(args.batch_size * (args.eval_segments * args.tgt_len + 1),
-                 data.numel() // 20)
+    short = corpus_too_short(data.numel(), world, args)
+    if short:
+        raise ValueError(short)
+    n_eval = split_sizes(data.numel(), world, args)[0]
     train_data = streams(data[:-n_eval], args.batch_size * world)[rank * args.batch_size:
                                                                   (rank + 1) * args.batch_size]
     eval_data = streams(data[-n_eval:], args.batch_size)

@@ -154,10 +154,15 @@ def test_training_with_memory_lowers_the_loss():
     assert last < 0.75 * first, losses
 
 
-def test_training_script_runs_and_its_loss_falls(capsys):
+def _script():
     spec = importlib.util.spec_from_file_location("train_txl", ROOT / "scripts" / "train_transformer_xl.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_training_script_runs_and_its_loss_falls(capsys):
+    script = _script()
     threads = torch.get_num_threads()
     try:
         code = script.main(["--moe", "--moe-num-expert", "2", "--moe-top-k", "2", "--iters", "40",
@@ -177,12 +182,40 @@ def test_training_script_runs_and_its_loss_falls(capsys):
     (["--moe-num-expert", "0"], "--moe-num-expert must be at least 1"),
     (["--d-model", "30", "--n-head", "4"], "--d-model 30 must be a multiple of --n-head 4"),
     (["--iters", "0"], "--iters must be at least 1"),
+    # These used to end in tracebacks (or, for 9000 bytes, train on streams shorter than a
+    # segment, reading the same bytes every iteration).
+    (["--distributed", "--world-size", "0"], "--world-size must be at least 1, got 0"),
+    (["--moe", "--moe-num-expert", "1", "--moe-top-k", "2"],
+     "--moe-top-k must be between 1 and the experts of all processes (--moe-num-expert 1 x 1 "
+     "process(es) = 1), got 2"),
+    (["--dropout", "1.5"], "--dropout must be at least 0 and below 1, got 1.5"),
+    (["--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+    (["--clip", "0"], "--clip must be a positive finite number, got 0.0"),
+    (["--balance-loss-weight", "nan"], "--balance-loss-weight must be at least 0, got nan"),
+    (["--corpus-bytes", "1000"], "--corpus-bytes 1000 is too small for --batch-size 16 x 1 "
+                                 "process(es) of --tgt-len 64 and --eval-segments 8: give at least "
+                                 "9248"),
+    (["--corpus-bytes", "9000"], "--corpus-bytes 9000 is too small"),
+    (["--corpus-bytes", "9247"], "--corpus-bytes 9247 is too small"),
+    (["--corpus-bytes", "12000", "--distributed", "--world-size", "4"],
+     "--corpus-bytes 12000 is too small for --batch-size 16 x 4 process(es)"),
 ])
 def test_training_script_refuses_bad_flags(flags, named, capsys):
-    spec = importlib.util.spec_from_file_location("train_txl", ROOT / "scripts" / "train_transformer_xl.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script()
     with pytest.raises(SystemExit) as info:
         script.parse_args(flags)
-    assert info.value.code == 2 and named in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and named in err and "Traceback" not in err, err
     assert script.parse_args(["--moe-gate", "switch"]).moe_top_k == 1
+    assert script.parse_args(["--corpus-bytes", "9248"]).corpus_bytes == 9248  # just enough
+    # Two processes of one expert each: top-2 picks among both.
+    assert script.parse_args(["--moe", "--moe-num-expert", "1", "--distributed"]).moe_top_k == 2
+
+
+def test_the_training_streams_fit_a_segment_at_the_least_corpus():
+    script = _script()
+    args = script.parse_args(["--corpus-bytes", "9248"])
+    n_eval, train_len, eval_len = script.split_sizes(9248, 1, args)
+    assert train_len == args.tgt_len + 1 and eval_len == args.eval_segments * args.tgt_len + 1
+    with pytest.raises(ValueError, match="--corpus-bytes 9248 is too small"):
+        script.train(0, 2, args)  # a caller that skips parse_args: refused in train() too
