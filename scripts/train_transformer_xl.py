@@ -264,7 +264,9 @@ def train(rank: int, world: int, args) -> int:
     log(f"train loss {first:.4f} -> {last:.4f}; held-out loss {eval_before:.4f} -> {eval_after:.4f} "
         f"({(1 - eval_after / eval_before) * 100:.1f}% lower) in {time.time() - t0:.0f} s",
         flush=True)
-    return 0 if eval_after < eval_before and last < first else 1
+    if args.iters > 1 and not last < first:  # one iteration has one loss
+        return 1
+    return 0 if eval_after < eval_before else 1
 
 
 def _worker(rank: int, world: int, port: int, args, codes):

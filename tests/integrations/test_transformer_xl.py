@@ -219,3 +219,19 @@ def test_the_training_streams_fit_a_segment_at_the_least_corpus():
     assert train_len == args.tgt_len + 1 and eval_len == args.eval_segments * args.tgt_len + 1
     with pytest.raises(ValueError, match="--corpus-bytes 9248 is too small"):
         script.train(0, 2, args)  # a caller that skips parse_args: refused in train() too
+
+
+def test_training_script_with_one_iteration_succeeds(capsys):
+    """One iteration has one training loss (first == last): it used to exit 1 every time."""
+    script = _script()
+    threads = torch.get_num_threads()
+    try:
+        code = script.main(["--moe", "--moe-num-expert", "2", "--iters", "1", "--warmup", "0",
+                            "--d-model", "32", "--d-inner", "64", "--n-head", "2",
+                            "--tgt-len", "16", "--mem-len", "16", "--batch-size", "4",
+                            "--eval-segments", "2", "--corpus-bytes", "20000"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "iter     1 |" in out and "held-out loss" in out
