@@ -385,6 +385,22 @@ def test_upcycle_without_expert_biases():
         moefy(biased, "", num_expert=2, upcycle=True, bias=False)
 
 
+def test_the_module_behind_the_moefy_function():
+    """What the README says: the package attribute ``moefy`` is the function (hiding the
+    submodule), and the submodule's other names import from it by its full name."""
+    import importlib
+    import sys
+
+    import fastmoe_megatron
+    import fastmoe_megatron.moefy as mf
+    from fastmoe_megatron.moefy import DenseFFN as dense_ffn, gate_loss as gl, moe_layers as ml
+
+    assert fastmoe_megatron.moefy is mf is moefy and callable(mf)
+    module = sys.modules["fastmoe_megatron.moefy"]
+    assert importlib.import_module("fastmoe_megatron.moefy") is module
+    assert (module.moe_layers, module.gate_loss, module.DenseFFN) == (ml, gl, dense_ffn)
+
+
 def test_param_tags():
     model = moefy(Net(), MLP, num_expert=2)
     moe = model.blocks[0].fc2
