@@ -12,8 +12,9 @@ The launcher puts the script's folder first on ``sys.path`` (as ``python SCRIPT`
 (``fastmoe_megatron.megatron.megatron_lm``; ``--list-patches`` lists them with the versions they
 were checked against), then runs the script as ``__main__`` with the remaining arguments. The
 script parses its own arguments; the patches add the flags below to its parser and act only when
-``--fmoefy`` is given (any of the other flags without it is an error). An unchecked Megatron-LM version stops with an error before anything is
-patched (``FMOE_MEGATRON_UNCHECKED=1`` tries anyway).
+``--fmoefy`` is given (any of the other flags without it is an error). An unchecked Megatron-LM
+version, or a checkout that already carries the source patch, stops with one line and status 2
+before anything is patched (``FMOE_MEGATRON_UNCHECKED=1`` tries an unchecked version anyway).
 
 --fmoefy flags (Megatron-LM's ``--help`` lists them too, in the group "fastmoe-megatron"):
 
@@ -111,6 +112,13 @@ def main(argv=None) -> int:
         print(f"fastmoe_megatron.launch: {script} needs the module {e.name!r}, which is not "
               f"installed in {sys.prefix}. {how}.", file=sys.stderr, flush=True)
         raise
+    except megatron_lm.UnsupportedMegatronLM as e:
+        # An unchecked version, a checkout that already carries the source patch, a missing
+        # target: every rank stops here, so one line per node (no traceback), status 2.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"fastmoe_megatron.launch: {str(e).removeprefix('fastmoe_megatron: ')}",
+                  file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

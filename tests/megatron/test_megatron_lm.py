@@ -109,6 +109,41 @@ def test_launch_without_a_script_or_with_a_missing_one():
     assert out.returncode == 2 and "no such script" in out.stderr
 
 
+def _stand_in_checkout(folder: Path, version: str, source_patched: bool = False) -> Path:
+    """A folder that the launcher takes for a Megatron-LM checkout of ``version``: the packages
+    megatron, megatron.core (its package_info) and megatron.training; returns its script."""
+    for package in ("megatron", "megatron/core", "megatron/training"):
+        (folder / package).mkdir(parents=True, exist_ok=True)
+        (folder / package / "__init__.py").write_text("")
+    major, minor, patch = version.split(".")
+    (folder / "megatron" / "core" / "package_info.py").write_text(
+        f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\n__version__ = '{version}'\n")
+    if source_patched:
+        (folder / "megatron" / "training" / "training.py").write_text(
+            "from fastmoe_megatron.megatron import megatron_lm  # the source patch's hooks\n")
+    script = folder / "pretrain_gpt.py"
+    script.write_text("raise SystemExit('must not run')\n")
+    return script
+
+
+@pytest.mark.parametrize("version,source_patched,message", [
+    ("0.99.0", False, "Megatron-LM 0.99.0 (megatron-core 0.99.0) is not a version the --fmoefy "
+                      "patches were checked against"),
+    ("0.16.1", True, "already carries the fastmoe_megatron source patch"),
+])
+def test_launcher_refuses_a_checkout_in_one_line(version, source_patched, message, tmp_path):
+    """An unchecked version, or a checkout that already carries the source patch: one line and
+    status 2 (on every rank under torchrun this was a traceback of about ten lines)."""
+    script = _stand_in_checkout(tmp_path, version, source_patched)
+    env = {k: v for k, v in _env().items() if k != "FMOE_MEGATRON_UNCHECKED"}
+    out = subprocess.run([sys.executable, "-m", "fastmoe_megatron.launch", str(script), "--x"],
+                         cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastmoe_megatron.launch: ") \
+        and message in lines[0], out.stderr
+
+
 def test_importing_megatron_lm_imports_no_megatron():
     code = ("import sys; import fastmoe_megatron.megatron.megatron_lm, fastmoe_megatron.launch; "
             "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')))")
