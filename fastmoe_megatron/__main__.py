@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -27,6 +28,18 @@ def _nccl_versions() -> tuple[str, str]:
 
 
 def cmd_info(args) -> int:
+    """Prints versions and the ops in use; a bad ``FMOE_*`` variable (which the ops check as they
+    load) is one line on stderr and status 2, not a traceback."""
+    try:
+        return _info()
+    except ValueError as exc:
+        if not re.match(r"FMOE_\w+=.* is not valid", str(exc)):
+            raise
+        print(f"python -m fastmoe_megatron info: {exc}", file=sys.stderr)
+        return 2
+
+
+def _info() -> int:
     import torch
 
     from . import __version__, _native, ops
@@ -35,6 +48,9 @@ def cmd_info(args) -> int:
     cuda_ok = _native.load("cuda")
     torch_nccl, wheel = _nccl_versions()
     status = _native.status()
+    paths = [("CPU", ops.backend_name("cpu"))]  # before any output: it checks FMOE_BACKEND
+    if torch.cuda.is_available():
+        paths.append(("GPU", ops.backend_name("cuda")))
     print(f"fastmoe_megatron {__version__}")
     print(f"python            {sys.version.split()[0]}")
     print(f"torch             {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
@@ -50,9 +66,8 @@ def cmd_info(args) -> int:
         else:
             line = f"not built ({status.get(kind.lower())})"
         print(f"native {kind + ' ops':<11}{line}")
-    print(f"path in use (CPU) {ops.backend_name('cpu')}")
-    if torch.cuda.is_available():
-        print(f"path in use (GPU) {ops.backend_name('cuda')}")
+    for kind, path in paths:
+        print(f"path in use ({kind}) {path}")
     for kind in ("cpu", "cuda"):
         path = status.get(f"{kind}_path") or _native.cached_library(kind)
         if path:

@@ -1,11 +1,15 @@
-"""scripts/test.sh and scripts/setup.sh on a stand-in virtual environment: relative paths."""
+"""scripts/test.sh and scripts/setup.sh on a stand-in virtual environment: relative paths; the
+command lines' answers to bad input (python -m fastmoe_megatron info, the launch scripts)."""
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,5 +36,22 @@ def test_test_script_reads_a_relative_venv_from_where_it_runs(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "setup: creating" not in text and "setup: installing" not in text, text[-3000:]
-    assert "tests/test_scripts.py: 1" in text, text[-3000:]  # pytest ran, collecting only
+    assert re.search(r"^tests/test_scripts\.py: \d+$", text, re.M), text[-3000:]  # collected
     assert not (ROOT / "fv").exists()
+
+
+@pytest.mark.parametrize("variable,value,allowed", [
+    ("FMOE_NATIVE", "yes", "auto, 1, 0"),
+    ("FMOE_BACKEND", "bogus", "auto, native, torch"),
+])
+def test_info_names_a_bad_variable_in_one_line(variable, value, allowed):
+    """It was a traceback (from wherever the ops first read the variable)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FMOE_NATIVE="0")  # no build for FMOE_BACKEND
+    env[variable] = value
+    out = subprocess.run([sys.executable, "-m", "fastmoe_megatron", "info"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [l for l in out.stderr.splitlines() if "cpp_extension" not in l]  # torch's notice
+    assert lines == [f"python -m fastmoe_megatron info: {variable}={value!r} is not valid; "
+                     f"allowed values: {allowed}"], out.stderr
+    assert out.stdout == ""
