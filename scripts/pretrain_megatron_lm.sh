@@ -14,6 +14,12 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FMOE_VENV:-$ROOT/.venv}
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+  # The comment above, without its "# ".
+  sed -n '2,/^set /{/^#/{s/^# \{0,1\}//;p}}' "${BASH_SOURCE[0]}"
+  echo "The launcher's own flags and the --fmoefy flags: python -m fastmoe_megatron.launch --help"
+  exit 0
+fi
 if [ $# -lt 1 ]; then
   echo "usage: $0 CHECKOUT|SCRIPT [flags ...]   (see python -m fastmoe_megatron.launch --help)" >&2
   exit 2

@@ -55,3 +55,14 @@ def test_info_names_a_bad_variable_in_one_line(variable, value, allowed):
     assert lines == [f"python -m fastmoe_megatron info: {variable}={value!r} is not valid; "
                      f"allowed values: {allowed}"], out.stderr
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_pretrain_megatron_lm_script_prints_its_usage(flag):
+    """It took --help for the checkout: "no such script: --help", status 2."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "pretrain_megatron_lm.sh"), flag],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert "scripts/pretrain_megatron_lm.sh CHECKOUT [Megatron-LM flags] --fmoefy" in out.stdout
+    assert "NNODES" in out.stdout and "python -m fastmoe_megatron.launch --help" in out.stdout
+    assert not any(line.startswith("#") for line in out.stdout.splitlines())
