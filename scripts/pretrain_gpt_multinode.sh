@@ -3,7 +3,8 @@
 #   NNODES          number of nodes (default 2; 1 runs --standalone)
 #   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous), or unset with RDZV_ENDPOINT
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1)
-#   MASTER_ADDR     node 0's address (default 127.0.0.1) and MASTER_PORT (default 29500)
+#   MASTER_ADDR     node 0's address (required on the other nodes; default 127.0.0.1 on node 0)
+#                   and MASTER_PORT (default 29500)
 #   RDZV_ENDPOINT   host:port of a c10d rendezvous instead of the static master (elastic launch)
 #   RDZV_ID         job id for the rendezvous (default fmoe)
 # Arguments go to pretrain_gpt.

@@ -2,8 +2,9 @@
 # node options from the environment.
 #   torchrun_nodes NAME   sets the array `launch` and NPROC_PER_NODE; NAME prefixes the errors.
 #   NNODES          nodes: 1 is --standalone
-#   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous on MASTER_ADDR, default
-#                   127.0.0.1, and MASTER_PORT, default 29500), or unset with RDZV_ENDPOINT
+#   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous on MASTER_ADDR, node 0's
+#                   address: required on the other nodes, default 127.0.0.1 on node 0; and
+#                   MASTER_PORT, default 29500), or unset with RDZV_ENDPOINT
 #   RDZV_ENDPOINT   host:port of a c10d rendezvous instead of the static one (elastic launch);
 #                   RDZV_ID is the job id (default fmoe)
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1; asks $VENV's torch)
@@ -26,6 +27,11 @@ torchrun_nodes() {
     fi
     if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
       echo "$name: NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
+      exit 2
+    fi
+    if [ "$NODE_RANK" -gt 0 ] && [ -z "${MASTER_ADDR:-}" ]; then
+      # 127.0.0.1 would be this node: it would wait out torchrun's timeout for a master never there
+      echo "$name: NODE_RANK=$NODE_RANK needs MASTER_ADDR, node 0's address (or RDZV_ENDPOINT)" >&2
       exit 2
     fi
     launch=(--nnodes "$NNODES" --node-rank "$NODE_RANK"

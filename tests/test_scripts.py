@@ -66,3 +66,41 @@ def test_pretrain_megatron_lm_script_prints_its_usage(flag):
     assert "scripts/pretrain_megatron_lm.sh CHECKOUT [Megatron-LM flags] --fmoefy" in out.stdout
     assert "NNODES" in out.stdout and "python -m fastmoe_megatron.launch --help" in out.stdout
     assert not any(line.startswith("#") for line in out.stdout.splitlines())
+
+
+def _fake_torchrun_venv(folder: Path) -> Path:
+    """A virtual environment whose bin/torchrun prints its arguments instead of launching."""
+    (folder / "bin").mkdir(parents=True)
+    torchrun = folder / "bin" / "torchrun"
+    torchrun.write_text('#!/bin/sh\necho "torchrun $*"\n')
+    torchrun.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt_multinode.sh", "pretrain_megatron_lm.sh"])
+def test_other_nodes_need_the_master_address(script, tmp_path):
+    """NODE_RANK > 0 without MASTER_ADDR used to rendezvous on 127.0.0.1, which is that node
+    itself: it waited out torchrun's timeout for a master that never came. Node 0 may leave it
+    unset (it is the master)."""
+    venv = _fake_torchrun_venv(tmp_path / "venv")
+    target = tmp_path / "pretrain_gpt.py"
+    target.write_text("raise SystemExit('must not run')\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT")}
+    env.update(NNODES="2", NPROC_PER_NODE="1", FMOE_VENV=str(venv))
+    args = [str(target)] if script == "pretrain_megatron_lm.sh" else []
+
+    def run(**extra):
+        return subprocess.run(["bash", str(ROOT / "scripts" / script), *args],
+                              env=dict(env, **extra), capture_output=True, text=True, timeout=60)
+
+    out = run(NODE_RANK="1")
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr == (f"{script}: NODE_RANK=1 needs MASTER_ADDR, node 0's address "
+                          "(or RDZV_ENDPOINT)\n")
+    out = run(NODE_RANK="1", MASTER_ADDR="node0")
+    assert out.returncode == 0, out.stderr
+    assert "--node-rank 1 --master-addr node0 --master-port 29500" in out.stdout
+    out = run(NODE_RANK="0")
+    assert out.returncode == 0, out.stderr
+    assert "--node-rank 0 --master-addr 127.0.0.1 --master-port 29500" in out.stdout
