@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh), compiles the CUDA ops when nvcc is present (a compile and
-# link check on machines without a GPU), and runs the test suite. Extra arguments go to pytest.
+# link check on machines without a GPU), and runs the test suite. Extra arguments go to pytest,
+# which runs in the checkout: test paths are relative to it (scripts/test.sh tests/test_scripts.py
+# -k usage); without any, pyproject.toml's testpaths runs the whole suite.
 #   FMOE_SKIP_CUDA_BUILD=1   skip the CUDA compile check
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,4 +23,4 @@ else
 fi
 
 "$VENV/bin/python" -m fastmoe_megatron info
-exec "$VENV/bin/python" -m pytest tests -q -ra "$@"
+exec "$VENV/bin/python" -m pytest -q -ra "$@"

@@ -37,7 +37,23 @@ def test_test_script_reads_a_relative_venv_from_where_it_runs(tmp_path):
     assert out.returncode == 0, text[-3000:]
     assert "setup: creating" not in text and "setup: installing" not in text, text[-3000:]
     assert re.search(r"^tests/test_scripts\.py: \d+$", text, re.M), text[-3000:]  # collected
+    # No test path given: pyproject.toml's testpaths, the whole suite.
+    assert re.search(r"^tests/integrations/test_moefy\.py: \d+$", text, re.M), text[-3000:]
     assert not (ROOT / "fv").exists()
+
+
+def test_test_script_runs_only_the_tests_asked_for(tmp_path):
+    """A test path (relative to the checkout, from wherever test.sh runs) runs that file alone:
+    test.sh passed `tests` to pytest as well, so it ran the whole suite every time."""
+    _stand_in_venv(tmp_path / "fv", "torch")
+    env = dict(os.environ, FMOE_VENV="fv", FMOE_TORCH="torch", FMOE_SKIP_CUDA_BUILD="1")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "tests/test_scripts.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    collected = re.findall(r"^(tests/\S+\.py): \d+$", text, re.M)
+    assert collected == ["tests/test_scripts.py"], text[-3000:]
 
 
 @pytest.mark.parametrize("variable,value,allowed", [
