@@ -3,7 +3,8 @@
 Layout under a checkpoint root (``--save`` / ``--load``)::
 
     <root>/latest_checkpointed_iteration.txt     the iteration of the newest complete checkpoint
-    <root>/iter_0000100/                          one checkpoint
+    <root>/iter_0000100/                          one checkpoint (a root may have any other
+                                                  name, iter_run included)
         fmoe_checkpoint.json                      manifest: format, layout, model shapes, files
         ...                                       the format's own files (below)
 
@@ -198,6 +199,18 @@ def checkpoint_dir(root, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+_CHECKPOINT_NAME = re.compile(r"iter_(\d+)(\.old|\.tmp)?")
+
+
+def checkpoint_name(name: str) -> Optional[tuple[int, str]]:
+    """``(iteration, suffix)`` when ``name`` is one that saves give a checkpoint folder:
+    ``iter_<digits>``, with suffix ``""``, ``".old"`` (set aside by a re-save of its iteration) or
+    ``".tmp"`` (being written); else None. Exact, not a prefix test: a checkpoint root that its
+    user named ``iter_run`` is a root, and its checkpoints must load."""
+    m = _CHECKPOINT_NAME.fullmatch(name)
+    return (int(m.group(1)), m.group(2) or "") if m else None
+
+
 def _consumed_samples(manifest: dict, iteration: int) -> Optional[int]:
     consumed = manifest.get("consumed_samples")
     saved_batch = (manifest.get("args") or {}).get("global_batch_size")
@@ -225,10 +238,10 @@ def _first_save_committed(root: Path) -> int | None:
     later save) instead of stopping. Any other root without ``latest`` gives None."""
     if not root.is_dir() or (root / MANIFEST).is_file():
         return None
-    names = [p.name for p in root.glob("iter_*") if not p.name.endswith(".tmp")]
-    if len(names) == 1 and re.fullmatch(r"iter_\d+", names[0]) \
-            and (root / names[0] / MANIFEST).is_file():
-        return int(names[0][len("iter_"):])
+    found = [(p.name, checkpoint_name(p.name)) for p in root.iterdir()]
+    found = [(name, parsed) for name, parsed in found if parsed and parsed[1] != ".tmp"]
+    if len(found) == 1 and found[0][1][1] == "" and (root / found[0][0] / MANIFEST).is_file():
+        return found[0][1][0]
     return None
 
 
@@ -236,7 +249,7 @@ def resolve(path) -> Path:
     """The checkpoint folder for ``path``: itself when it is one (it holds a manifest), else the
     latest checkpoint under the root ``path``."""
     path = Path(path)
-    if (path / MANIFEST).is_file() or path.name.startswith("iter_"):
+    if (path / MANIFEST).is_file() or checkpoint_name(path.name):
         return path
     iteration = latest_iteration(path)
     if iteration is None:
@@ -430,11 +443,12 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
             print(f"warning: --save {root} holds iteration {newer}, newer than this save's "
                   f"{iteration}; its latest checkpoint will be iteration {iteration}",
                   file=sys.stderr, flush=True)
-        for stale in root.glob("iter_*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        for old in root.glob("iter_*.old"):  # replaced by a re-save that was not cleaned up
-            if old.with_suffix("").is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        for left in root.glob("iter_*"):
+            _, suffix = checkpoint_name(left.name) or (None, None)
+            # .tmp: left by a run killed while saving; .old: replaced by a re-save that was not
+            # cleaned up
+            if suffix == ".tmp" or suffix == ".old" and left.with_suffix("").is_dir():
+                shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     with_optimizer = optimizer is not None and with_optimizer
@@ -943,12 +957,13 @@ def _nothing_to_load(root: Path) -> None:
     while complete checkpoints remain (starting from scratch there would overwrite them)."""
     if root.is_file():
         raise CheckpointError(f"--load {root} is a file, not a checkpoint folder")
-    if re.fullmatch(r"iter_\d+(\.old|\.tmp)?", root.name):
+    if checkpoint_name(root.name):
         if not root.exists():
             raise CheckpointError(f"--load {root}: no such checkpoint folder")
         read_manifest(root)  # raises: its manifest is missing (a partial checkpoint)
     found = sorted(p.name for p in root.glob("iter_*")
-                   if re.fullmatch(r"iter_\d+(\.old)?", p.name) and (p / MANIFEST).is_file())
+                   if (checkpoint_name(p.name) or (None, ".tmp"))[1] != ".tmp"
+                   and (p / MANIFEST).is_file())
     if found:
         raise CheckpointError(
             f"--load {root} holds checkpoints ({', '.join(found[-3:])}) but no {LATEST}: pass "

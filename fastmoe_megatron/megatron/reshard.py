@@ -113,7 +113,7 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
             "be rebuilt here; load it at the new expert-parallel size directly (torch_dist and "
             "torch formats reshard at load) or merge it")
     real = folder.resolve()  # through symlinks: the folder the source files are in
-    source_root = real.parent if real.name.startswith("iter_") else real
+    source_root = real.parent if ckpt.checkpoint_name(real.name) else real
     target = Path(save).resolve()
     if target == source_root or real in (target, *target.parents):
         # The new checkpoint (same iteration) would replace the one it is made from, or land

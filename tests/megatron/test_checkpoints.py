@@ -185,16 +185,17 @@ def test_reshard_to_a_bad_layout_fails_before_starting_processes(source, work, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["ck", "iter_run"])  # a root named like a checkpoint folder
 @pytest.mark.parametrize("load,save", [("", ""), ("", "iter_0000003"),
                                        ("iter_0000003", "iter_0000003"),
                                        ("iter_0000003", "iter_0000003/inner"),
                                        ("../link", "")])  # a symlink to the source folder
-def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load, save):
+def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load, save, name):
     """--save on the --load root replaced the source checkpoint (same iteration) with the new
     layout's; --save inside the source folder nested a checkpoint in it."""
     from fastmoe_megatron.megatron import reshard
 
-    root = tmp_path / "ck"
+    root = tmp_path / name
     shutil.copytree(source["roots"]["torch"], root)
     (tmp_path / "link").symlink_to(root / "iter_0000003")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
@@ -202,6 +203,19 @@ def test_reshard_refuses_to_write_over_its_input(source, tmp_path, capsys, load,
                          "--expert-model-parallel-size", "1"]) == 2
     assert "would write over --load" in capsys.readouterr().err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_a_root_named_like_a_checkpoint_folder_loads(source, tmp_path):
+    """Any path named iter_* was taken for a checkpoint folder: a root named iter_run could be
+    saved into, but never loaded ("fmoe_checkpoint.json is missing")."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    root = tmp_path / "iter_run"
+    shutil.copytree(source["roots"]["torch"], root)
+    assert ckpt.resolve(root) == root / "iter_0000003"
+    assert ckpt.verify(root, distributed=False)["iteration"] == 3
+    tensors, _ = ckpt.load_model_tensors(root)
+    assert any(".mlp.moe.experts." in k for k in tensors)
 
 
 def test_a_failed_reshard_process_ends_with_a_short_message(source, work, capsys):
