@@ -1,7 +1,8 @@
 """Checkpoint tools: reshard to another expert-parallel size, merge into one file, verify.
 
     python -m fastmoe_megatron.megatron.reshard reshard --load CKPT --save OUT \\
-        --expert-model-parallel-size 4 [--ckpt-format torch|torch_dist] [--world-size W]
+        --expert-model-parallel-size 4 [--ckpt-format torch|torch_dist] [--world-size W] \\
+        [--force]
     python -m fastmoe_megatron.megatron.reshard merge --load CKPT --output merged.pt
     python -m fastmoe_megatron.megatron.reshard verify --load CKPT
     python -m fastmoe_megatron.megatron.reshard info --load CKPT
@@ -14,7 +15,10 @@
   new layout, load the checkpoint (resharding it) and save it: ``pretrain_gpt --skip-train``.
   A ``torch_dist`` checkpoint needs no resharding at all: pretrain_gpt loads it at any EP size.
   RNG states belong to the old ranks and are not carried over; the learning-rate schedule is
-  (``--skip-train`` keeps the checkpoint's). Other flags go to pretrain_gpt:
+  (``--skip-train`` keeps the checkpoint's). ``OUT`` must hold no checkpoint (``iter_*``
+  folders, a latest file) unless ``--force`` is given: a checkpoint of the same iteration there
+  is replaced, the latest file names the new one, and the processes' warnings are repeated.
+  Other flags go to pretrain_gpt:
   ``--no-load-optim`` (needed for a distributed optimizer's state, which does not reshard over
   EP) writes a checkpoint without optimizer state, and its manifest says so.
 - ``merge`` writes one ``torch.save`` file with every tensor whole (experts over the global
@@ -100,10 +104,27 @@ class ReshardFailed(RuntimeError):
                          + "\n".join(lines[-8:]))
 
 
+#: Lines of the new layout's processes that reshard repeats when they succeed: pretrain_gpt's
+#: and the checkpoint code's warnings (e.g. that --save held a newer iteration).
+_WARNING_LINE = re.compile(r"^(\w+: )?warning: ")
+
+
+def _saved_checkpoints(save: Path) -> list[str]:
+    """What in ``save`` a new checkpoint could replace or hide: checkpoint folders, the latest
+    file."""
+    if not save.is_dir():
+        return []
+    return sorted(p.name for p in save.iterdir()
+                  if ckpt.checkpoint_name(p.name) or p.name == ckpt.LATEST)
+
+
 def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None = None,
-            extra: list[str] | None = None, timeout: float = 3600, log=print) -> Path:
+            extra: list[str] | None = None, timeout: float = 3600, log=print,
+            force: bool = False) -> Path:
     """Writes the checkpoint ``load`` for expert-parallel size ``ep`` under ``save`` (see the
-    module doc); returns the new checkpoint folder."""
+    module doc); returns the new checkpoint folder. ``save`` must hold no checkpoint unless
+    ``force``: the new one would replace a checkpoint of its iteration there, and the latest
+    file would name it."""
     folder = ckpt.resolve(load)
     manifest = ckpt.verify(folder, distributed=False)
     saved = manifest.get("args")
@@ -120,6 +141,13 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
         # inside it.
         raise ValueError(f"--save {save} would write over --load {load}: reshard into another "
                          "folder")
+    held = _saved_checkpoints(target)
+    if held and not force:
+        raise ValueError(
+            f"--save {save} already holds checkpoints ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}): reshard into a new or empty folder, or pass "
+            "--force to write into it anyway (a checkpoint of the same iteration is replaced, and "
+            f"{ckpt.LATEST} then names the new one)")
     if ep < 1:
         raise ValueError(f"--expert-model-parallel-size must be >= 1, got {ep}")
     if world_size is not None and world_size < 1:
@@ -161,6 +189,12 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
     if failed:
         rank, code = failed[0]
         raise ReshardFailed(rank, code, outputs[rank])
+    # Their warnings (a --force into a --save holding a newer iteration, routing changes, ...)
+    # would be lost with their logs: repeat each once.
+    warnings = dict.fromkeys(line for output in outputs for line in output.splitlines()
+                             if _WARNING_LINE.match(line))
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
     out = ckpt.resolve(save)
     log(f"reshard: wrote {out}")
     return out
@@ -280,6 +314,9 @@ def main(argv=None) -> int:
     r.add_argument("--world-size", type=int, default=None,
                    help="processes of the new layout (default: PP x lcm(TP, EP))")
     r.add_argument("--timeout", type=float, default=3600)
+    r.add_argument("--force", action="store_true",
+                   help="write into a --save that holds checkpoints already (a checkpoint of the "
+                        "same iteration is replaced, and the latest file names the new one)")
     m = sub.add_parser("merge", help="write one file for one process / plain FMoETransformerMLP")
     m.add_argument("--load", required=True)
     m.add_argument("--output", required=True)
@@ -293,7 +330,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "reshard":
             reshard(args.load, args.save, args.expert_model_parallel_size, args.ckpt_format,
-                    args.world_size, extra, args.timeout)
+                    args.world_size, extra, args.timeout, force=args.force)
         elif args.command == "merge":
             merged = merge(args.load, args.output)
             print(f"merge: wrote {args.output}: iteration {merged['iteration']}, "

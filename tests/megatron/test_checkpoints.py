@@ -218,6 +218,51 @@ def test_a_root_named_like_a_checkpoint_folder_loads(source, tmp_path):
     assert any(".mlp.moe.experts." in k for k in tensors)
 
 
+@pytest.mark.parametrize("held", ["iter_0000007", "iter_0000003.old",
+                                  "latest_checkpointed_iteration.txt"])
+def test_reshard_refuses_a_save_holding_checkpoints(source, tmp_path, capsys, held):
+    """A --save holding a run's checkpoints was written into without a word: the new checkpoint
+    replaced one of the same iteration, and the latest file moved to it (the warning about a
+    newer iteration stayed in the processes' logs). Now a flag error naming --save and --force,
+    before any process starts."""
+    from fastmoe_megatron.megatron import reshard
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if held.startswith("iter_"):
+        shutil.copytree(Path(source["roots"]["torch"]) / "iter_0000003", out / held)
+    else:
+        (out / held).write_text("7")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert reshard.main(["reshard", "--load", source["roots"]["torch"], "--save", str(out),
+                         "--expert-model-parallel-size", "1"]) == 2
+    err = capsys.readouterr()
+    assert err.err.startswith(f"error: --save {out} already holds checkpoints ({held}): ")
+    assert "--force" in err.err and len(err.err.splitlines()) == 1, err.err
+    assert "local CPU processes" not in err.out
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_reshard_force_writes_into_a_save_and_repeats_warnings(source, tmp_path):
+    """--force writes into a --save that holds a newer checkpoint (iteration 5); the warning that
+    its latest file moves back to iteration 3, printed by the process of the new layout, reaches
+    reshard's own output (it was dropped with that process's log)."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(Path(source["roots"]["torch"]) / "iter_0000003", out / "iter_0000005")
+    (out / "latest_checkpointed_iteration.txt").write_text("5")
+    done = subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.reshard", "reshard",
+                           "--load", source["roots"]["torch"], "--save", str(out), "--force",
+                           "--expert-model-parallel-size", "1", "--ckpt-format", "torch"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (f"warning: --save {out} holds iteration 5, newer than this save's 3; its latest "
+            "checkpoint will be iteration 3") in done.stderr.splitlines(), done.stderr[-3000:]
+    assert ckpt.latest_iteration(out) == 3 and (out / "iter_0000005").is_dir()
+
+
 def test_a_failed_reshard_process_ends_with_a_short_message(source, work, capsys):
     """A process of the new layout that fails: its last lines and exit 1, not a traceback of
     reshard itself carrying 4 KB of log."""
