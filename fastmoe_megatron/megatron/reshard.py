@@ -2,7 +2,7 @@
 
     python -m fastmoe_megatron.megatron.reshard reshard --load CKPT --save OUT \\
         --expert-model-parallel-size 4 [--ckpt-format torch|torch_dist] [--world-size W] \\
-        [--force]
+        [--timeout S] [--force]
     python -m fastmoe_megatron.megatron.reshard merge --load CKPT --output merged.pt
     python -m fastmoe_megatron.megatron.reshard verify --load CKPT
     python -m fastmoe_megatron.megatron.reshard info --load CKPT
@@ -18,7 +18,7 @@
   (``--skip-train`` keeps the checkpoint's). ``OUT`` must hold no checkpoint (``iter_*``
   folders, a latest file) unless ``--force`` is given: a checkpoint of the same iteration there
   is replaced, the latest file names the new one, and the processes' warnings are repeated.
-  Other flags go to pretrain_gpt:
+  Past ``--timeout`` (3600 s) the processes are killed. Other flags go to pretrain_gpt:
   ``--no-load-optim`` (needed for a distributed optimizer's state, which does not reshard over
   EP) writes a checkpoint without optimizer state, and its manifest says so.
 - ``merge`` writes one ``torch.save`` file with every tensor whole (experts over the global
@@ -94,14 +94,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _last_lines(output: str, n: int = 8) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return "\n".join(lines[-n:]) if lines else "(no output)"
+
+
 class ReshardFailed(RuntimeError):
     """A process of the new layout failed; ``output`` is its whole log."""
 
-    def __init__(self, rank: int, code: int, output: str):
+    def __init__(self, rank: int, code: int | None, output: str, what: str | None = None):
         self.rank, self.code, self.output = rank, code, output
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        super().__init__(f"reshard: rank {rank} exited with {code}; its last lines:\n"
-                         + "\n".join(lines[-8:]))
+        what = what or f"rank {rank} exited with {code}"
+        super().__init__(f"reshard: {what}; its last lines:\n{_last_lines(output)}")
+
+
+class ReshardTimeout(ReshardFailed):
+    """A process of the new layout ran past ``--timeout`` (all of them were killed)."""
+
+    def __init__(self, rank: int, timeout: float, output: str):
+        super().__init__(rank, None, output,
+                         f"rank {rank} did not finish within --timeout {timeout:g} s (killed)")
 
 
 #: Lines of the new layout's processes that reshard repeats when they succeed: pretrain_gpt's
@@ -166,8 +178,10 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
     # the flag, before any process starts.
     validate_args(build_parser().parse_args(argv), world)
     port = _free_port()
+    # Unbuffered: the last lines of a process killed at --timeout are in its output.
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="",
+               PYTHONUNBUFFERED="1")
     env.pop(ckpt.FAULT_ENV, None)
     log(f"reshard: {folder} ({ckpt.describe_layout(manifest.get('layout'))}) -> {save} at EP={ep} "
         f"on {world} local CPU processes ({fmt})")
@@ -179,7 +193,15 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
                 env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         deadline = time.monotonic() + timeout
-        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+        outputs = []
+        for rank, p in enumerate(procs):
+            try:
+                outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()
+                raise ReshardTimeout(rank, timeout, p.communicate()[0]) from None
     finally:
         for p in procs:
             if p.poll() is None:
@@ -313,7 +335,8 @@ def main(argv=None) -> int:
     r.add_argument("--ckpt-format", default="torch_dist", choices=list(ckpt.FORMATS))
     r.add_argument("--world-size", type=int, default=None,
                    help="processes of the new layout (default: PP x lcm(TP, EP))")
-    r.add_argument("--timeout", type=float, default=3600)
+    r.add_argument("--timeout", type=float, default=3600,
+                   help="seconds the new layout's processes may take (default: 3600)")
     r.add_argument("--force", action="store_true",
                    help="write into a --save that holds checkpoints already (a checkpoint of the "
                         "same iteration is replaced, and the latest file names the new one)")

@@ -263,6 +263,21 @@ def test_reshard_force_writes_into_a_save_and_repeats_warnings(source, tmp_path)
     assert ckpt.latest_iteration(out) == 3 and (out / "iter_0000005").is_dir()
 
 
+def test_reshard_timeout_ends_with_a_short_message(source, tmp_path, capsys):
+    """--timeout ran out with a traceback of subprocess.TimeoutExpired: now one line naming
+    --timeout and the rank, and what that process had printed; exit status 1."""
+    from fastmoe_megatron.megatron import reshard
+
+    out = tmp_path / "out"
+    code = reshard.main(["reshard", "--load", source["roots"]["torch"], "--save", str(out),
+                         "--expert-model-parallel-size", "1", "--timeout", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: reshard: rank 0 did not finish within --timeout 0.5 s (killed); "
+                          "its last lines:\n"), err
+    assert "Traceback" not in err and len(err) < 2500, err
+
+
 def test_a_failed_reshard_process_ends_with_a_short_message(source, work, capsys):
     """A process of the new layout that fails: its last lines and exit 1, not a traceback of
     reshard itself carrying 4 KB of log."""
