@@ -130,6 +130,31 @@ def _saved_checkpoints(save: Path) -> list[str]:
                   if ckpt.checkpoint_name(p.name) or p.name == ckpt.LATEST)
 
 
+def _existing_folder(load) -> Path:
+    """``--load`` as a Path; a ValueError naming --load when it is missing or not a folder (the
+    checkpoint code would say "holds no checkpoint", which hides a typo)."""
+    path = Path(load)
+    if not path.exists():
+        raise ValueError(f"--load {load} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"--load {load} is not a folder (a checkpoint root or an iter_* folder)")
+    return path
+
+
+def _pretrain_args(argv: list[str]):
+    """pretrain_gpt's parse of ``argv``, whose flag errors (an unknown flag passed on to it, a bad
+    value) raise a one-line ValueError instead of printing pretrain_gpt's whole usage."""
+    from .pretrain_gpt import build_parser
+
+    parser = build_parser()
+
+    def error(message):
+        raise ValueError(f"{message} (flags that reshard does not know go to pretrain_gpt)")
+
+    parser.error = error
+    return parser.parse_args(argv)
+
+
 def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None = None,
             extra: list[str] | None = None, timeout: float = 3600, log=print,
             force: bool = False) -> Path:
@@ -137,7 +162,7 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
     module doc); returns the new checkpoint folder. ``save`` must hold no checkpoint unless
     ``force``: the new one would replace a checkpoint of its iteration there, and the latest
     file would name it."""
-    folder = ckpt.resolve(load)
+    folder = ckpt.resolve(_existing_folder(load))
     manifest = ckpt.verify(folder, distributed=False)
     saved = manifest.get("args")
     if not saved:
@@ -172,11 +197,22 @@ def reshard(load, save, ep: int, fmt: str = "torch_dist", world_size: int | None
         "--expert-model-parallel-size", str(ep), "--load", str(folder), "--save", str(save),
         "--ckpt-format", fmt, "--skip-train", "--no-load-rng", "--threads", "1",
         "--log-interval", "1000000"] + list(extra or [])
-    from .pretrain_gpt import build_parser, validate_args
+    from .pretrain_gpt import validate_args
 
     # A layout the model does not allow (experts that EP does not divide, ...) fails here, naming
-    # the flag, before any process starts.
-    validate_args(build_parser().parse_args(argv), world)
+    # the flag, before any process starts; a --world-size that does not fit the layout, naming
+    # --world-size too (the default one would).
+    args = _pretrain_args(argv)
+    try:
+        validate_args(args, world)
+    except ValueError as exc:
+        if world_size is None:
+            raise
+        default = pp * math.lcm(tp, ep)
+        # (parsed anew: validate_args fills in args) raises when the layout itself is wrong
+        validate_args(_pretrain_args(argv), default)
+        raise ValueError(f"--world-size {world_size} does not fit TP={tp} PP={pp} EP={ep} "
+                         f"(the default, {default}, does): {exc}") from exc
     port = _free_port()
     # Unbuffered: the last lines of a process killed at --timeout are in its output.
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -351,6 +387,7 @@ def main(argv=None) -> int:
     if extra and args.command != "reshard":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _existing_folder(args.load)
         if args.command == "reshard":
             reshard(args.load, args.save, args.expert_model_parallel_size, args.ckpt_format,
                     args.world_size, extra, args.timeout, force=args.force)

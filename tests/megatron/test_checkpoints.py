@@ -278,6 +278,38 @@ def test_reshard_timeout_ends_with_a_short_message(source, tmp_path, capsys):
     assert "Traceback" not in err and len(err) < 2500, err
 
 
+@pytest.mark.parametrize("command,load,extra,want", [
+    ("reshard", "nothing", [], "--load {nothing} does not exist"),
+    ("reshard", "a_file", [], "--load {a_file} is not a folder"),
+    ("merge", "nothing", [], "--load {nothing} does not exist"),
+    ("verify", "a_file", [], "--load {a_file} is not a folder"),
+    ("info", "nothing", [], "--load {nothing} does not exist"),
+    ("reshard", "src", ["--bogus-flag", "3"], "unrecognized arguments: --bogus-flag 3"),
+    ("reshard", "src", ["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    ("reshard", "src", ["--world-size", "3", "--expert-model-parallel-size", "2"],
+     "--world-size 3 does not fit TP=1 PP=1 EP=2 (the default, 2, does): "
+     "--expert-model-parallel-size")])
+def test_reshard_cli_errors_name_the_flag(source, tmp_path, capsys, command, load, extra, want):
+    """--load of a missing path or of a file said "holds no checkpoint"; a flag that neither
+    reshard nor pretrain_gpt knows (or a bad value of pretrain_gpt's) printed pretrain_gpt's
+    whole usage; --world-size 3 with EP=2 blamed --expert-model-parallel-size alone. Each is one
+    line naming the flag, exit status 2, before any process starts."""
+    from fastmoe_megatron.megatron import reshard
+
+    (tmp_path / "a_file").write_text("x")
+    paths = {"nothing": str(tmp_path / "nothing"), "a_file": str(tmp_path / "a_file"),
+             "src": source["roots"]["torch"]}
+    out = tmp_path / "out"
+    argv = [command, "--load", paths[load]]
+    argv += {"merge": ["--output", str(out)], "reshard": [
+        "--save", str(out), "--expert-model-parallel-size", "1"]}.get(command, [])
+    assert reshard.main(argv + extra) == 2
+    err = capsys.readouterr()
+    assert err.err.startswith("error: " + want.format(**paths)), err.err
+    assert len(err.err.splitlines()) == 1 and "usage" not in err.err, err.err
+    assert "local CPU processes" not in err.out and not out.exists()
+
+
 def test_a_failed_reshard_process_ends_with_a_short_message(source, work, capsys):
     """A process of the new layout that fails: its last lines and exit 1, not a traceback of
     reshard itself carrying 4 KB of log."""
