@@ -536,7 +536,7 @@ def _write_failure(what: str, root: Path, exc: BaseException) -> str:
         latest = None
     kept = (f"the latest checkpoint is still iteration {latest}" if latest is not None
             else "no earlier checkpoint there")
-    return f"{what} failed ({free}): {type(exc).__name__}: {_short(exc)}; {kept}"
+    return f"{what} failed ({free}): {_short(exc)}; {kept}"  # (_short names the error's type)
 
 
 def _in_process_results_queue():

@@ -367,6 +367,15 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(at_ep1):
         in errors["num_experts"]
 
 
+def test_write_failure_names_the_error_once(tmp_path):
+    """A failed checkpoint write said "OSError: OSError: [Errno 5] ..."."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    msg = ckpt._write_failure("writing iteration 4 into x", tmp_path, OSError(5, "I/O error"))
+    assert msg.startswith("writing iteration 4 into x failed (") and "MiB free there" in msg
+    assert msg.endswith("): OSError: [Errno 5] I/O error; no earlier checkpoint there"), msg
+
+
 def test_load_never_starts_from_scratch_beside_checkpoints(at_ep1, work):
     """--load of a root whose latest file is gone while checkpoints remain, or of a checkpoint
     folder without its manifest, used to start from scratch (and --save on the same root then
