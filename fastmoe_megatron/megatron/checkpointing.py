@@ -29,7 +29,9 @@ every rank's RNG states (Python, NumPy, torch CPU
 and CUDA generators, megatron-core's tensor-parallel RNG tracker) and the aux-loss-free balancing
 state (the gates' ``expert_bias`` buffers, part of the model). Resuming at the same layout
 continues bitwise as if the run had not stopped. At another layout the RNG states are not
-restored (they belong to ranks that no longer exist); a warning says so.
+restored (they belong to ranks that no longer exist); a warning says so. A run that saves
+without a step after such a load (a ``--skip-train`` conversion, ``reshard``) saves no RNG
+states (``"rng": false`` in the manifest's contents): a load of it keeps its own, and says so.
 
 Failure handling:
 
@@ -980,11 +982,13 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
     model, optimizer and scheduler and restores the RNG states; returns its iteration (0 when
     there is none). Collective. Works at any expert-parallel size (see the module doc);
     ``load_optim=False`` (``--no-load-optim``) loads the model and scheduler only. ``report``,
-    when given, gets ``"optimizer"``: whether the optimizer's state was loaded, and
-    ``"consumed_samples"``: the training samples the run had read (None when not known)."""
+    when given, gets ``"optimizer"``: whether the optimizer's state was loaded,
+    ``"consumed_samples"``: the training samples the run had read (None when not known), and
+    ``"rng"``: whether the RNG states were restored (None when nothing was loaded)."""
     if report is not None:
         report["optimizer"] = False
         report["consumed_samples"] = None
+        report["rng"] = None
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -1025,6 +1029,11 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
             "load the model only with --no-load-optim (load_optim=False)")
     _warn_routing_changes(folder, manifest.get("fmoe"), _fmoe_meta(model))
     rng = load_rng and contents.get("rng", False)
+    if load_rng and not rng and _rank0():
+        # Nothing to restore: a conversion (reshard, or any --skip-train run that did not restore
+        # the states it loaded) saves none rather than its fresh processes' states as the run's.
+        print(f"checkpoint: {folder} holds no RNG states; this run keeps its own (from --seed)",
+              flush=True)
     if rng and not same_layout:
         _warn0(f"{folder} was saved at {describe_layout(manifest.get('layout'))}, this run has "
                f"{describe_layout(layout)}: RNG states are not restored")
@@ -1063,6 +1072,7 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
     if report is not None:
         report["optimizer"] = with_optim
         report["consumed_samples"] = _consumed_samples(manifest, int(loaded["iteration"]))
+        report["rng"] = rng
     if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
         try:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])

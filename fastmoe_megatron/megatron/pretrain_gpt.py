@@ -744,6 +744,12 @@ def _train(args, use_cuda: bool) -> TrainResult:
         --skip-train conversion with --no-load-optim saves no optimizer state)."""
         return loaded.get("optimizer", False) or iteration > start_iteration
 
+    def rng_is_the_runs() -> bool:
+        """Whether the RNG states are the run's: not when a checkpoint was loaded without them
+        (--no-load-rng, another layout) and no step has run since, as in a reshard: its fresh
+        processes' states, saved as the run's, would be "restored" by the next resume."""
+        return loaded.get("rng") is not False or iteration > start_iteration
+
     data = None if train_ds is None else BatchIterator(
         train_ds, args.global_batch_size, args.micro_batch_size,
         parallel_state.get_data_parallel_rank(), args.data_parallel_size,
@@ -927,7 +933,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
                 and iteration % args.save_interval == 0 and iteration < args.train_iters:
             t_save = time.time()
             checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                               with_optimizer=optimizer_has_state(), consumed_samples=consumed)
+                               with_optimizer=optimizer_has_state(), consumed_samples=consumed,
+                               rng=rng_is_the_runs())
             saved_at = iteration
             window_t += time.time() - t_save  # tokens/s and ms/iter count training only
             why = stop_reason(iteration)
@@ -940,7 +947,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
     if args.save and (stop_early or iteration == args.train_iters or args.skip_train) \
             and not unchanged and saved_at != iteration:  # (a finished run started again: its checkpoint is the latest)
         checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                           with_optimizer=optimizer_has_state(), consumed_samples=consumed)
+                           with_optimizer=optimizer_has_state(), consumed_samples=consumed,
+                           rng=rng_is_the_runs())
     if writer is not None:
         writer.close()
     if first_loss is not None:

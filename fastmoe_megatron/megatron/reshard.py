@@ -14,7 +14,8 @@
   size x lcm(tensor-parallel size, EP)) that build the model of a pretrain_gpt checkpoint at the
   new layout, load the checkpoint (resharding it) and save it: ``pretrain_gpt --skip-train``.
   A ``torch_dist`` checkpoint needs no resharding at all: pretrain_gpt loads it at any EP size.
-  RNG states belong to the old ranks and are not carried over; the learning-rate schedule is
+  RNG states belong to the old ranks and are not carried over: the new checkpoint holds none
+  (``"rng": false``), and a resume keeps its own. The learning-rate schedule is carried over
   (``--skip-train`` keeps the checkpoint's). ``OUT`` must hold no checkpoint (``iter_*``
   folders, a latest file) unless ``--force`` is given: a checkpoint of the same iteration there
   is replaced, the latest file names the new one, and the processes' warnings are repeated.

@@ -334,6 +334,11 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
             base + ["--load", str(Path(corrupt_root).parent / "partial" / "iter_0000003")])),
         "missing": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "new")])),
     }
+    # The reshard command's checkpoint holds no RNG states: a resume keeps its own, and says so.
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run(base + ["--load", sources[2]])
+    result["rng_note"] = [line for line in log.getvalue().splitlines() if "RNG" in line]
     done = {}
     error = _error_of(lambda: done.update(res=run(
         base + ["--load", str(Path(corrupt_root).parent / "first_save_killed")])))

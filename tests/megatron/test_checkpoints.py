@@ -146,6 +146,12 @@ def test_reshard_command_writes_a_checkpoint_for_another_ep_size(at_ep1, work):
     assert manifest["layout"]["ep"] == 1 and manifest["format"] == "torch"
     assert sorted(manifest["files"]) == ["mp_rank_00/model_optim_rng.pt"]
     assert at_ep1["diffs"][str(work / "cli_ep1")] <= TOL
+    # Its RNG states would be the reshard processes' fresh ones (--no-load-rng): it holds none,
+    # and a resume from it keeps its own, saying so (it used to "restore" those).
+    assert manifest["contents"]["rng"] is False
+    note = (f"checkpoint: {work / 'cli_ep1' / 'iter_0000003'} holds no RNG states; this run "
+            "keeps its own (from --seed)")
+    assert at_ep1["rng_note"] == [note], at_ep1["rng_note"]
 
 
 def test_reshard_without_the_optimizer_says_so(source, work):
@@ -168,6 +174,7 @@ def test_reshard_without_the_optimizer_says_so(source, work):
     assert manifest["contents"]["optimizer"] is False
     assert manifest["contents"]["distributed_optimizer"] is False
     assert manifest["contents"]["scheduler"] is True
+    assert manifest["contents"]["rng"] is False
 
 
 @pytest.mark.parametrize("ep,named", [("0", "--expert-model-parallel-size must be >= 1"),
