@@ -68,6 +68,7 @@ updated); ``action`` is ``kill`` (SIGKILL itself, the default), ``exit`` (``os._
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -395,6 +396,51 @@ def _model_meta(model_sd) -> dict:
     return meta
 
 
+def _activation_modules() -> list:
+    """Where a bare activation name comes from, in this order (``activation_by_name``)."""
+    import torch.nn.functional as F
+
+    modules = [F]
+    try:
+        from megatron.core import activations
+
+        modules.append(activations)
+    except ImportError:
+        pass
+    return modules + [torch]
+
+
+def activation_name(fn) -> str:
+    """How manifests (and merges) name an activation function: its bare name (``gelu``,
+    ``squared_relu``) when it is that function of torch.nn.functional, megatron.core.activations
+    or torch, which ``activation_by_name`` gives back; else a name that resolves to nothing, so
+    that a merge stops instead of building other experts: ``module.qualname`` (a function of your
+    own), ``functools.partial(gelu, approximate='tanh')``, or a module's class (its arguments
+    are not recorded)."""
+    if isinstance(fn, functools.partial):
+        inner = [activation_name(fn.func), *map(repr, fn.args),
+                 *(f"{k}={v!r}" for k, v in fn.keywords.items())]
+        return f"functools.partial({', '.join(inner)})"
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str) and any(getattr(m, name, None) is fn for m in _activation_modules()):
+        return name
+    if isinstance(name, str) and not isinstance(fn, torch.nn.Module):
+        return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', name)}"
+    return f"{type(fn).__module__}.{type(fn).__qualname__}"
+
+
+def activation_by_name(name: str):
+    """The activation function that ``activation_name`` named ``name``, or None when it names
+    none of torch.nn.functional's, megatron.core.activations' or torch's functions."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    for module in _activation_modules():
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
 def _fmoe_meta(model) -> Optional[dict]:
     mods = moe_modules(unwrap(model))
     if not mods:
@@ -402,7 +448,7 @@ def _fmoe_meta(model) -> Optional[dict]:
     m = mods[0]
     act = getattr(m.config, "activation_func", None)
     cfg = dataclasses.asdict(m.fmoe_config)
-    cfg["activation"] = getattr(act, "__name__", type(act).__name__)
+    cfg["activation"] = activation_name(act)
     return cfg
 
 

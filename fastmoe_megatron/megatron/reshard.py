@@ -39,7 +39,8 @@
   stores ``pre_mlp_layernorm.weight`` as ``mlp.linear_fc1.layer_norm_weight``).
 
   Load it with ``torch.load(path, weights_only=True)``; ``build_fmoe_layers(merged)`` makes the
-  ``FMoETransformerMLP`` modules with the saved gate and loads their weights.
+  ``FMoETransformerMLP`` modules with the saved gate and activation (``activation`` is its
+  name, see ``checkpointing.activation_name``) and loads their weights.
 - ``verify`` checks every file against the manifest (size, CRC32) and the pickles against their
   allowlists; ``info`` prints the manifest's summary.
 """
@@ -325,11 +326,12 @@ def load_merged(path) -> dict:
     return merged
 
 
-def build_fmoe_layers(merged: dict) -> dict:
+def build_fmoe_layers(merged: dict, activation=None) -> dict:
     """One plain ``FMoETransformerMLP`` (one process, all experts) per merged MoE layer, with the
-    saved gate and weights; ``{layer prefix: module}``."""
-    import torch.nn.functional as F
-
+    saved gate and weights; ``{layer prefix: module}``. The experts' activation is the one the
+    merge names (a function of torch.nn.functional, megatron.core.activations or torch); any
+    other (a function of your own, a partial) raises CheckpointError naming it, unless given as
+    ``activation``: experts with another activation would load and compute something else."""
     from ..layers import FMoETransformerMLP
     from .layer import GATES
 
@@ -346,7 +348,13 @@ def build_fmoe_layers(merged: dict) -> dict:
     def gate(d_model, num_expert, world_size, top_k):
         return gate_cls(d_model, num_expert, world_size, top_k, **kwargs)
 
-    activation = getattr(F, cfg.get("activation") or "gelu", None) or F.gelu
+    if activation is None:
+        activation = ckpt.activation_by_name(cfg.get("activation"))
+        if activation is None:
+            raise ckpt.CheckpointError(
+                f"the merged MoE layers' activation {cfg.get('activation')!r} is none of "
+                "torch.nn.functional's, megatron.core.activations' or torch's functions: pass "
+                "it as build_fmoe_layers(merged, activation=...)")
     layers = {}
     for prefix, state in merged["moe_layers"].items():
         moe = FMoETransformerMLP(num_expert=cfg["num_experts"], d_model=cfg["d_model"],

@@ -169,8 +169,9 @@ def tensors(x):
     return x
 
 
-def _own_model(seed):
-    """A user's own megatron-core GPT, fmoefy'd (EP from parallel_state), with a torch Adam."""
+def _own_model(seed, **config):
+    """A user's own megatron-core GPT, fmoefy'd (EP from parallel_state), with a torch Adam;
+    ``config``: TransformerConfig fields to set."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -184,7 +185,7 @@ def _own_model(seed):
                             use_cpu_initialization=True, hidden_dropout=0.1, attention_dropout=0.0,
                             bias_activation_fusion=False, bias_dropout_fusion=False,
                             masked_softmax_fusion=False, persist_layer_norm=False,
-                            gradient_accumulation_fusion=False)
+                            gradient_accumulation_fusion=False, **config)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=256,
                      max_sequence_length=32)
     fmoefy(model, fmoe_num_experts=4, top_k=2, gate="gshard", balance_loss_weight=0.01)
@@ -346,6 +347,54 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
         "error": error, "want": run(base + ["--load", sources[0]]).consumed_samples,
         "consumed_samples": done["res"].consumed_samples if "res" in done else None}
     return portable(result)
+
+
+def my_activation(x):
+    """An activation of a user's own: the merge cannot name it for build_fmoe_layers."""
+    return torch.nn.functional.gelu(x) * 0.5 + x * 0.5
+
+
+def own_model_activations(rank, world, root):
+    """One process, a user's own loop (save_fmoe): experts with megatron-core's squared_relu and
+    with an activation of the user's own, merged and rebuilt as plain FMoETransformerMLP layers
+    (their outputs against the model's MoE layers)."""
+    import megatron.core.activations as A
+    from megatron.core import parallel_state as ps
+
+    from fastmoe_megatron.megatron import cpu_compat, reshard
+    from fastmoe_megatron.megatron.checkpointing import save_fmoe
+
+    cpu_compat.apply()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(expert_model_parallel_size=1, expert_tensor_parallel_size=1)
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(9))
+    out = {}
+    for name, act in (("squared_relu", A.squared_relu), ("own", my_activation)):
+        model, _ = _own_model(3, activation_func=act)
+        save_fmoe(f"{root}/{name}", 1, model)
+        merged = reshard.merge(f"{root}/{name}", f"{root}/{name}.pt")
+        out[name] = {"recorded": merged["fmoe"]["activation"], "error": "no error"}
+        loaded = reshard.load_merged(f"{root}/{name}.pt")
+        try:
+            layers = reshard.build_fmoe_layers(loaded)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[name]["error"] = f"{type(exc).__name__}: {exc}"
+            layers = reshard.build_fmoe_layers(loaded, activation=act)
+        diffs = []
+        with torch.no_grad():
+            for layer, want in zip(layers.values(), moe_layer_outputs(model)):
+                layer.eval()
+                diffs.append(float((layer(x) - want).abs().max()))
+        out[name]["diffs"] = diffs
+    return out
+
+
+def moe_outputs_of(rank, world, argv):
+    """``moe_layer_outputs`` of the model that pretrain_gpt builds (and loads) from ``argv``."""
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    return portable(moe_layer_outputs(run(argv).model))
 
 
 def load_and_save(rank, world, ep, sources, ref, save_to):

@@ -346,8 +346,15 @@ def test_merge_loads_into_plain_fmoe_layers(at_ep1, work):
     assert reshard.main(["merge", "--load", str(work / "torch"), "--output", str(out)]) == 0
     a = torch.load(out, weights_only=True)
     b = torch.load(work / "merged.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys(), sorted(set(a["model"]) ^ set(b["model"]))
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["moe_layers"].keys() == b["moe_layers"].keys()
+    for prefix, state in b["moe_layers"].items():
+        assert state.keys() == a["moe_layers"][prefix].keys(), prefix
+        for k, t in state.items():
+            assert torch.equal(a["moe_layers"][prefix][k], t), (prefix, k)
+    assert a["fmoe"] == b["fmoe"]
 
 
 def test_reshard_ep2_to_ep4_and_back_to_ep2(at_ep1, source, work):
@@ -372,6 +379,24 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(at_ep1):
     assert "--fmoe-num-experts 4 in the checkpoint, 8 now" in errors["num_experts"]
     assert "moe.experts.htoh4.weight is [2, 4, 64, 32] in the checkpoint, [2, 8, 64, 32]" \
         in errors["num_experts"]
+
+
+def test_own_model_activations_merge(tmp_path):
+    """save_fmoe in a user's own loop. The merge rebuilt every activation that is not a
+    torch.nn.functional name as GELU: megatron-core's squared_relu now comes back as itself (the
+    plain layers' outputs equal the model's), and an activation of the user's own is a
+    CheckpointError naming it unless passed to build_fmoe_layers."""
+    (out,) = run_workers(w.own_model_activations, 1, timeout=600, threads_per_worker=1,
+                         args=(str(tmp_path),))
+    assert out["squared_relu"]["recorded"] == "squared_relu"
+    assert out["squared_relu"]["error"] == "no error"
+    assert max(out["squared_relu"]["diffs"]) <= TOL, out
+    own = "tests.megatron.ckpt_workers.my_activation"
+    assert out["own"]["recorded"] == own
+    assert out["own"]["error"].startswith(f"CheckpointError: the merged MoE layers' activation "
+                                          f"'{own}' is none of"), out["own"]
+    assert "build_fmoe_layers(merged, activation=...)" in out["own"]["error"]
+    assert max(out["own"]["diffs"]) <= TOL, out
 
 
 def test_write_failure_names_the_error_once(tmp_path):

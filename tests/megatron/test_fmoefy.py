@@ -215,7 +215,23 @@ def test_swiglu_without_biases_reaches_the_experts(tmp_path):
     assert merged["fmoe"]["bias"] is False
     (layer,) = reshard.build_fmoe_layers(reshard.load_merged(tmp_path / "merged.pt")).values()
     assert layer.experts.gated_linear_unit and layer.experts.htoh4.bias is None
-    assert layer(torch.randn(5, 32)).shape == (5, 32)
+    # Numerically the model's MoE layer: pretrain_gpt's model, loaded from the checkpoint, on the
+    # same input (a shape check passed with any activation).
+    from tests.megatron import ckpt_workers
+
+    argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--default-corpus-bytes", "300000",
+            "--threads", "1", "--ffn-hidden-size", "64", "--train-iters", "2", "--swiglu",
+            "--disable-bias-linear", "--fmoefy", "--fmoe-num-experts", "4", "--ckpt-format",
+            "torch", "--load", str(tmp_path / "ckpt"), "--skip-train"]
+    (want,) = run_workers(ckpt_workers.moe_outputs_of, 1, timeout=300, threads_per_worker=1,
+                          args=(argv,))[0]
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(9))
+    layer.eval()
+    with torch.no_grad():
+        got = layer(x)
+    assert float((got - torch.from_numpy(want)).abs().max()) <= 1e-6
+    assert float(got.abs().max()) > 0
 
 
 def test_megatron_core_moe_flag_trains(tmp_path):
