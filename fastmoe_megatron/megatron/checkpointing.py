@@ -50,7 +50,9 @@ Failure handling:
   read with an unpickler that accepts only the checkpoint metadata classes.
 - A model whose shapes differ from the checkpoint's raises ``CheckpointError`` listing the
   differing tensors (and the differing flags, when both sides come from pretrain_gpt) before
-  anything is loaded.
+  anything is loaded; so does one whose shapes fit but whose architecture differs (another
+  number of attention heads, activation, position embedding, ...: ``ARCH_CONFIG_FIELDS``, which
+  the manifest records), naming each setting.
 - ``--load`` of a folder that does not exist or holds no checkpoint starts from scratch (and
   says so); a checkpoint folder without its manifest, or a root with checkpoints but no
   ``latest`` file, raises ``CheckpointError`` (a fresh start would overwrite them). The one
@@ -452,6 +454,80 @@ def _fmoe_meta(model) -> Optional[dict]:
     return cfg
 
 
+#: TransformerConfig fields (then GPTModel attributes) that leave every tensor's shape alone but
+#: change what the weights compute: the manifest records them ("arch") and a load with other
+#: values is refused, as a shape mismatch is (the model would load, and answer wrongly).
+ARCH_CONFIG_FIELDS = ("num_attention_heads", "num_query_groups", "kv_channels", "normalization",
+                      "layernorm_zero_centered_gamma", "apply_residual_connection_post_layernorm",
+                      "qk_layernorm", "softmax_scale", "window_size", "gated_linear_unit",
+                      "activation_func")
+ARCH_MODEL_FIELDS = ("position_embedding_type", "rotary_percent", "rotary_base")
+#: How errors name them: pretrain_gpt's flag where it has one, else the field.
+_ARCH_NAMES = {"num_attention_heads": "--num-attention-heads",
+               "gated_linear_unit": "gated_linear_unit (--swiglu)",
+               "activation_func": "the activation",
+               "position_embedding_type": "--position-embedding-type"}
+#: Fields whose default follows other fields (megatron-core's TransformerConfig.__post_init__):
+#: a change of those is named by them alone (another --num-attention-heads, not the kv channels).
+_ARCH_DEFAULTS = {"kv_channels": lambda a: a["hidden_size"] // a["num_attention_heads"],
+                  "num_query_groups": lambda a: a["num_attention_heads"]}
+#: For manifests written before "arch" was recorded: the pretrain_gpt flags among their
+#: arguments that change what the weights compute.
+ARCH_FLAGS = ("num_attention_heads", "position_embedding_type", "swiglu")
+
+
+def _arch_meta(model) -> Optional[dict]:
+    """The model's ``ARCH_*_FIELDS`` (and hidden_size, the default kv channels' other factor),
+    as JSON stores them; None for a model without a megatron-core config."""
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None:
+        return None
+    arch = {"hidden_size": getattr(config, "hidden_size", None)}
+    for field in ARCH_CONFIG_FIELDS:
+        if hasattr(config, field):
+            value = getattr(config, field)
+            arch[field] = activation_name(value) if field == "activation_func" else value
+    for field in ARCH_MODEL_FIELDS:
+        if hasattr(inner, field):
+            arch[field] = getattr(inner, field)
+    if arch.get("position_embedding_type") != "rope":  # unused without rotary embeddings
+        arch.pop("rotary_percent", None)
+        arch.pop("rotary_base", None)
+    return json.loads(json.dumps(arch, default=str))  # tuples as lists, as a manifest has them
+
+
+def _arch_changes(manifest: dict, arch: Optional[dict], args, fmoe: Optional[dict]) -> list[str]:
+    """What differs between the checkpoint's architecture and this model's (``_arch_meta``):
+    from the manifest's "arch" record; for older manifests, from the saved pretrain_gpt arguments
+    (``ARCH_FLAGS``) and the experts' activation."""
+    saved = manifest.get("arch")
+    if saved is not None and arch is not None:
+        changes = []
+        for field in (*ARCH_CONFIG_FIELDS, *ARCH_MODEL_FIELDS):
+            if field not in saved or field not in arch or saved[field] == arch[field]:
+                continue
+            default = _ARCH_DEFAULTS.get(field)
+            try:
+                if default and saved[field] == default(saved) and arch[field] == default(arch):
+                    continue
+            except (KeyError, TypeError, ZeroDivisionError):
+                pass
+            changes.append(f"{_ARCH_NAMES.get(field, f'the config field {field}')} "
+                           f"{saved[field]} in the checkpoint, {arch[field]} now")
+        return changes
+    changes = []
+    saved_args, now = manifest.get("args") or {}, vars(args) if args is not None else {}
+    for name in ARCH_FLAGS:
+        if name in saved_args and name in now and saved_args[name] != now[name]:
+            changes.append(f"--{name.replace('_', '-')} {saved_args[name]} in the checkpoint, "
+                           f"{now[name]} now")
+    act = (manifest.get("fmoe") or {}).get("activation")
+    if act and fmoe and activation_by_name(act) and act != fmoe.get("activation"):
+        changes.append(f"the activation {act} in the checkpoint, {fmoe.get('activation')} now")
+    return changes
+
+
 def _jsonable_args(args) -> Optional[dict]:
     if args is None:
         return None
@@ -522,6 +598,7 @@ def save(root, iteration: int, model, optimizer=None, scheduler=None, args=None,
         try:
             final = _commit(root, tmp, final, iteration, fmt, gathered, meta_of={
                 "consumed_samples": consumed_samples, "args": _jsonable_args(args),
+                "arch": _arch_meta(model),
                 "contents": {"optimizer": with_optimizer, "scheduler": scheduler is not None,
                              "rng": rng,
                              "distributed_optimizer": with_optimizer and _is_distributed(optimizer)},
@@ -937,8 +1014,11 @@ def _check_dist_pickles(folder: Path, rank: int = 0, world: int = 1):
 
 # ---------------------------------------------------------------------------------------- load
 
-def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
-    """Raises CheckpointError when the model's tensors differ from the checkpoint's."""
+def _check_model(folder: Path, manifest: dict, model_sd, args, model=None) -> None:
+    """Raises CheckpointError when the model's tensors differ from the checkpoint's, or its
+    architecture does where the shapes do not tell (``_arch_changes``)."""
+    changed = [] if model is None else _arch_changes(manifest, _arch_meta(model), args,
+                                                     _fmoe_meta(model))
     mine = _model_meta(model_sd)
     saved = manifest["model"]
     problems = []
@@ -954,6 +1034,11 @@ def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
     problems += [f"{key} is in the checkpoint but not in this model"
                  for key in sorted(set(saved) - present)]
     problems = sorted({p for part in _all_gather_object(problems) for p in part})
+    if not problems and changed:  # (the same on every rank: one config)
+        raise CheckpointError(
+            f"checkpoint {folder} is from another model architecture ({'; '.join(changed)}): its "
+            "tensors fit this model's shapes but would compute something else here; load it "
+            "with the checkpoint's settings")
     if not problems:
         return
     flags = []
@@ -974,6 +1059,7 @@ def _check_model(folder: Path, manifest: dict, model_sd, args) -> None:
         flags.append(f"the vocabulary is padded to a multiple of --make-vocab-size-divisible-by "
                      f"x TP, {multiple} x {saved_tp} = {want} in the checkpoint: at TP={tp} pass "
                      f"{fix}")
+    flags += [c for c in changed if c not in flags]
     raise CheckpointError(
         f"checkpoint {folder} is from another model shape"
         + (f" ({'; '.join(flags)})" if flags else "") + ": "
@@ -1086,7 +1172,7 @@ def load(root, model, optimizer=None, scheduler=None, args=None, load_optim: boo
         rng = False
     state = _sharded_state(model, optimizer, scheduler if contents.get("scheduler", True) else None,
                            None, loading=True, rng=rng, with_optimizer=with_optim)
-    _check_model(folder, manifest, state["model"], args)
+    _check_model(folder, manifest, state["model"], args, model)
     try:
         if manifest["format"] == "torch_dist":
             loaded = dist_checkpointing.load(state, str(folder))

@@ -334,6 +334,15 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
         "partial": _error_of(lambda: run(
             base + ["--load", str(Path(corrupt_root).parent / "partial" / "iter_0000003")])),
         "missing": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "new")])),
+        # The shapes fit; the attention heads do not.
+        "heads": _error_of(lambda: run(base + ["--load", sources[0],
+                                               "--num-attention-heads", "8"])),
+        # A manifest written before the architecture was recorded: the saved arguments tell.
+        "old_manifest": _error_of(lambda: run(
+            base + ["--load", str(Path(corrupt_root).parent / "old_manifest")])),
+        "old_manifest_heads": _error_of(lambda: run(
+            base + ["--load", str(Path(corrupt_root).parent / "old_manifest"),
+                    "--num-attention-heads", "8"])),
     }
     # The reshard command's checkpoint holds no RNG states: a resume keeps its own, and says so.
     log = io.StringIO()
@@ -357,12 +366,13 @@ def my_activation(x):
 def own_model_activations(rank, world, root):
     """One process, a user's own loop (save_fmoe): experts with megatron-core's squared_relu and
     with an activation of the user's own, merged and rebuilt as plain FMoETransformerMLP layers
-    (their outputs against the model's MoE layers)."""
+    (their outputs against the model's MoE layers); and loads into models with another
+    activation or residual placement, whose tensors have the checkpoint's shapes."""
     import megatron.core.activations as A
     from megatron.core import parallel_state as ps
 
     from fastmoe_megatron.megatron import cpu_compat, reshard
-    from fastmoe_megatron.megatron.checkpointing import save_fmoe
+    from fastmoe_megatron.megatron.checkpointing import load_fmoe, save_fmoe
 
     cpu_compat.apply()
     if ps.model_parallel_is_initialized():
@@ -387,6 +397,13 @@ def own_model_activations(rank, world, root):
                 layer.eval()
                 diffs.append(float((layer(x) - want).abs().max()))
         out[name]["diffs"] = diffs
+    loads = {"gelu": dict(activation_func=torch.nn.functional.gelu),
+             "post_layernorm": dict(activation_func=A.squared_relu,
+                                    apply_residual_connection_post_layernorm=True),
+             "same": dict(activation_func=A.squared_relu)}
+    for case, config in loads.items():
+        model, _ = _own_model(5, **config)
+        out[f"load_{case}"] = _error_of(lambda: load_fmoe(f"{root}/squared_relu", model))
     return out
 
 

@@ -121,6 +121,13 @@ def at_ep1(source, work):
     partial = work / "partial"
     shutil.copytree(roots["dist"], partial)
     (partial / "iter_0000003" / "fmoe_checkpoint.json").unlink()
+    # A manifest as written before the architecture ("arch") was recorded in it.
+    old_manifest = work / "old_manifest"
+    shutil.copytree(roots["dist"], old_manifest)
+    path = old_manifest / "iter_0000003" / "fmoe_checkpoint.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("arch", None)
+    path.write_text(json.dumps(manifest))
     (result,) = run_workers(
         w.ep1_suite, 1, timeout=600, threads_per_worker=1,
         args=([roots["dist"], roots["torch"], str(cli)], source["ref"], str(work / "ep1"),
@@ -381,11 +388,24 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(at_ep1):
         in errors["num_experts"]
 
 
-def test_own_model_activations_merge(tmp_path):
+def test_checkpoint_of_another_architecture_is_a_clear_error(at_ep1):
+    """Another --num-attention-heads gives every tensor the same shape: the checkpoint loaded and
+    the model answered wrongly, without a word. The manifest records the architecture now, and a
+    load compares it; for older manifests the saved arguments say it."""
+    errors = at_ep1["errors"]
+    for case in ("heads", "old_manifest_heads"):
+        assert errors[case].startswith("CheckpointError"), errors[case]
+        assert "another model architecture (--num-attention-heads 4 in the checkpoint, 8 now)" \
+            in errors[case], errors[case]
+    assert errors["old_manifest"] == "no error"
+
+
+def test_own_model_activations_merge_and_load(tmp_path):
     """save_fmoe in a user's own loop. The merge rebuilt every activation that is not a
     torch.nn.functional name as GELU: megatron-core's squared_relu now comes back as itself (the
     plain layers' outputs equal the model's), and an activation of the user's own is a
-    CheckpointError naming it unless passed to build_fmoe_layers."""
+    CheckpointError naming it unless passed to build_fmoe_layers. A load into a model of another
+    activation or residual placement (same shapes) is refused, naming the setting."""
     (out,) = run_workers(w.own_model_activations, 1, timeout=600, threads_per_worker=1,
                          args=(str(tmp_path),))
     assert out["squared_relu"]["recorded"] == "squared_relu"
@@ -397,6 +417,11 @@ def test_own_model_activations_merge(tmp_path):
                                           f"'{own}' is none of"), out["own"]
     assert "build_fmoe_layers(merged, activation=...)" in out["own"]["error"]
     assert max(out["own"]["diffs"]) <= TOL, out
+    assert "another model architecture (the activation squared_relu in the checkpoint, gelu " \
+        "now)" in out["load_gelu"], out["load_gelu"]
+    assert "(the config field apply_residual_connection_post_layernorm False in the checkpoint, " \
+        "True now)" in out["load_post_layernorm"], out["load_post_layernorm"]
+    assert out["load_same"] == "no error"
 
 
 def test_write_failure_names_the_error_once(tmp_path):
