@@ -101,24 +101,35 @@ def resume_equality(rank, world, folder, fmt, extra):
 
 
 def expert_adam_state(model, optimizer) -> dict:
-    """Adam's exp_avg of every expert parameter, gathered over expert parallel (keyed by name)."""
+    """Adam's state of every expert parameter, gathered over expert parallel: ``exp_avg``,
+    ``exp_avg_sq`` and, where the optimizer keeps fp32 main copies of the parameters (bf16), the
+    main copy; keyed ``<name>:<what>``. Both moments: a reshard that lost or swapped one would
+    resume with another effective step size."""
     from megatron.core import parallel_state as ps
 
-    states = {}
+    states, mains = {}, {}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         states.update(opt.optimizer.state)
+        for group16, group32 in zip(getattr(opt, "float16_groups", []),
+                                    getattr(opt, "fp32_from_float16_groups", [])):
+            mains.update(zip(group16, group32))
     group = ps.get_expert_model_parallel_group()
     ep = ps.get_expert_model_parallel_world_size()
     out = {}
     for name, p in _inner(model).named_parameters():
         if ".mlp.moe.experts." not in name:
             continue
-        t = states[p]["exp_avg"].detach().clone()
-        if ep > 1:
-            parts = [torch.empty_like(t) for _ in range(ep)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts)
-        out[name] = t
+        state = states[mains.get(p, p)]
+        found = {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+        if p in mains:
+            found["main"] = mains[p]
+        for what, t in found.items():
+            t = t.detach().clone()
+            if ep > 1:
+                parts = [torch.empty_like(t) for _ in range(ep)]
+                dist.all_gather(parts, t.contiguous(), group=group)
+                t = torch.cat(parts)
+            out[f"{name}:{what}"] = t
     return out
 
 
@@ -258,6 +269,8 @@ def load_at(rank, world, ep, sources, ref, save_to=None, extra=()):
             torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=f"{root}: {k}")
         if "--no-load-optim" not in extra:
             adam = expert_adam_state(res.model, res.optimizer)
+            assert adam.keys() == ref["adam"].keys(), sorted(set(adam) ^ set(ref["adam"]))
+            assert any(k.endswith(":exp_avg_sq") for k in adam), sorted(adam)
             for k, v in ref["adam"].items():
                 torch.testing.assert_close(adam[k], v, rtol=0, atol=1e-7, msg=f"{root}: Adam {k}")
     return diffs
