@@ -497,6 +497,14 @@ def _arch_meta(model) -> Optional[dict]:
     return json.loads(json.dumps(arch, default=str))  # tuples as lists, as a manifest has them
 
 
+def _flag_changes(manifest: dict, args, names) -> list[str]:
+    """The pretrain_gpt flags among ``names`` whose saved value (the manifest's arguments) differs
+    from ``args``', each as "--flag saved in the checkpoint, current now"."""
+    saved, now = manifest.get("args") or {}, vars(args) if args is not None else {}
+    return [f"--{name.replace('_', '-')} {saved[name]} in the checkpoint, {now[name]} now"
+            for name in names if name in saved and name in now and saved[name] != now[name]]
+
+
 def _arch_changes(manifest: dict, arch: Optional[dict], args, fmoe: Optional[dict]) -> list[str]:
     """What differs between the checkpoint's architecture and this model's (``_arch_meta``):
     from the manifest's "arch" record; for older manifests, from the saved pretrain_gpt arguments
@@ -516,12 +524,7 @@ def _arch_changes(manifest: dict, arch: Optional[dict], args, fmoe: Optional[dic
             changes.append(f"{_ARCH_NAMES.get(field, f'the config field {field}')} "
                            f"{saved[field]} in the checkpoint, {arch[field]} now")
         return changes
-    changes = []
-    saved_args, now = manifest.get("args") or {}, vars(args) if args is not None else {}
-    for name in ARCH_FLAGS:
-        if name in saved_args and name in now and saved_args[name] != now[name]:
-            changes.append(f"--{name.replace('_', '-')} {saved_args[name]} in the checkpoint, "
-                           f"{now[name]} now")
+    changes = _flag_changes(manifest, args, ARCH_FLAGS)
     act = (manifest.get("fmoe") or {}).get("activation")
     if act and fmoe and activation_by_name(act) and act != fmoe.get("activation"):
         changes.append(f"the activation {act} in the checkpoint, {fmoe.get('activation')} now")
@@ -1041,12 +1044,8 @@ def _check_model(folder: Path, manifest: dict, model_sd, args, model=None) -> No
             "with the checkpoint's settings")
     if not problems:
         return
-    flags = []
-    saved_args, now = manifest.get("args") or {}, vars(args) if args is not None else {}
-    for name in SHAPE_FLAGS:
-        if name in saved_args and name in now and saved_args[name] != now[name]:
-            flags.append(f"--{name.replace('_', '-')} {saved_args[name]} in the checkpoint, "
-                         f"{now[name]} now")
+    flags = _flag_changes(manifest, args, SHAPE_FLAGS)
+    saved_args = manifest.get("args") or {}
     saved_tp = (manifest.get("layout") or {}).get("tp")
     tp = current_layout().get("tp")
     multiple = saved_args.get("make_vocab_size_divisible_by")
