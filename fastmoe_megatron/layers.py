@@ -505,6 +505,12 @@ class FMoETransformerMLP(FMoE):
     def __init__(self, num_expert=32, d_model=1024, d_hidden=4096, activation=torch.nn.GELU(),
                  expert_dp_comm="none", expert_rank=0, bias=True, gated_linear_unit=False,
                  **kwargs):
+        if kwargs.get("expert") is not None:
+            # FMoE would build those experts, then this class replaces them with its own fused
+            # ones while the layer still ran them as a list: '_Expert' object is not iterable.
+            raise TypeError(f"{type(self).__name__} builds its own experts (htoh4 -> activation "
+                            f"-> h4toh) and takes no expert=; got expert={kwargs['expert']!r}. "
+                            "Use FMoE(expert=...) for experts of your own")
         super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
         self.d_hidden = d_hidden
         self.experts = _Expert(num_expert, d_model, d_hidden, activation, rank=expert_rank,

@@ -351,6 +351,15 @@ def test_strings_for_classes_are_refused_with_a_hint(kwargs, message):
         FMoETransformerMLP(num_expert=4, d_model=8, d_hidden=16, **kwargs)
 
 
+def test_transformer_mlp_refuses_experts_of_the_caller():
+    """FMoETransformerMLP builds its own fused experts: an expert= passed on to FMoE was built,
+    then replaced, and the forward pass failed with "'_Expert' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"takes no expert=.*FMoE\(expert=\.\.\.\)"):
+        FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=H, expert=lambda d: nn.Linear(d, d))
+    model = FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=H, top_k=1, expert=None)
+    assert model(torch.randn(3, D)).shape == (3, D)
+
+
 def _expert_ctors():
     def mlp(hidden, act):
         return lambda d: nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, d))
