@@ -138,6 +138,23 @@ def _passes_gate_bias(gate, gate_bias: bool) -> bool:
             and any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()))
 
 
+def _build_expert(ctor, d_model: int) -> nn.Module:
+    """One expert from ``ctor(d_model)``; a module instance or anything else that is not a
+    constructor is refused naming ``expert`` (calling an instance ran its forward on d_model:
+    "linear(): argument 'input' must be Tensor, not int")."""
+    hint = ("expert must be a module constructor called with d_model (a class, or e.g. "
+            "lambda d: nn.Linear(d, d)) or a list of them")
+    if isinstance(ctor, nn.Module):
+        raise TypeError(f"{hint}; got a {type(ctor).__name__} instance: pass a function that "
+                        "builds one expert")
+    if not callable(ctor):
+        raise TypeError(f"{hint}; got {ctor!r}")
+    module = ctor(d_model)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{hint}; {ctor!r} returned a {type(module).__name__}, not an nn.Module")
+    return module
+
+
 class FMoE(nn.Module):
     """A Mixture-of-Experts layer (FastMoE's constructor and forward contract).
 
@@ -183,11 +200,14 @@ class FMoE(nn.Module):
         self.top_k = top_k
 
         if isinstance(expert, (list, tuple)):
-            self.experts = nn.ModuleList([e(d_model) for e in expert])
+            if not expert:
+                raise ValueError("expert is an empty list: give one constructor per local expert")
+            self.experts = nn.ModuleList([_build_expert(e, d_model) for e in expert])
             self.experts_fused = False
             self.num_expert = num_expert = len(expert)
         elif expert is not None:
-            self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
+            self.experts = nn.ModuleList([_build_expert(expert, d_model)
+                                          for _ in range(num_expert)])
             self.experts_fused = False
         else:
             self.experts_fused = True

@@ -360,6 +360,20 @@ def test_transformer_mlp_refuses_experts_of_the_caller():
     assert model(torch.randn(3, D)).shape == (3, D)
 
 
+@pytest.mark.parametrize("expert,error,message", [
+    (nn.Linear(D, D), TypeError, "got a Linear instance: pass a function that builds one expert"),
+    ([nn.Linear(D, D), nn.Linear(D, D)], TypeError, "got a Linear instance"),
+    ("linear", TypeError, "expert must be a module constructor called with d_model"),
+    (lambda d: torch.zeros(d), TypeError, "returned a Tensor, not an nn.Module"),
+    ([], ValueError, "expert is an empty list"),
+])
+def test_fmoe_refuses_experts_that_are_not_constructors(expert, error, message):
+    """FMoE's expert= takes constructors called with d_model; a module instance was called with
+    d_model too, and failed with "linear(): argument 'input' must be Tensor, not int"."""
+    with pytest.raises(error, match=re.escape(message)):
+        FMoE(num_expert=2, d_model=D, top_k=1, expert=expert)
+
+
 def _expert_ctors():
     def mlp(hidden, act):
         return lambda d: nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, d))
