@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import warnings
 
 import torch
@@ -138,6 +139,21 @@ def _passes_gate_bias(gate, gate_bias: bool) -> bool:
             and any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values()))
 
 
+def _positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1, or an error naming ``name`` (a float such as ``experts / ranks``
+    failed deep in torch.empty: "argument 'size' must be tuple of ints")."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= 1, got {value!r} "
+                        f"({type(value).__name__})") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
 def _build_expert(ctor, d_model: int) -> nn.Module:
     """One expert from ``ctor(d_model)``; a module instance or anything else that is not a
     constructor is refused naming ``expert`` (calling an instance ran its forward on d_model:
@@ -172,10 +188,9 @@ class FMoE(nn.Module):
                  moe_group=None, top_k=2, gate=NaiveGate, expert=None, gate_hook=None, mask=None,
                  mask_dict=None, gate_bias=True):
         super().__init__()
-        if num_expert < 1:
-            raise ValueError(f"num_expert must be >= 1, got {num_expert}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        num_expert = _positive_int(num_expert, "num_expert")
+        d_model = _positive_int(d_model, "d_model")
+        world_size = _positive_int(world_size, "world_size")
         if moe_group is not None and comm.group_size(moe_group) != world_size:
             raise ValueError(f"world_size={world_size} but moe_group has "
                              f"{comm.group_size(moe_group)} ranks")
@@ -531,6 +546,7 @@ class FMoETransformerMLP(FMoE):
             raise TypeError(f"{type(self).__name__} builds its own experts (htoh4 -> activation "
                             f"-> h4toh) and takes no expert=; got expert={kwargs['expert']!r}. "
                             "Use FMoE(expert=...) for experts of your own")
+        d_hidden = _positive_int(d_hidden, "d_hidden")
         super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
         self.d_hidden = d_hidden
         self.experts = _Expert(num_expert, d_model, d_hidden, activation, rank=expert_rank,

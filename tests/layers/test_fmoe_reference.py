@@ -374,6 +374,31 @@ def test_fmoe_refuses_experts_that_are_not_constructors(expert, error, message):
         FMoE(num_expert=2, d_model=D, top_k=1, expert=expert)
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(num_expert=8 / 2), TypeError, "num_expert must be an int >= 1, got 4.0 (float)"),
+    (dict(d_model=16.0), TypeError, "d_model must be an int >= 1, got 16.0 (float)"),
+    (dict(d_hidden=32.0), TypeError, "d_hidden must be an int >= 1, got 32.0 (float)"),
+    (dict(world_size=1.0), TypeError, "world_size must be an int >= 1, got 1.0 (float)"),
+    (dict(num_expert=True), TypeError, "num_expert must be an int >= 1, got True (bool)"),
+    (dict(d_model=0), ValueError, "d_model must be >= 1, got 0"),
+    (dict(d_hidden=0), ValueError, "d_hidden must be >= 1, got 0"),
+    (dict(num_expert=0), ValueError, "num_expert must be >= 1, got 0"),
+])
+def test_sizes_that_are_not_positive_ints_are_refused_by_name(kwargs, error, message):
+    """A float size (e.g. ``experts / ranks``) failed inside torch.empty ("argument 'size' must
+    be tuple of ints") without naming the argument; d_hidden=0 built experts of bias only."""
+    args = dict(num_expert=4, d_model=D, d_hidden=H, top_k=1)
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(message)):
+        FMoETransformerMLP(**args)
+
+
+def test_integer_like_sizes_are_taken():
+    np = pytest.importorskip("numpy")
+    model = FMoETransformerMLP(num_expert=np.int64(2), d_model=np.int32(D), d_hidden=H, top_k=1)
+    assert model(torch.randn(3, D)).shape == (3, D) and model.num_expert == 2
+
+
 def _expert_ctors():
     def mlp(hidden, act):
         return lambda d: nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, d))
