@@ -366,14 +366,26 @@ class FMoE(nn.Module):
         mask = self.mask.reshape(-1).to(x.device)
         if mask.numel() != x.shape[0]:
             raise ValueError(f"mask has {mask.numel()} entries for {x.shape[0]} tokens")
+        fills = {}
+        for value, fill in (self.mask_dict or {}).items():
+            fill = torch.as_tensor(fill, device=x.device)
+            try:
+                fits = torch.broadcast_shapes(fill.shape, (1, self.d_model)) == (1, self.d_model)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                # It failed only once a token had this mask value, in torch's index_put.
+                raise ValueError(f"mask_dict[{value!r}] has shape {tuple(fill.shape)}: a masked "
+                                 f"token's output must be a scalar or [d_model={self.d_model}]")
+            fills[value] = fill
         routed = mask == 0
         xr = x[routed]
         yr = self.route(xr, *self._gate(xr))
         # The experts' output dtype (under autocast it can differ from the input's).
         out = yr.new_zeros(x.shape)
         out = out.index_put((routed.nonzero().squeeze(1),), yr)
-        for value, fill in (self.mask_dict or {}).items():
-            out[mask == value] = torch.as_tensor(fill, dtype=out.dtype, device=out.device)
+        for value, fill in fills.items():
+            out[mask == value] = fill.to(out.dtype)
         return out
 
     def _forward_sliced(self, x, idx, score):

@@ -5,6 +5,7 @@ subclasses, FastMoE 1.1's per-expert state dicts and its module paths."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -143,6 +144,27 @@ def test_mask_dict_with_scalar_fills():
                  mask=mask, mask_dict={1: 0.5, 2: torch.full((D,), -1.0)})
     y = layer(torch.randn(T, D))
     assert torch.all(y[mask == 1] == 0.5) and torch.all(y[mask == 2] == -1.0)
+
+
+@pytest.mark.parametrize("fill", [torch.zeros(D + 1), torch.zeros(2, D), torch.zeros(D, 1)])
+def test_mask_dict_fill_of_another_shape_is_refused_by_name(fill):
+    """A fill that is not a scalar or [d_model] (e.g. FastMoE's [top_k, d_model]) failed in
+    torch's index_put ("shape mismatch: value tensor ...") and only when a token had its value."""
+    mask = torch.tensor([0, 0, 0, 0])
+    layer = FMoE(num_expert=2, d_model=D, top_k=1, expert=lambda d: nn.Linear(d, d),
+                 mask=mask, mask_dict={1: fill})
+    with pytest.raises(ValueError, match=re.escape(
+            f"mask_dict[1] has shape {tuple(fill.shape)}: a masked token's output must be a "
+            f"scalar or [d_model={D}]")):
+        layer(torch.randn(4, D))
+
+
+def test_mask_dict_fill_keeps_its_gradient():
+    fill = torch.zeros(1, D, requires_grad=True)
+    layer = FMoE(num_expert=2, d_model=D, top_k=1, expert=lambda d: nn.Linear(d, d),
+                 mask=torch.tensor([0, 1, 0, 1, 1]), mask_dict={1: fill})
+    layer(torch.randn(5, D)).sum().backward()
+    torch.testing.assert_close(fill.grad, torch.full((1, D), 3.0))
 
 
 def test_autocast_runs_the_experts_in_their_dtype():
