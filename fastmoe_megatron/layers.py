@@ -299,7 +299,19 @@ class FMoE(nn.Module):
     def _run_gate(self, inp, n: int):
         """The gate on ``inp`` (a tensor or a nest of ``n`` tokens): ``(idx, score)`` as
         ``[n, top_k]`` each, then the gate hook."""
-        idx, score = self.gate(inp)
+        out = self.gate(inp)
+        name = type(self.gate).__name__
+        if not (isinstance(out, (tuple, list)) and len(out) == 2
+                and all(torch.is_tensor(t) for t in out)):
+            got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list))
+                   else f"a {type(out).__name__}")
+            raise TypeError(f"{name} must return (idx, score), two tensors of [tokens, top_k]; "
+                            f"got {got}")
+        idx, score = out
+        if idx.dtype != torch.int64:
+            # The ops' own check ("idx must be int64, got Int") did not say where it came from.
+            raise TypeError(f"{name} returned expert ids (idx) of dtype {idx.dtype}; they must be "
+                            "int64, as torch.topk's indices are (-1 for a dropped slot)")
         want = (n, self.top_k)
         # FastMoE's gates may return flat [T*K] indices and [T, 1, K] scores.
         if idx.shape != want and idx.numel() == n * self.top_k:

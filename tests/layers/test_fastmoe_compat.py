@@ -137,6 +137,43 @@ def test_fastmoe_gate_output_shapes():
     torch.testing.assert_close(layer(x), plain(x))
 
 
+class ReturningGate(nn.Module):
+    """A gate that returns whatever ``fn(x)`` gives."""
+    top_k = 2
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _ids(x, dtype=torch.int64):
+    return torch.zeros(x.shape[0], 2, dtype=dtype)
+
+
+@pytest.mark.parametrize("fn,message", [
+    (lambda x: (_ids(x, torch.int32), torch.ones(x.shape[0], 2)),
+     "ReturningGate returned expert ids (idx) of dtype torch.int32; they must be int64"),
+    (lambda x: (_ids(x, torch.float32), torch.ones(x.shape[0], 2)),
+     "ReturningGate returned expert ids (idx) of dtype torch.float32; they must be int64"),
+    (lambda x: torch.zeros(x.shape[0], 4),
+     "ReturningGate must return (idx, score), two tensors of [tokens, top_k]; got a Tensor"),
+    (lambda x: (_ids(x), torch.ones(x.shape[0], 2), None),
+     "ReturningGate must return (idx, score), two tensors of [tokens, top_k]; got a tuple of 3"),
+])
+def test_gate_output_of_another_kind_is_refused_naming_the_gate(fn, message):
+    """A custom gate's int32 ids or lone logits failed with "idx must be int64, got Int" or
+    "too many values to unpack", which did not say that the gate was at fault."""
+    layer = FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=H, top_k=2, gate=ReturningGate(fn))
+    with pytest.raises(TypeError, match=re.escape(message)):
+        layer(torch.randn(3, D))
+    ok = FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=H, top_k=2,
+                            gate=ReturningGate(lambda x: (_ids(x), torch.ones(x.shape[0], 2))))
+    assert ok(torch.randn(3, D)).shape == (3, D)
+
+
 def test_mask_dict_with_scalar_fills():
     torch.manual_seed(3)
     mask = torch.tensor([0, 1, 0, 2, 0, 0, 1, 0, 0, 0, 0])
