@@ -274,6 +274,10 @@ class _ExpertMLP(torch.autograd.Function):
 
 def scatter_rows(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
     """``x`` [T, D] -> buffer [S, D] whose rows are grouped by expert (row r = x[pos[r] // K])."""
+    if x.dim() < 1 or inv.numel() != x.shape[0] * top_k:
+        # Another top_k than the positions were made for read the wrong tokens' rows silently.
+        raise ValueError(f"scatter_rows: x has {x.shape[0] if x.dim() else 0} tokens and "
+                         f"top_k={top_k}, but the positions (inv) are for {inv.numel()} slots")
     return _ScatterRows.apply(x.contiguous(), pos, inv, top_k)
 
 

@@ -494,6 +494,9 @@ BOTH_ERRORS = [
     ("gather_rows_buffer_size", lambda: ops.gather_rows(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 4, 5]),
                                                        torch.tensor([0, 1, 2, 3, 4, 5]), 2), "rows"),
     ("assign_pos_counts_too_large", lambda: ops.assign_pos(IDX, torch.tensor([1, 3, 2, 1])), "counts"),
+    # Positions made for top_k=2 (10 slots of 5 tokens) used with top_k=3 read other tokens' rows.
+    ("scatter_rows_top_k", lambda: ops.scatter_rows(torch.randn(5, 4), torch.arange(10), torch.arange(10), 3),
+     "top_k=3, but the positions (inv) are for 10 slots"),
     ("prune_expert_out_of_range", lambda: ops.prune_gate_by_capacity(IDX, torch.tensor([1, 1, 1])), "out of range"),
     ("limit_shape", lambda: ops.limit_by_capacity(torch.tensor([1, 2, 3]), torch.tensor([1, 1]), 2, 2), None),
 ]
