@@ -516,6 +516,12 @@ class _Expert(nn.Module):
         if not callable(activation):
             raise TypeError(f"activation must be a callable such as torch.nn.GELU() or "
                             f"torch.nn.functional.relu, got {activation!r}")
+        if isinstance(activation, type) and issubclass(activation, nn.Module):
+            # Called on the hidden rows, the class built a module from them, and the next
+            # product failed with "'GELU' object has no attribute 'contiguous'".
+            raise TypeError(f"activation must be a callable such as torch.nn.GELU() or "
+                            f"torch.nn.functional.relu, got the class {activation.__name__}: pass "
+                            f"an instance, {activation.__name__}()")
         self.gated_linear_unit = bool(gated_linear_unit)
         width = 2 * d_hidden if self.gated_linear_unit else d_hidden
         self.htoh4 = FMoELinear(num_expert, d_model, width, bias=bias, rank=rank)

@@ -343,6 +343,9 @@ def test_leading_shape(shape, backend):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(gate="gshard"), "gate must be a gate class (BaseGate, NaiveGate"),
     (dict(activation="gelu"), "activation must be a callable"),
+    # The class, not an instance: it was called on the hidden rows and built a module from them.
+    (dict(activation=nn.GELU), "got the class GELU: pass an instance, GELU()"),
+    (dict(activation=nn.SiLU, gated_linear_unit=True), "got the class SiLU: pass an instance, SiLU()"),
 ])
 def test_strings_for_classes_are_refused_with_a_hint(kwargs, message):
     """FastMoE's API takes a gate class and an activation callable; a name is refused with what
