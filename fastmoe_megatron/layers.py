@@ -94,6 +94,11 @@ def _takes_count(expert_cls: type) -> bool:
     return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
+def _width(t: torch.Tensor) -> int:
+    """The features per row of ``t`` [rows, ...] (the product of its trailing dimensions)."""
+    return math.prod(t.shape[1:])
+
+
 def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
     """Tags every parameter of ``module`` with ``dp_comm = comm`` (FastMoE's helper)."""
     for p in module.parameters():
@@ -350,7 +355,9 @@ class FMoE(nn.Module):
         pending = (comm.exchange_counts_async(counts, self.num_expert, self.moe_group)
                    if self.world_size > 1 else None)
         pos, inv = ops.assign_pos(idx, counts)
-        bufs = [ops.scatter_rows(t.contiguous().reshape(n, -1), pos, inv, K) for t in leaves]
+        # Rows flattened to an explicit width: reshape(n, -1) cannot infer it for n = 0 tokens
+        # (a rank of an expert-parallel group can have none).
+        bufs = [ops.scatter_rows(t.contiguous().reshape(n, _width(t)), pos, inv, K) for t in leaves]
         local_count = counts.cpu()
         self.last_expert_count = local_count
 
@@ -358,7 +365,7 @@ class FMoE(nn.Module):
             shaped = [b.reshape((b.shape[0],) + tuple(t.shape[1:])) for b, t in zip(flat, leaves)]
             out_leaves, out_spec = pytree.tree_flatten(self.expert_fn(
                 pytree.tree_unflatten(shaped, spec), fwd_count))
-            return [o.reshape(o.shape[0], -1) for o in out_leaves], out_leaves, out_spec
+            return [o.reshape(o.shape[0], _width(o)) for o in out_leaves], out_leaves, out_spec
 
         if self.world_size > 1:
             global_count = pending.wait()

@@ -338,9 +338,10 @@ def overridden_expert_fn_is_used(rank, world):
     return True
 
 
-def nested_input_matches_one_process(rank, world):
+def nested_input_matches_one_process(rank, world, zero_rank=None):
     """A nest {"a", "b"} through FMoE subclass experts at EP=world, against the one-process layer
-    holding all experts: outputs and input gradients of each tensor of the nest."""
+    holding all experts: outputs and input gradients of each tensor of the nest. ``zero_rank``
+    has no tokens (a nest of zero tokens failed to reshape)."""
     from fastmoe_megatron import FMoE, FMoELinear
 
     class Gate(NaiveGate):
@@ -370,7 +371,7 @@ def nested_input_matches_one_process(rank, world):
         model.gate.load_state_dict(ref.gate.state_dict())
         for name, p in model.experts.named_parameters():
             p.copy_(dict(ref.experts.named_parameters())[name][sl])
-    counts = tokens_per_rank(world, None)
+    counts = tokens_per_rank(world, zero_rank)
     xs, ws = batch(world, counts, 0)
     bs, _ = batch(world, counts, 1)
     a, b = xs[rank].clone().requires_grad_(True), bs[rank].clone().requires_grad_(True)

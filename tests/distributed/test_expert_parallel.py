@@ -101,8 +101,9 @@ def test_overridden_expert_fn_is_used_under_expert_parallel():
     run_workers(w.overridden_expert_fn_is_used, 2, timeout=120, args=())
 
 
-def test_nested_input_under_expert_parallel():
-    run_workers(w.nested_input_matches_one_process, 2, timeout=120, args=())
+@pytest.mark.parametrize("zero_rank", [None, 1])
+def test_nested_input_under_expert_parallel(zero_rank):
+    run_workers(w.nested_input_matches_one_process, 2, timeout=120, args=(zero_rank,))
 
 
 def test_allreduce_takes_fastmoe_arguments():

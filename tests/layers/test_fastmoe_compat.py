@@ -120,6 +120,21 @@ def test_nests_of_tensors():
         layer({"a": a, "b": b[:3]})
 
 
+@pytest.mark.parametrize("tokens", [0, 1])
+def test_nests_with_few_tokens(tokens):
+    """A nest of zero tokens (an expert-parallel rank can have none) failed with "cannot reshape
+    tensor of 0 elements into shape [0, -1]"; its output and gradients are empty."""
+    torch.manual_seed(2)
+    layer = PairMoE()
+    a = torch.randn(tokens, D, requires_grad=True)
+    b = torch.randn(tokens, 2, D, requires_grad=True)
+    out = layer({"a": a, "b": b})
+    assert out["a"].shape == (tokens, D) and out["b"].shape == (tokens, D)
+    (out["a"].sum() + out["b"].sum()).backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+    assert all(p.grad is not None for p in layer.experts.parameters())
+
+
 class FastMoEShapedGate(NaiveGate):
     """Returns idx flat [T*K] and score [T, 1, K], as FastMoE's gates may."""
 
