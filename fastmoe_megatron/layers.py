@@ -418,10 +418,11 @@ class FMoE(nn.Module):
         buf, pos, inv = self.expert_rows(comm.take_slice(x, self.slice_group), idx[start:end])
         slots = ops.gather_rows(buf, pos, inv, 1)  # [slice tokens * K, d]: each slot's output
         slots = comm.slice_gather(slots.reshape(end - start, K * self.d_model), n, self.slice_group)
-        # Weighted in fp32 and rounded once, as gather_rows combines.
+        # Weighted in fp32 and rounded once, as gather_rows combines; and as there, a dropped
+        # slot adds nothing whatever its score (a NaN score times its zero row was NaN).
         acc = torch.promote_types(slots.dtype, torch.float32)
-        return (slots.view(n, K, self.d_model).to(acc) * score.unsqueeze(-1).to(acc)).sum(1).to(
-            slots.dtype)
+        weight = torch.where(idx >= 0, score.to(acc), 0).unsqueeze(-1)
+        return (slots.view(n, K, self.d_model).to(acc) * weight).sum(1).to(slots.dtype)
 
     def expert_rows(self, x: torch.Tensor, idx: torch.Tensor):
         """Runs every slot of ``idx`` [T, K] through its expert. Returns ``(buf, pos, inv)``: the

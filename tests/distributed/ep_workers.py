@@ -742,3 +742,44 @@ def misconfigured_layouts(rank, world):
         sharded.mark_parallel_comm("edp")
         DistributedGroupedDataParallel(sharded, edp_group=edp_group, data_parallel_size=world)
     return True
+
+
+class NaNForDroppedGate(NaiveGate):
+    """NaiveGate that drops the second choice of every other token and gives the dropped slots a
+    NaN score, as a gate does whose softmax runs over logits masked to -inf."""
+
+    def forward(self, inp):
+        idx, score = super().forward(inp)
+        drop = torch.zeros_like(idx, dtype=torch.bool)
+        drop[::2, 1] = True
+        return idx.masked_fill(drop, -1), score.masked_fill(drop, float("nan"))
+
+
+def nan_scores_of_dropped_slots_under_slice_group(rank, world):
+    """A dropped slot contributes nothing, whatever its score: the slice group's combine must give
+    the unsliced layer's finite output and gradients (it multiplied the dropped slot's zero row by
+    the NaN score)."""
+    torch.manual_seed(0)
+    model = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K,
+                               gate=NaNForDroppedGate, slice_group=dist.group.WORLD)
+    torch.manual_seed(0)
+    ref = FMoETransformerMLP(num_expert=4, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K,
+                             gate=NaNForDroppedGate)
+    x, w = batch(1, [9], 0)
+    xs = x[0].clone().requires_grad_(True)
+    y = model(xs)
+    (y * w[0]).sum().backward()
+    xf = x[0].clone().requires_grad_(True)
+    y_ref = ref(xf)
+    (y_ref * w[0]).sum().backward()
+    assert torch.isfinite(y_ref).all()
+    check("sliced output", y.detach(), y_ref.detach())
+    check("sliced input grad", xs.grad, xf.grad)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if name.startswith("experts."):  # each worker holds its slice's share: summed
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            check(f"sliced {name} grad", g, q.grad)
+        else:
+            check(f"sliced {name} grad", p.grad, q.grad)
+    return True

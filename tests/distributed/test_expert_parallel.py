@@ -119,6 +119,10 @@ def test_slice_group_matches_unsliced(gate_over_world):
     run_workers(w.slice_group_matches_full, 2, timeout=120, args=(gate_over_world,))
 
 
+def test_slice_group_ignores_the_scores_of_dropped_slots():
+    run_workers(w.nan_scores_of_dropped_slots_under_slice_group, 2, timeout=120, args=())
+
+
 @pytest.mark.parametrize("cap", [0, 1, 3, 100])
 def test_capacity_is_enforced_over_all_ranks(cap):
     run_workers(w.capacity_is_global, 2, timeout=120, args=(2, cap))
