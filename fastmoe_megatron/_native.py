@@ -39,13 +39,14 @@ _PKG_DIR = Path(__file__).resolve().parent
 
 
 def csrc_dir() -> Path:
-    """The ``csrc/`` folder: beside the package in a checkout (editable install)."""
+    """The ``csrc/`` folder: beside the package in a checkout (editable install), or inside it
+    (a built wheel, which ``setup.py`` gives a copy)."""
     for cand in (_PKG_DIR.parent / "csrc", _PKG_DIR / "csrc"):
         if (cand / "fmoe_ops.h").is_file():
             return cand
     raise FileNotFoundError(
-        "fastmoe_megatron: csrc/ not found next to the package; install the package from a "
-        "checkout with `pip install -e .`"
+        "fastmoe_megatron: csrc/ not found next to or inside the package; install the package "
+        "from a checkout with `pip install .` or `pip install -e .`"
     )
 
 
