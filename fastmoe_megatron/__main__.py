@@ -29,7 +29,8 @@ def _nccl_versions() -> tuple[str, str]:
 
 def cmd_info(args) -> int:
     """Prints versions and the ops in use; a bad ``FMOE_*`` variable (which the ops check as they
-    load) is one line on stderr and status 2, not a traceback."""
+    load) is one line on stderr and status 2, not a traceback. So is ``FMOE_BACKEND=native``
+    where the native ops are unavailable, after the rest of the report (which says why)."""
     try:
         return _info()
     except ValueError as exc:
@@ -48,9 +49,16 @@ def _info() -> int:
     cuda_ok = _native.load("cuda")
     torch_nccl, wheel = _nccl_versions()
     status = _native.status()
-    paths = [("CPU", ops.backend_name("cpu"))]  # before any output: it checks FMOE_BACKEND
-    if torch.cuda.is_available():
-        paths.append(("GPU", ops.backend_name("cuda")))
+    ops._forced()  # before any output: a bad FMOE_BACKEND is one line (cmd_info)
+    paths, unusable = [], []
+    for kind, device in (("CPU", "cpu"), ("GPU", "cuda")):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        try:
+            paths.append((kind, ops.backend_name(device)))
+        except RuntimeError as exc:  # FMOE_BACKEND=native without native ops: say why, and go on
+            paths.append((kind, "none (FMOE_BACKEND=native, native ops unavailable)"))
+            unusable.append(str(exc))
     print(f"fastmoe_megatron {__version__}")
     print(f"python            {sys.version.split()[0]}")
     print(f"torch             {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
@@ -72,7 +80,9 @@ def _info() -> int:
         path = status.get(f"{kind}_path") or _native.cached_library(kind)
         if path:
             print(f"{kind} library{' ' * (8 - len(kind))}{path}")
-    return 0
+    for message in unusable:
+        print(f"python -m fastmoe_megatron info: {message}", file=sys.stderr)
+    return 2 if unusable else 0
 
 
 def cmd_build(args) -> int:

@@ -73,6 +73,30 @@ def test_info_names_a_bad_variable_in_one_line(variable, value, allowed):
     assert out.stdout == ""
 
 
+def test_info_says_why_a_forced_native_backend_has_no_kernels():
+    """FMOE_BACKEND=native without native ops: the layers' error pointed at `info`, which then
+    died of the same error in a traceback. It reports the build state, and says what is wrong."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FMOE_NATIVE="0", FMOE_BACKEND="native")
+    out = subprocess.run([sys.executable, "-m", "fastmoe_megatron", "info"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "native CPU ops" in out.stdout and "disabled by FMOE_NATIVE=0" in out.stdout, out.stdout
+    assert ("path in use (CPU) none (FMOE_BACKEND=native, native ops unavailable)"
+            in out.stdout), out.stdout
+    lines = [l for l in out.stderr.splitlines() if "cpp_extension" not in l]
+    assert len(lines) == 1 and lines[0].startswith(
+        "python -m fastmoe_megatron info: FMOE_BACKEND=native: the native fmoe ops are not "
+        "available for cpu tensors (cpu ops: disabled by FMOE_NATIVE=0)"), out.stderr
+    layer = subprocess.run(
+        [sys.executable, "-c", "import torch; from fastmoe_megatron import FMoETransformerMLP; "
+         "FMoETransformerMLP(num_expert=2, d_model=8, d_hidden=16)(torch.randn(3, 8))"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert layer.returncode == 1
+    assert ("RuntimeError: FMOE_BACKEND=native: the native fmoe ops are not available for cpu "
+            "tensors (cpu ops: disabled by FMOE_NATIVE=0)") in layer.stderr, layer.stderr
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_pretrain_megatron_lm_script_prints_its_usage(flag):
     """It took --help for the checkout: "no such script: --help", status 2."""

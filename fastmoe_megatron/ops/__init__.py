@@ -52,9 +52,25 @@ def kernels_for(t: torch.Tensor):
     if ok:
         return native
     if forced == "native":
-        raise RuntimeError(f"native fmoe ops are not available for {t.device} tensors "
-                           "(see `python -m fastmoe_megatron info`)")
+        origin = ("use_backend('native')" if getattr(_local, "backend", None) == "native"
+                  else "FMOE_BACKEND=native")
+        raise RuntimeError(f"{origin}: the native fmoe ops are not available for {t.device} "
+                           f"tensors ({_unavailable_reason(t.device)}); use FMOE_BACKEND=auto or "
+                           "torch, or see `python -m fastmoe_megatron info`")
     return reference
+
+
+def _unavailable_reason(device: torch.device) -> str:
+    """Why the native kernels do not run on ``device`` (what the build recorded)."""
+    from .. import _native
+
+    if device.type not in ("cpu", "cuda"):
+        return f"there are native kernels for cpu and cuda only, not {device.type}"
+    state = _native.status()
+    for kind in ("cpu", "cuda") if device.type == "cuda" else ("cpu",):
+        if state.get(kind) is not True:
+            return f"{kind} ops: {state.get(kind, 'not loaded')}"
+    return "unknown"
 
 
 def backend_name(device: str | torch.device = "cpu") -> str:
