@@ -27,8 +27,9 @@
   and no process group, and works for checkpoints written through ``save_fmoe`` too::
 
       {"format": "fastmoe_megatron.merged", "version": 1, "iteration": int, "source": str,
-       "fmoe": {num_experts, top_k, gate, capacity_factor, z_loss_weight,
-                expert_bias_update_rate, balance_loss_weight, activation, d_model, d_hidden},
+       "fmoe": {num_experts, top_k, gate, hidden_size, capacity_factor, z_loss_weight,
+                expert_bias_update_rate, balance_loss_weight, activation, d_model, d_hidden,
+                gated_linear_unit, bias},
        "moe_layers": {"decoder.layers.<i>.mlp": FMoETransformerMLP state_dict
                       (gate.gate.weight, experts.htoh4.weight [E, d_hidden, d_model], ...)},
        "model": {checkpoint key, one layer per key: tensor}}
