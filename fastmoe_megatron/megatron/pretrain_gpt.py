@@ -866,6 +866,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
         if not math.isfinite(loss):  # every rank sees the same reduced loss
             raise FloatingPointError(diverged(iteration + 1, f"lm loss {loss}", args, True,
                                               checkpoint_of(iteration)))
+        # The learning rate of this iteration's step (the scheduler then sets the next one's):
+        # the one logged with its loss and gradient norm.
         lrs.append(float(optimizer.param_groups[0]["lr"]))
         ok, grad_norm, _ = optimizer.step()
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
@@ -896,7 +898,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
             log0(f"iter {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | "
                  + (f"balance loss {balance:.4f} | " if args.fmoefy else "")
                  + f"grad norm {norm:.3f} | "
-                 f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {tps:8.0f} tokens/s | "
+                 f"lr {lrs[-1]:.2e} | {tps:8.0f} tokens/s | "
                  f"{elapsed / window_iters * 1000:6.0f} ms/iter")
             for layer, s in sorted(layer_stats.items()):
                 load = " ".join(f"{x:.2f}" for x in s["load"])
@@ -906,6 +908,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
                 if args.fmoefy:
                     writer.add_scalar("balance loss", balance, iteration)
                 writer.add_scalar("grad norm", norm, iteration)
+                writer.add_scalar("learning rate", lrs[-1], iteration)
                 writer.add_scalar("tokens per second", tps, iteration)
                 for layer, s in layer_stats.items():
                     writer.add_scalar(f"layer {layer}/balance loss", s["balance_loss"], iteration)

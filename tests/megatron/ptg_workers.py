@@ -202,3 +202,22 @@ def megatron_core_moe(rank, world, extra, iters):
             _same_over(p, g, name)
     assert experts, "no megatron-core expert parameters"
     return {"losses": list(res.losses)}
+
+
+def logged_learning_rate(rank, world):
+    """The learning rates of the log lines (--log-interval 1) and of TrainResult.lrs, over a
+    linear schedule with warm-up (5 iterations, 2 of warm-up)."""
+    import contextlib
+    import io
+    import re
+
+    from fastmoe_megatron.megatron.pretrain_gpt import run
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = run(TINY + ["--train-iters", "5", "--threads", "1", "--log-interval", "1",
+                          "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
+                          "--lr-decay-style", "linear"])
+    logged = [float(x) for x in re.findall(r"^iter +\d+/5 \|.*\| lr ([^ ]+) \|", out.getvalue(),
+                                           flags=re.M)]
+    return {"logged": logged, "lrs": res.lrs}

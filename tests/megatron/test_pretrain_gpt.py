@@ -123,3 +123,17 @@ def test_evaluation_on_the_valid_split():
         assert abs(o["valid"][-1] - o["brute_force"]) <= 1e-5 * o["brute_force"], o
         assert o["recorded_in_eval"] == {}, o
     assert out[0]["valid"] == out[1]["valid"]
+
+
+def test_logged_learning_rate_is_the_steps():
+    """Each log line's lr is the one its iteration's optimizer step used, as its loss and grad
+    norm are that iteration's. It used to be read after the scheduler's step, i.e. the next
+    iteration's: iteration 1 of a warm-up logged 5e-4 though it stepped with 0, and the last
+    iteration logged a rate no step used."""
+    (out,) = run_workers(w.logged_learning_rate, 1, timeout=300, threads_per_worker=1)
+    # megatron-core's schedule, counted in samples: linear warm-up from 0 over 2 iterations, then
+    # linear decay to --min-lr at iteration 5; iteration k + 1 steps with the rate after k.
+    lr, min_lr = 1e-3, 1e-4
+    expected = [lr * k / 2 for k in range(3)] + [lr - (lr - min_lr) * (k - 2) / 3 for k in (3, 4)]
+    assert out["lrs"] == pytest.approx(expected, rel=1e-6, abs=1e-12), out
+    assert out["logged"] == pytest.approx(expected, rel=1e-2, abs=1e-12), out
