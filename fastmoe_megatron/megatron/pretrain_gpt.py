@@ -187,6 +187,25 @@ def _check_split(split: str, skip_train: bool, evaluate: bool = False) -> None:
                          "share (the second) is 0; e.g. --split 969,30,1")
 
 
+def _no_checkpoint_in(load) -> str | None:
+    """Why ``load`` (a checkpoint root or folder) holds nothing that a load would read, or None
+    (then the load itself checks what it finds)."""
+    from .checkpointing import LATEST, MANIFEST, checkpoint_name
+
+    root = Path(load)
+    if checkpoint_name(root.name) and root.is_dir():
+        return None  # a checkpoint folder: the load names what it lacks
+    if not root.exists():
+        return "no such folder"
+    if not root.is_dir():
+        return "not a folder"
+    if (root / MANIFEST).is_file() or (root / LATEST).exists():
+        return None
+    if any((checkpoint_name(p.name) or (0, ".tmp"))[1] != ".tmp" for p in root.iterdir()):
+        return None
+    return "no checkpoint in it"
+
+
 def validate_args(args, world_size: int):
     """Derives defaults and rejects bad combinations with the flag to fix."""
     for flag in ("hidden_size", "ffn_hidden_size", "hidden_hidden_size", "num_layers",
@@ -208,6 +227,13 @@ def validate_args(args, world_size: int):
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.skip_train and not args.override_opt_param_scheduler:
         args.use_checkpoint_opt_param_scheduler = True  # a conversion keeps the schedule
+    if args.skip_train and args.load:
+        # A training run starts from scratch on a --load that holds nothing yet; a conversion
+        # would save the fresh model as the converted checkpoint (and exit 0).
+        missing = _no_checkpoint_in(args.load)
+        if missing:
+            raise ValueError(f"--load {args.load}: {missing}; --skip-train converts a checkpoint "
+                             "and would save a freshly initialised model instead")
     for flag in ("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"):
         value = getattr(args, flag)
         if not 0 <= value < 1:

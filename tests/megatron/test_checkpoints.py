@@ -567,12 +567,33 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--lr", "-1"], "--lr must be > 0"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--default-corpus-bytes", "0"], "--default-corpus-bytes"),
+    # A conversion of a mistyped --load saved a freshly initialised model (exit status 0).
+    (["--skip-train", "--load", "no/such/ckpt", "--save", "out"], "--load no/such/ckpt: no such"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 
     with pytest.raises(ValueError, match=re.escape(flag)):
         validate_args(build_parser().parse_args(argv), 4)
+
+
+def test_skip_train_needs_a_checkpoint_to_convert(tmp_path, capsys):
+    """pretrain_gpt --skip-train on a --load holding no checkpoint (empty, only an unfinished
+    .tmp save, or a file) used to save a freshly initialised model as the "converted" checkpoint
+    and exit 0; now a flag error naming --load, before any process group (exit status 2)."""
+    from fastmoe_megatron.megatron.pretrain_gpt import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "partial" / "iter_0000002.tmp").mkdir(parents=True)
+    (tmp_path / "file").write_text("")
+    for load, why in (("empty", "no checkpoint in it"), ("partial", "no checkpoint in it"),
+                      ("file", "not a folder")):
+        code = main(["--skip-train", "--load", str(tmp_path / load), "--save",
+                     str(tmp_path / "out")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"error: --load {tmp_path / load}: {why}; --skip-train converts" in err, err
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--clip-grad", "--init-method-std", "--weight-decay",
@@ -595,7 +616,8 @@ def test_float_flags_must_be_finite(flag, value, capsys):
                                   ["--data-path", "no/such/prefix", "--skip-train"],  # unread
                                   ["--max-position-embeddings", "16", "--seq-length", "32",
                                    "--position-embedding-type", "rope"],
-                                  ["--eval-interval", "10", "--split", "969,30,1"]])
+                                  ["--eval-interval", "10", "--split", "969,30,1"],
+                                  ["--load", "no/such/ckpt"]])  # a first run: from scratch
 def test_good_flags_pass(argv):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 
