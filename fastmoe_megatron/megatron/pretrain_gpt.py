@@ -187,6 +187,11 @@ def _check_split(split: str, skip_train: bool, evaluate: bool = False) -> None:
                          "share (the second) is 0; e.g. --split 969,30,1")
 
 
+#: The flags of megatron-core's own MoE, which only --num-experts uses.
+_CORE_MOE_FLAGS = ("moe_router_topk", "moe_token_dispatcher_type",
+                   "moe_router_load_balancing_type", "moe_aux_loss_coeff")
+
+
 def _no_checkpoint_in(load) -> str | None:
     """Why ``load`` (a checkpoint root or folder) holds nothing that a load would read, or None
     (then the load itself checks what it finds)."""
@@ -246,6 +251,14 @@ def validate_args(args, world_size: int):
         raise ValueError("--distributed-timeout-minutes must be > 0, got "
                          f"{args.distributed_timeout_minutes}")
     check_unused_fmoe_flags(args)
+    if args.num_experts is None:  # megatron-core's MoE flags would be silently ignored
+        defaults = build_parser()
+        unused = [f"--{dest.replace('_', '-')}" for dest in _CORE_MOE_FLAGS
+                  if getattr(args, dest) != defaults.get_default(dest)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} without --num-experts: megatron-core's MoE flags "
+                             "take effect only with --num-experts (fastmoe's MoE: --fmoefy, with "
+                             "--fmoe-top-k, --balance-strategy, --balance-loss-weight)")
     _check_split(args.split, args.skip_train, bool(args.eval_interval))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):

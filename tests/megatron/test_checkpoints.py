@@ -567,6 +567,12 @@ def test_nan_in_the_gate_input_is_a_clear_error(at_ep1):
     (["--lr", "-1"], "--lr must be > 0"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--default-corpus-bytes", "0"], "--default-corpus-bytes"),
+    # megatron-core's MoE flags without --num-experts were ignored (e.g. an aux loss with --fmoefy).
+    (["--fmoefy", "--fmoe-num-experts", "4", "--moe-aux-loss-coeff", "0.01"],
+     "--moe-aux-loss-coeff without --num-experts"),
+    (["--moe-router-topk", "1", "--moe-token-dispatcher-type", "allgather"],
+     "--moe-router-topk, --moe-token-dispatcher-type without --num-experts"),
+    (["--moe-router-load-balancing-type", "none"], "--moe-router-load-balancing-type without"),
     # A conversion of a mistyped --load saved a freshly initialised model (exit status 0).
     (["--skip-train", "--load", "no/such/ckpt", "--save", "out"], "--load no/such/ckpt: no such"),
 ])
@@ -617,7 +623,9 @@ def test_float_flags_must_be_finite(flag, value, capsys):
                                   ["--max-position-embeddings", "16", "--seq-length", "32",
                                    "--position-embedding-type", "rope"],
                                   ["--eval-interval", "10", "--split", "969,30,1"],
-                                  ["--load", "no/such/ckpt"]])  # a first run: from scratch
+                                  ["--load", "no/such/ckpt"],
+                                  ["--num-experts", "4", "--disable-bias-linear",
+                                   "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0.01"]])  # a first run: from scratch
 def test_good_flags_pass(argv):
     from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
 
