@@ -955,10 +955,21 @@ def _train(args, use_cuda: bool) -> TrainResult:
                         writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
             window_t, window_iters = time.time(), 0
 
-        # A stop (--exit-interval, a signal, the time limit) comes before an evaluation or a
-        # periodic save, which it makes wait; and is asked again after them, for a signal that
-        # came meanwhile (the final save below then saves this iteration, once).
+        # A stop (--exit-interval, a signal, the time limit) comes before a save or an
+        # evaluation, which it makes wait; and is asked again after them, for a signal that came
+        # meanwhile (the final save below then saves this iteration, once). A checkpoint due at
+        # this iteration (periodic, or the last one at --train-iters) is written before its
+        # evaluation: an evaluation that fails (bad valid data, memory) then loses no training.
         why = stop_reason(iteration)
+        if why is None and args.save and (iteration == args.train_iters or (
+                args.save_interval and iteration % args.save_interval == 0)):
+            t_save = time.time()
+            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
+                               with_optimizer=optimizer_has_state(), consumed_samples=consumed,
+                               rng=rng_is_the_runs())
+            saved_at = iteration
+            window_t += time.time() - t_save  # tokens/s and ms/iter count training only
+            why = stop_reason(iteration)
         if why is None and args.eval_interval and (iteration % args.eval_interval == 0
                                                    or iteration == args.train_iters):
             t_eval = time.time()
@@ -970,15 +981,6 @@ def _train(args, use_cuda: bool) -> TrainResult:
             if writer is not None:
                 writer.add_scalar("validation lm loss", valid, iteration)
             window_t += time.time() - t_eval  # tokens/s and ms/iter count training only
-            why = stop_reason(iteration)
-        if why is None and args.save and args.save_interval \
-                and iteration % args.save_interval == 0 and iteration < args.train_iters:
-            t_save = time.time()
-            checkpointing.save(args.save, iteration, model, optimizer, scheduler, args,
-                               with_optimizer=optimizer_has_state(), consumed_samples=consumed,
-                               rng=rng_is_the_runs())
-            saved_at = iteration
-            window_t += time.time() - t_save  # tokens/s and ms/iter count training only
             why = stop_reason(iteration)
         if why is not None:
             stop_early = True

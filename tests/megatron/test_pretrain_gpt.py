@@ -137,3 +137,42 @@ def test_logged_learning_rate_is_the_steps():
     expected = [lr * k / 2 for k in range(3)] + [lr - (lr - min_lr) * (k - 2) / 3 for k in (3, 4)]
     assert out["lrs"] == pytest.approx(expected, rel=1e-6, abs=1e-12), out
     assert out["logged"] == pytest.approx(expected, rel=1e-2, abs=1e-12), out
+
+
+@pytest.mark.parametrize("iters,extra", [(4, ["--save-interval", "2"]), (2, [])])
+def test_a_checkpoint_due_is_saved_before_its_evaluation(tmp_path, iters, extra):
+    """An evaluation that fails (here the valid split holds token ids beyond the vocabulary,
+    read only when evaluating; a GPU's memory at the eval capacity fails the same way) used to
+    come before the checkpoint of its iteration, periodic or the last: the run stopped and lost
+    everything since the previous save. The checkpoint now comes first."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    root = Path(__file__).resolve().parents[2]
+    builder = IndexedDatasetBuilder(str(tmp_path / "corpus.bin"), dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for i in range(50):  # split 80,20: the last 10 documents are the valid split's
+        doc = [300] * 300 if i >= 40 else rng.integers(0, 256, 300).tolist()
+        builder.add_document(torch.tensor(doc + [256]), [301])
+    builder.finalize(str(tmp_path / "corpus.idx"))
+    argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--threads", "1",
+            "--train-iters", str(iters), "--data-path", "corpus", "--split", "80,20,0",
+            "--eval-interval", "2", "--eval-iters", "2", "--save", "ck"] + extra
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "holds token id 300, beyond this run's vocabulary" in proc.stderr, proc.stderr[-3000:]
+    assert "validation at iter" not in proc.stdout
+    assert ckpt.latest_iteration(tmp_path / "ck") == 2, proc.stdout[-2000:]
+    ckpt.verify(tmp_path / "ck", distributed=False)
+
