@@ -176,3 +176,18 @@ def test_a_checkpoint_due_is_saved_before_its_evaluation(tmp_path, iters, extra)
     assert ckpt.latest_iteration(tmp_path / "ck") == 2, proc.stdout[-2000:]
     ckpt.verify(tmp_path / "ck", distributed=False)
 
+
+@pytest.mark.parametrize("config,world,experts_per_rank", [
+    ("tiny-cpu.args", 2, 2), ("gpt-125m-8e.args", 8, 1), ("gpt-1.3b-64e.args", 64, 2)])
+def test_configs_parse_for_the_world_they_name(config, world, experts_per_rank):
+    """Each configs/*.args, as the README and quickstart run it (at the world size its comment
+    names), passes pretrain_gpt's parser and start-up checks, with the experts per rank it
+    describes."""
+    from pathlib import Path
+
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+
+    path = Path(__file__).resolve().parents[2] / "configs" / config
+    args = validate_args(build_parser().parse_args([f"@{path}"]), world)
+    assert args.fmoefy and args.fmoe.num_experts // args.expert_model_parallel_size \
+        == experts_per_rank
