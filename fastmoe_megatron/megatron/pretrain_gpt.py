@@ -893,6 +893,39 @@ def _train(args, use_cuda: bool) -> TrainResult:
             return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
         return None
 
+    def log_progress(iteration: int, loss: float, grad_norm) -> None:
+        """The progress line of ``iteration`` (its lm loss, grad norm and lr; the balance loss,
+        expert load and tokens/s of the iterations since the last line), then the next window."""
+        nonlocal window_t, window_iters
+        elapsed = time.time() - window_t
+        tps = tokens_per_iter * window_iters / max(elapsed, 1e-9)
+        layer_stats = stats.collect(args.num_layers, args.fmoe.num_experts, device=device) \
+            if args.fmoefy else {}
+        balance = (sum(s["balance_loss"] for s in layer_stats.values()) / len(layer_stats)
+                   if layer_stats else 0.0)
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # (megatron-core's own MoE keeps its aux loss to itself: no balance loss to show.)
+        log0(f"iter {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | "
+             + (f"balance loss {balance:.4f} | " if args.fmoefy else "")
+             + f"grad norm {norm:.3f} | "
+             f"lr {lrs[-1]:.2e} | {tps:8.0f} tokens/s | "
+             f"{elapsed / window_iters * 1000:6.0f} ms/iter")
+        for layer, s in sorted(layer_stats.items()):
+            load = " ".join(f"{x:.2f}" for x in s["load"])
+            log0(f"    layer {layer:3d} expert load [{load}]  balance {s['balance_loss']:.4f}")
+        if writer is not None:
+            writer.add_scalar("lm loss", loss, iteration)
+            if args.fmoefy:
+                writer.add_scalar("balance loss", balance, iteration)
+            writer.add_scalar("grad norm", norm, iteration)
+            writer.add_scalar("learning rate", lrs[-1], iteration)
+            writer.add_scalar("tokens per second", tps, iteration)
+            for layer, s in layer_stats.items():
+                writer.add_scalar(f"layer {layer}/balance loss", s["balance_loss"], iteration)
+                for e, x in enumerate(s["load"]):
+                    writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
+        window_t, window_iters = time.time(), 0
+
     while iteration < args.train_iters and not args.skip_train:
         optimizer.zero_grad()
         model.zero_grad_buffer()
@@ -926,34 +959,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
         norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters or iteration == 1:
-            elapsed = time.time() - window_t
-            tps = tokens_per_iter * window_iters / max(elapsed, 1e-9)
-            layer_stats = stats.collect(args.num_layers, args.fmoe.num_experts, device=device) \
-                if args.fmoefy else {}
-            balance = (sum(s["balance_loss"] for s in layer_stats.values()) / len(layer_stats)
-                       if layer_stats else 0.0)
-            norm = float(grad_norm) if grad_norm is not None else float("nan")
-            # (megatron-core's own MoE keeps its aux loss to itself: no balance loss to show.)
-            log0(f"iter {iteration:6d}/{args.train_iters} | lm loss {loss:.4f} | "
-                 + (f"balance loss {balance:.4f} | " if args.fmoefy else "")
-                 + f"grad norm {norm:.3f} | "
-                 f"lr {lrs[-1]:.2e} | {tps:8.0f} tokens/s | "
-                 f"{elapsed / window_iters * 1000:6.0f} ms/iter")
-            for layer, s in sorted(layer_stats.items()):
-                load = " ".join(f"{x:.2f}" for x in s["load"])
-                log0(f"    layer {layer:3d} expert load [{load}]  balance {s['balance_loss']:.4f}")
-            if writer is not None:
-                writer.add_scalar("lm loss", loss, iteration)
-                if args.fmoefy:
-                    writer.add_scalar("balance loss", balance, iteration)
-                writer.add_scalar("grad norm", norm, iteration)
-                writer.add_scalar("learning rate", lrs[-1], iteration)
-                writer.add_scalar("tokens per second", tps, iteration)
-                for layer, s in layer_stats.items():
-                    writer.add_scalar(f"layer {layer}/balance loss", s["balance_loss"], iteration)
-                    for e, x in enumerate(s["load"]):
-                        writer.add_scalar(f"layer {layer}/expert {e} load", x, iteration)
-            window_t, window_iters = time.time(), 0
+            log_progress(iteration, loss, grad_norm)
 
         # A stop (--exit-interval, a signal, the time limit) comes before a save or an
         # evaluation, which it makes wait; and is asked again after them, for a signal that came
@@ -984,6 +990,8 @@ def _train(args, use_cuda: bool) -> TrainResult:
             why = stop_reason(iteration)
         if why is not None:
             stop_early = True
+            if window_iters:  # the iterations since the last progress line: shown, not dropped
+                log_progress(iteration, loss, grad_norm)
             log0(f"pretrain_gpt: exiting at iteration {iteration} ({why})")
             break
     unchanged = (iteration == start_iteration and not args.skip_train and args.load

@@ -220,4 +220,10 @@ def logged_learning_rate(rank, world):
                           "--lr-decay-style", "linear"])
     logged = [float(x) for x in re.findall(r"^iter +\d+/5 \|.*\| lr ([^ ]+) \|", out.getvalue(),
                                            flags=re.M)]
-    return {"logged": logged, "lrs": res.lrs}
+    out_stop = io.StringIO()
+    with contextlib.redirect_stdout(out_stop):  # a stop between two progress lines
+        stopped = run(TINY + ["--train-iters", "6", "--threads", "1", "--log-interval", "4",
+                              "--exit-interval", "3"])
+    lines = re.findall(r"^iter +(\d+)/6 \| lm loss ([^ ]+) \|", out_stop.getvalue(), flags=re.M)
+    return {"logged": logged, "lrs": res.lrs, "stopped_losses": stopped.losses,
+            "stopped_logged": [(int(i), float(x)) for i, x in lines]}

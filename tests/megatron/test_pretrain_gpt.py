@@ -137,6 +137,12 @@ def test_logged_learning_rate_is_the_steps():
     expected = [lr * k / 2 for k in range(3)] + [lr - (lr - min_lr) * (k - 2) / 3 for k in (3, 4)]
     assert out["lrs"] == pytest.approx(expected, rel=1e-6, abs=1e-12), out
     assert out["logged"] == pytest.approx(expected, rel=1e-2, abs=1e-12), out
+    # A run that stops between two progress lines (--exit-interval 3, --log-interval 4; a signal
+    # or the time limit alike) shows the iterations since the last line before it exits: they
+    # were dropped, and a preempted run's log ended up to --log-interval iterations early.
+    assert len(out["stopped_losses"]) == 3, out
+    assert [i for i, _ in out["stopped_logged"]] == [1, 3], out
+    assert out["stopped_logged"][-1][1] == pytest.approx(out["stopped_losses"][-1], abs=1e-4)
 
 
 @pytest.mark.parametrize("iters,extra", [(4, ["--save-interval", "2"]), (2, [])])
