@@ -74,13 +74,15 @@ _NOT_CARRIED = {"help", "load", "save", "expert_model_parallel_size", "global_ba
 
 def argv_from_args(saved: dict) -> list[str]:
     """pretrain_gpt flags that rebuild the model of a checkpoint from its saved arguments."""
-    from .pretrain_gpt import build_parser
+    from .pretrain_gpt import _CORE_MOE_FLAGS, build_parser
 
     argv = []
     for action in build_parser()._actions:
         dest = action.dest
         if dest in _NOT_CARRIED or dest not in saved or not action.option_strings:
             continue
+        if dest in _CORE_MOE_FLAGS and saved.get("num_experts") is None:
+            continue  # ignored by the run that saved it, refused now (a flag error)
         value = saved[dest]
         flag = action.option_strings[0]
         if action.nargs == 0:  # store_true

@@ -583,6 +583,25 @@ def test_bad_flags_name_the_flag(argv, flag):
         validate_args(build_parser().parse_args(argv), 4)
 
 
+def test_reshard_leaves_out_the_moe_flags_its_checkpoint_ignored():
+    """A run of --fmoefy with a megatron-core --moe-* flag (accepted and ignored before such
+    flags without --num-experts became a flag error) saved them in its manifest: reshard passed
+    them on, and its new-layout processes refused them. With --num-experts they are kept."""
+    from fastmoe_megatron.megatron.pretrain_gpt import build_parser, validate_args
+    from fastmoe_megatron.megatron.reshard import argv_from_args
+
+    saved = vars(build_parser().parse_args(["--fmoefy", "--fmoe-num-experts", "4"]))
+    saved.update(moe_aux_loss_coeff=0.01, moe_router_topk=1)
+    argv = argv_from_args(saved)
+    assert "--moe-aux-loss-coeff" not in argv and "--moe-router-topk" not in argv, argv
+    validate_args(build_parser().parse_args(argv), 2)
+    saved.update(fmoefy=False, fmoe_num_experts=None, num_experts=4, disable_bias_linear=True)
+    argv = argv_from_args(saved)
+    assert argv[argv.index("--moe-aux-loss-coeff") + 1] == "0.01"
+    assert argv[argv.index("--moe-router-topk") + 1] == "1"
+    validate_args(build_parser().parse_args(argv), 1)
+
+
 def test_skip_train_needs_a_checkpoint_to_convert(tmp_path, capsys):
     """pretrain_gpt --skip-train on a --load holding no checkpoint (empty, only an unfinished
     .tmp save, or a file) used to save a freshly initialised model as the "converted" checkpoint
