@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--default-corpus-bytes", type=int, default=4_000_000,
                    help="how much stdlib source the default corpus holds")
     d.add_argument("--cache-dir", default=None,
-                   help="the tokenized default corpus (default ~/.cache/fastmoe_megatron)")
+                   help="where the tokenized default corpus goes, under data/ (default: "
+                        "$FMOE_CACHE_DIR, else ~/.cache/fastmoe_megatron)")
     d.add_argument("--data-cache-path", default=None,
                    help="where the dataset indices of --data-path are cached (default: index_cache/ "
                         "beside the data); global rank 0 writes them and every rank reads them, so "
