@@ -8,5 +8,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FMOE_VENV:-$ROOT/.venv}
 # No cd: relative paths in the arguments (@FILE, --save, --data-path, ...) are the caller's.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ ! -x "$VENV/bin/torchrun" ]; then  # not set up: say so, not "No such file or directory"
+  echo "pretrain_gpt.sh: no torchrun in $VENV: run scripts/setup.sh first, or set FMOE_VENV to the virtual environment it made" >&2
+  exit 2
+fi
 exec "$VENV/bin/torchrun" --standalone --nproc-per-node "${NPROC:-2}" \
   -m fastmoe_megatron.megatron.pretrain_gpt "$@"

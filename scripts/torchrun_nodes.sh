@@ -1,6 +1,7 @@
 # Sourced by the launch scripts (pretrain_gpt_multinode.sh, pretrain_megatron_lm.sh): torchrun's
 # node options from the environment.
-#   torchrun_nodes NAME   sets the array `launch` and NPROC_PER_NODE; NAME prefixes the errors.
+#   torchrun_nodes NAME   sets the array `launch` and NPROC_PER_NODE; NAME prefixes the errors
+#                         (also when $VENV has no torchrun).
 #   NNODES          nodes: 1 is --standalone
 #   NODE_RANK       this node's rank, 0..NNODES-1 (static rendezvous on MASTER_ADDR, node 0's
 #                   address: required on the other nodes, default 127.0.0.1 on node 0; and
@@ -10,6 +11,10 @@
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, else 1; asks $VENV's torch)
 torchrun_nodes() {
   local name=$1
+  if [ ! -x "$VENV/bin/torchrun" ]; then  # not set up: say so, not "No such file or directory"
+    echo "$name: no torchrun in $VENV: run scripts/setup.sh first, or set FMOE_VENV to the virtual environment it made" >&2
+    exit 2
+  fi
   if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$VENV/bin/python" -c "import torch; print(max(1, torch.cuda.device_count()))")
   fi

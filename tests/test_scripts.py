@@ -144,3 +144,22 @@ def test_other_nodes_need_the_master_address(script, tmp_path):
     out = run(NODE_RANK="0")
     assert out.returncode == 0, out.stderr
     assert "--node-rank 0 --master-addr 127.0.0.1 --master-port 29500" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt.sh", "pretrain_gpt_multinode.sh",
+                                    "pretrain_megatron_lm.sh"])
+def test_launch_scripts_without_a_venv_say_to_set_up(script, tmp_path):
+    """Before scripts/setup.sh (or with a mistyped FMOE_VENV), the launch scripts ended with
+    bash's "No such file or directory" (status 127) for the venv's torchrun or python; now one
+    line naming the folder and setup.sh (status 2)."""
+    venv = tmp_path / "no-venv"
+    (tmp_path / "checkout").mkdir()  # pretrain_megatron_lm.sh's first argument
+    (tmp_path / "checkout" / "pretrain_gpt.py").write_text("")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / script), str(tmp_path / "checkout"),
+                          "--train-iters", "1"],
+                         env=dict(os.environ, FMOE_VENV=str(venv), NNODES="1"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"{script}: no torchrun in {venv}: run scripts/setup.sh first, or set FMOE_VENV to the "
+        "virtual environment it made"], out.stderr
