@@ -189,12 +189,14 @@ class MegatronMLP(MegatronModule):
 
     @torch.no_grad()
     def _init_weights(self):
-        """Megatron's init methods (normal, std from the config) on the gate and every expert,
-        each drawn from its own seed, with zero biases."""
+        """Megatron's init methods (normal, std from the config) on every gate matrix and every
+        expert, each drawn from its own seed, with zero biases."""
         base = torch.initial_seed()
         experts = self.moe.experts
-        params = [(w, self.config.init_method, key_seed(base, self.layer_number, 0, 0))
-                  for w in (p for p in self.moe.gate.parameters() if p.dim() > 1)]
+        # One seed per gate matrix: the noisy gate has two (w_gate, w_noise), which drew the
+        # same numbers from one seed (the noise scale then mirrored the clean logits).
+        params = [(w, self.config.init_method, key_seed(base, self.layer_number, 0, i))
+                  for i, w in enumerate(p for p in self.moe.gate.parameters() if p.dim() > 1)]
         for e in range(self.num_local_experts):
             g_idx = self.ep_rank * self.num_local_experts + e
             params.append((experts.htoh4.weight[e], self.config.init_method,

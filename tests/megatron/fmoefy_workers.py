@@ -203,3 +203,27 @@ def refuses_glu_options_it_lacks(rank, world):
     MegatronMLP(_config(gated_linear_unit=True, activation_func=F.silu),
                 FMoEConfig(num_experts=4, top_k=2), layer_number=1)  # the defaults build
     return errors
+
+
+def gate_matrices_draw_their_own_numbers(rank, world):
+    """Every gate matrix of MegatronMLP gets its own init: the noisy gate's w_gate and w_noise
+    were both drawn from the one gate seed, so they started equal (the noise scale a copy of the
+    clean logits). Each is still megatron's init (normal, std init_method_std) and the same for
+    the same layer number (seeds do not depend on the process)."""
+    _megatron_setup()
+    from fastmoe_megatron.megatron.layer import GATES, FMoEConfig, MegatronMLP
+
+    out = {}
+    for gate in sorted(GATES):
+        top_k = 1 if gate == "switch" else 2
+        build = lambda: MegatronMLP(_config(), FMoEConfig(num_experts=4, top_k=top_k, gate=gate),  # noqa: E731
+                                    layer_number=3)
+        a, b = build(), build()
+        mats = [p for p in a.moe.gate.parameters() if p.dim() > 1]
+        again = [p for p in b.moe.gate.parameters() if p.dim() > 1]
+        assert all(torch.equal(x, y) for x, y in zip(mats, again)), gate
+        for i in range(len(mats)):
+            for j in range(i):
+                assert not torch.equal(mats[i], mats[j]), f"{gate}: gate matrices {j} and {i} equal"
+        out[gate] = [round(float(m.std()), 3) for m in mats]
+    return out

@@ -52,6 +52,13 @@ def test_glu_options_the_experts_lack_are_refused():
         assert f"do not implement the config's {field}" in errors[field], errors
 
 
+def test_every_gate_matrix_gets_its_own_init():
+    (stds,) = run_workers(w.gate_matrices_draw_their_own_numbers, 1, timeout=240)
+    assert len(stds["noisy"]) == 2, stds  # w_gate and w_noise, told apart in the worker
+    for gate, values in stds.items():
+        assert values and all(abs(v - 0.02) < 0.005 for v in values), (gate, values)
+
+
 def test_wrappers_tags_and_layer_spec():
     run_workers(w.fmoefy_wrappers_and_spec, 1, timeout=240)
 
