@@ -138,13 +138,36 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
     return model
 
 
+def _standalone_norm_module():
+    """The pre-MLP norm megatron-core's Transformer Engine spec uses for an MoE layer."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
 def _standalone_norm(config):
     """The pre-MLP norm megatron-core's Transformer Engine spec builds for an MoE layer."""
-    from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.transformer.spec_utils import build_module
 
-    return build_module(TENorm, config=config, hidden_size=config.hidden_size,
+    return build_module(_standalone_norm_module(), config=config, hidden_size=config.hidden_size,
                         eps=config.layernorm_epsilon)
+
+
+def _spec_module(spec_or_module):
+    return getattr(spec_or_module, "module", spec_or_module)
+
+
+def _spec_fuses_pre_mlp_norm(spec) -> bool:
+    """Whether a layer spec fuses the pre-MLP norm into its dense MLP's first linear (megatron-core's
+    Transformer Engine spec: ``linear_fc1`` a ``TELayerNormColumnParallelLinear``,
+    ``pre_mlp_layernorm`` an IdentityOp)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    if _spec_module(getattr(spec.submodules, "pre_mlp_layernorm", None)) is not IdentityOp:
+        return False
+    fc1 = getattr(getattr(spec.submodules.mlp, "submodules", None), "linear_fc1", None)
+    name = getattr(_spec_module(fc1), "__name__", "")
+    return "LayerNorm" in name and "Linear" in name
 
 
 def _keep_fused_pre_mlp_norm(layer, config) -> None:
@@ -175,7 +198,9 @@ _spec_counter = itertools.count(1)
 
 def get_gpt_layer_with_fmoe_spec(fmoe: FMoEConfig, base_spec=None):
     """A megatron-core GPT layer spec whose MLP is MegatronMLP (the model is built with the MoE in
-    place). ``base_spec`` defaults to megatron-core's local (non-Transformer-Engine) spec.
+    place). ``base_spec`` defaults to megatron-core's local (non-Transformer-Engine) spec. A base
+    spec that fuses the pre-MLP norm into the dense MLP (megatron-core's Transformer Engine spec)
+    gets a standalone pre-MLP norm (TENorm), as megatron-core's own MoE layers have.
 
     Layers built from a spec do not learn their layer number; each MegatronMLP takes the next
     number of a process-wide counter for its weight seeds, and ``number_moe_layers(model)`` sets
@@ -184,6 +209,10 @@ def get_gpt_layer_with_fmoe_spec(fmoe: FMoEConfig, base_spec=None):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = copy.deepcopy(base_spec) if base_spec is not None else get_gpt_layer_local_spec()
+    if _spec_fuses_pre_mlp_norm(spec):
+        # The norm lived inside the dense MLP that is replaced: without a standalone one the
+        # experts would get un-normalised inputs (as fmoefy's _keep_fused_pre_mlp_norm avoids).
+        spec.submodules.pre_mlp_layernorm = _standalone_norm_module()
     spec.submodules.mlp = ModuleSpec(module=_SpecMegatronMLP, params={"fmoe": fmoe})
     return spec
 

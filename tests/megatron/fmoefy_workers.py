@@ -227,3 +227,45 @@ def gate_matrices_draw_their_own_numbers(rank, world):
                 assert not torch.equal(mats[i], mats[j]), f"{gate}: gate matrices {j} and {i} equal"
         out[gate] = [round(float(m.std()), 3) for m in mats]
     return out
+
+
+def spec_keeps_a_fused_pre_mlp_norm(rank, world):
+    """get_gpt_layer_with_fmoe_spec on a base spec that fuses the pre-MLP norm into the dense
+    MLP's linear_fc1 (megatron-core's Transformer Engine spec: pre_mlp_layernorm an IdentityOp):
+    the experts must still see normalised inputs; the spec dropped the norm with the dense MLP.
+    Transformer Engine is not installable here: the TE spec is simulated by a local spec whose
+    linear_fc1 carries TE's class name, and TENorm by megatron-core's torch norm."""
+    _megatron_setup()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from fastmoe_megatron.megatron import fmoefy as fmoefy_mod
+    from fastmoe_megatron.megatron.layer import FMoEConfig
+
+    fmoefy_mod._standalone_norm_module = lambda: WrappedTorchNorm
+    fused_fc1 = type("TELayerNormColumnParallelLinear", (ColumnParallelLinear,), {})
+    te_like = get_gpt_layer_local_spec()
+    te_like.submodules.pre_mlp_layernorm = IdentityOp
+    te_like.submodules.mlp.submodules.linear_fc1 = fused_fc1
+    no_norm = get_gpt_layer_local_spec()  # no pre-MLP norm at all, none fused: left so
+    no_norm.submodules.pre_mlp_layernorm = IdentityOp
+    fmoe = FMoEConfig(num_experts=4, top_k=2)
+    out = {}
+    for name, base in (("te_like", te_like), ("no_norm", no_norm), ("local", None)):
+        spec = fmoefy_mod.get_gpt_layer_with_fmoe_spec(fmoe, base_spec=base)
+        model = GPTModel(config=_config(), transformer_layer_spec=spec, vocab_size=128,
+                         max_sequence_length=16)
+        seen = []
+        layer = model.decoder.layers[0]
+        layer.mlp.register_forward_hook(lambda m, args, res: seen.append(args[0].detach()))
+        tokens, position, mask = _batch()
+        model(tokens, position, mask)
+        x = seen[0].float()
+        out[name] = {"norm": type(layer.pre_mlp_layernorm).__name__,
+                     "mean": float(x.mean(-1).abs().max()),
+                     "std": [float(x.std(-1, unbiased=False).min()),
+                             float(x.std(-1, unbiased=False).max())]}
+    return out

@@ -63,6 +63,17 @@ def test_wrappers_tags_and_layer_spec():
     run_workers(w.fmoefy_wrappers_and_spec, 1, timeout=240)
 
 
+def test_layer_spec_keeps_a_pre_mlp_norm_fused_into_the_dense_mlp():
+    """A base spec with the pre-MLP norm fused into the dense MLP (Transformer Engine's) gets a
+    standalone one, so the experts see normalised tokens (the spec once fed them raw)."""
+    (out,) = run_workers(w.spec_keeps_a_fused_pre_mlp_norm, 1, timeout=240)
+    for name in ("te_like", "local"):
+        assert out[name]["norm"] != "IdentityOp", out
+        assert out[name]["mean"] < 1e-4, out  # LayerNorm at init: zero mean, unit std per token
+        assert all(abs(s - 1.0) < 0.05 for s in out[name]["std"]), out  # (up to eps)
+    assert out["no_norm"]["norm"] == "IdentityOp", out
+
+
 def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
     run_workers(w.checkpoint_restores_experts, 2, timeout=420, args=(str(tmp_path / "ckpt"),),
                 threads_per_worker=1)
