@@ -7,10 +7,14 @@ Model families:
 - Megatron-LM's legacy ``GPTModel`` (``--use-legacy-models``, up to core_v0.17.1):
   ``model.language_model.encoder.layers[i].mlp`` (a ``ParallelMLP``).
 
-Both MLPs return ``(output, bias)`` from ``[s, b, h]``, as MegatronMLP does. Wrappers (DDP,
-``Float16Module``, anything with ``.module``) are looked through, and a list of model chunks
-(virtual pipeline) is handled chunk by chunk. Call it before the model is wrapped in DDP, so that
-DDP sees the expert parameters (and their ``allreduce = False``).
+Both MLPs return ``(output, bias)`` from ``[s, b, h]``, as MegatronMLP does. Wrappers
+(``Float16Module``, anything with ``.module``) are looked through, and a list of model chunks
+(virtual pipeline) is handled chunk by chunk; each MoE layer takes the device and dtype of the MLP
+it replaces. Call it before the model is wrapped in data parallel (megatron-core's DDP or FSDP,
+torch's DDP), so that DDP sees the expert parameters (and their ``allreduce = False``): a wrapped
+model is refused (its gradient buffers and hooks know only the dense MLPs' parameters, so the
+experts' gradients were never reduced over data parallel, or the distributed optimizer failed
+with a ``KeyError``).
 """
 from __future__ import annotations
 
@@ -60,6 +64,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     while not (hasattr(model, "decoder") or hasattr(model, "language_model")) and hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _data_parallel_wrapper(model: nn.Module):
+    """The first data-parallel wrapper (megatron-core's DDP / FSDP, torch's DDP) around the
+    model, or None."""
+    try:
+        from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    except ImportError:  # pragma: no cover - other megatron-core layouts
+        _BaseDataParallel = ()
+    wrappers = (torch.nn.parallel.DistributedDataParallel,) + (
+        (_BaseDataParallel,) if isinstance(_BaseDataParallel, type) else ())
+    while True:
+        if isinstance(model, wrappers):
+            return model
+        if hasattr(model, "decoder") or hasattr(model, "language_model") \
+                or not hasattr(model, "module"):
+            return None
+        model = model.module
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -123,6 +145,13 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
     ).validate(ep)
     chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
+        wrapper = _data_parallel_wrapper(chunk)
+        if wrapper is not None:
+            raise ValueError(
+                f"fmoefy got a model wrapped in {type(wrapper).__name__}: call fmoefy before "
+                "wrapping the model in data parallel (its gradient buffers and hooks hold only the "
+                "dense MLPs' parameters, so the experts would not be reduced or optimised)")
+    for chunk in chunks:
         for layer in transformer_layers(chunk):
             # Legacy ParallelTransformerLayer keeps no config (its MegatronModule gets none): use
             # the model's, which legacy GPTModel holds.
@@ -131,8 +160,14 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
             if isinstance(layer.mlp, MegatronMLP):
                 raise ValueError(f"layer {number}'s MLP is already an MoE layer: fmoefy replaces "
                                  "dense MLPs, once (a second call would re-initialise the experts)")
+            like = next((p for p in layer.mlp.parameters() if p.is_floating_point()), None)
             _keep_fused_pre_mlp_norm(layer, config)
-            layer.mlp = MegatronMLP(config, cfg, layer_number=number)
+            moe = MegatronMLP(config, cfg, layer_number=number)
+            if like is not None:
+                # Where the dense MLP was: after .cuda() or Float16Module (bf16) the new layer,
+                # built on the CPU in the config's dtype, failed its first forward otherwise.
+                moe.to(device=like.device, dtype=like.dtype)
+            layer.mlp = moe
             if hasattr(layer, "is_moe_layer"):
                 layer.is_moe_layer = False  # megatron's own MoE code paths must not engage
     return model

@@ -269,3 +269,46 @@ def spec_keeps_a_fused_pre_mlp_norm(rank, world):
                      "std": [float(x.std(-1, unbiased=False).min()),
                              float(x.std(-1, unbiased=False).max())]}
     return out
+
+
+def fmoefy_matches_the_models_dtype_and_refuses_ddp(rank, world):
+    """fmoefy of a model already in bf16 (Float16Module, whose wrapper fmoefy looks through): the
+    MoE layers are bf16 like the rest, and the model runs forward and backward (its fp32 experts
+    failed the first forward: 'mat1 and mat2 must have the same dtype'). A model already wrapped in megatron-core's DDP is refused: its buffers knew only the
+    dense MLPs' parameters (the experts were never reduced; the distributed optimizer raised
+    KeyError)."""
+    _megatron_setup()
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+
+    from fastmoe_megatron.megatron.fmoefy import fmoefy, moe_modules
+
+    cfg = _config(bf16=True, params_dtype=torch.bfloat16)
+    tokens, position, mask = _batch()
+    out = {}
+    wrapped = Float16Module(cfg, GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+                                          vocab_size=128, max_sequence_length=16))
+    fmoefy(wrapped, fmoe_num_experts=4, top_k=2, gate="gshard")
+    for name, model in (("float16module", wrapped),):
+        y = model(tokens, position, mask)
+        y.float().square().mean().backward()
+        grads = [p.grad for m in moe_modules(model) for p in m.parameters()]
+        out[name] = {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                     "finite": bool(torch.isfinite(y.float()).all()),
+                     "expert_grads": all(g is not None and bool(g.abs().sum() > 0)
+                                         for m in moe_modules(model)
+                                         for g in [m.moe.experts.htoh4.weight.grad]),
+                     "grads": len(grads)}
+    ddp = DistributedDataParallel(
+        config=_config(), ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        module=GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_local_spec(),
+                        vocab_size=128, max_sequence_length=16))
+    try:
+        fmoefy(ddp, fmoe_num_experts=4, top_k=2)
+        out["ddp"] = "no error"
+    except ValueError as exc:
+        out["ddp"] = str(exc)
+    out["ddp_mlps"] = [type(layer.mlp).__name__ for layer in ddp.module.decoder.layers]
+    return out

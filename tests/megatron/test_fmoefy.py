@@ -74,6 +74,16 @@ def test_layer_spec_keeps_a_pre_mlp_norm_fused_into_the_dense_mlp():
     assert out["no_norm"]["norm"] == "IdentityOp", out
 
 
+def test_moe_layers_take_the_models_dtype_and_ddp_wrapped_models_are_refused():
+    (out,) = run_workers(w.fmoefy_matches_the_models_dtype_and_refuses_ddp, 1, timeout=240)
+    for name in ("float16module",):
+        assert out[name]["dtypes"] == ["torch.bfloat16"], out
+        assert out[name]["finite"] and out[name]["expert_grads"], out
+    assert "call fmoefy before wrapping the model in data parallel" in out["ddp"], out
+    assert "DistributedDataParallel" in out["ddp"], out
+    assert out["ddp_mlps"] == ["MLP", "MLP"], out  # refused before any layer was replaced
+
+
 def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
     run_workers(w.checkpoint_restores_experts, 2, timeout=420, args=(str(tmp_path / "ckpt"),),
                 threads_per_worker=1)
