@@ -237,9 +237,11 @@ def get_gpt_layer_with_fmoe_spec(fmoe: FMoEConfig, base_spec=None):
     spec that fuses the pre-MLP norm into the dense MLP (megatron-core's Transformer Engine spec)
     gets a standalone pre-MLP norm (TENorm), as megatron-core's own MoE layers have.
 
-    Layers built from a spec do not learn their layer number; each MegatronMLP takes the next
-    number of a process-wide counter for its weight seeds, and ``number_moe_layers(model)`` sets
-    the real layer numbers (used in logs) after the model is built."""
+    megatron-core's TransformerLayer gives the MLP it built its layer number
+    (``set_layer_number``), and MegatronMLP then draws its weights from that layer's seeds: the
+    model is the one ``fmoefy`` makes of the dense model. A megatron-core that does not (none
+    checked here) leaves each MegatronMLP with the next number of a process-wide counter for its
+    seeds; ``number_moe_layers(model)`` then sets the real numbers (used in logs and stats)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 

@@ -187,6 +187,16 @@ class MegatronMLP(MegatronModule):
             for p in self.moe.gate.parameters():
                 p.sequence_parallel = True  # all-reduced over TP by finalize_model_grads
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """megatron-core's TransformerLayer calls this right after building its MLP from a layer
+        spec, with its (global) layer number: it replaces the spec's placeholder number, and the
+        weights are drawn again from the seeds of the real layer, as fmoefy would draw them (the
+        placeholder seeds gave another model, the same weights to layers of different pipeline
+        stages, and per-layer stats filed under numbers past the last layer)."""
+        if layer_number != self.layer_number:
+            self.layer_number = layer_number
+            self._init_weights()
+
     @torch.no_grad()
     def _init_weights(self):
         """Megatron's init methods (normal, std from the config) on every gate matrix and every

@@ -312,3 +312,38 @@ def fmoefy_matches_the_models_dtype_and_refuses_ddp(rank, world):
         out["ddp"] = str(exc)
     out["ddp_mlps"] = [type(layer.mlp).__name__ for layer in ddp.module.decoder.layers]
     return out
+
+
+def spec_layers_take_their_layer_numbers(rank, world):
+    """A GPT built from get_gpt_layer_with_fmoe_spec: megatron-core tells each MLP its layer
+    number, so every MegatronMLP holds it without number_moe_layers, its MoE weights are those
+    fmoefy gives the dense GPT of the same seed, and the per-layer stats are filed under it. The
+    spec's placeholder numbers (10001, ...) gave other weights, and stats.collect raised
+    IndexError."""
+    _megatron_setup()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from fastmoe_megatron.megatron import stats
+    from fastmoe_megatron.megatron.fmoefy import fmoefy, get_gpt_layer_with_fmoe_spec, moe_modules
+    from fastmoe_megatron.megatron.layer import FMoEConfig
+
+    torch.manual_seed(3)
+    spec_model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_with_fmoe_spec(
+        FMoEConfig(num_experts=4, top_k=2, gate="gshard")), vocab_size=128, max_sequence_length=16)
+    torch.manual_seed(3)
+    walked = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_local_spec(),
+                      vocab_size=128, max_sequence_length=16)
+    fmoefy(walked, 4, top_k=2, gate="gshard")
+    numbers = [m.layer_number for m in moe_modules(spec_model)]
+    for a, b in zip(moe_modules(spec_model), moe_modules(walked)):
+        sa, sb = a.moe.state_dict(), b.moe.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"layer {a.layer_number}: {k} differs"
+    stats.reset()
+    tokens, position, mask = _batch()
+    spec_model(tokens, position, mask)
+    table = stats.collect(2, 4)
+    return {"numbers": numbers, "layers": sorted(table),
+            "load_sums": [round(sum(s["load"]), 6) for s in table.values()]}

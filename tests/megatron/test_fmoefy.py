@@ -84,6 +84,12 @@ def test_moe_layers_take_the_models_dtype_and_ddp_wrapped_models_are_refused():
     assert out["ddp_mlps"] == ["MLP", "MLP"], out  # refused before any layer was replaced
 
 
+def test_layer_spec_moe_layers_know_their_layer_number():
+    (out,) = run_workers(w.spec_layers_take_their_layer_numbers, 1, timeout=240)
+    assert out["numbers"] == [1, 2] and out["layers"] == [1, 2], out
+    assert out["load_sums"] == [1.0, 1.0], out
+
+
 def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
     run_workers(w.checkpoint_restores_experts, 2, timeout=420, args=(str(tmp_path / "ckpt"),),
                 threads_per_worker=1)
