@@ -52,6 +52,9 @@ GATES = {
     "swipe": gates_mod.SwipeGate,
 }
 CAPACITY_GATES = ("gshard", "switch", "dc")
+#: Gates that count the demand over the expert-parallel group (capacity over all workers, SWIPE's
+#: balancing): they must not see one batch from several ranks (see MegatronMLP).
+GROUP_COUNTING_GATES = ("switch", "dc", "swipe")
 
 
 @dataclasses.dataclass
@@ -143,6 +146,8 @@ class MegatronMLP(MegatronModule):
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         slice_group = (parallel_state.get_tensor_model_parallel_group()
                        if tp_size > 1 and not config.sequence_parallel else None)
+        if slice_group is not None and ep_size > 1 and fmoe.gate in GROUP_COUNTING_GATES:
+            self._refuse_shared_batch_in_ep_group(fmoe.gate, tp_size, ep_size)
         gate_cls = GATES[fmoe.gate]
         gate_kwargs = {}
         if fmoe.capacity_factor is not None:
@@ -196,6 +201,28 @@ class MegatronMLP(MegatronModule):
         if layer_number != self.layer_number:
             self.layer_number = layer_number
             self._init_weights()
+
+    @staticmethod
+    def _refuse_shared_batch_in_ep_group(gate: str, tp_size: int, ep_size: int) -> None:
+        """Tensor parallel without sequence parallel: the TP ranks hold one batch, and each runs
+        the gate on all of it. The switch and dc gates' capacity and SWIPE's balancing sum the
+        demand over the expert-parallel group, which (expert TP 1: megatron lays EP out over
+        adjacent ranks) holds TP ranks of one batch: each token was counted once per such rank and
+        the capacity granted to them in rank order, so the routing was neither the EP=1 one nor
+        the same on those ranks. Raises ValueError naming the flags."""
+        import torch.distributed as dist
+
+        ep = set(dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()))
+        tp = set(dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()))
+        if len(ep & tp) > 1:
+            raise ValueError(
+                f"--balance-strategy {gate} counts tokens over the expert-parallel group, which "
+                f"holds {len(ep & tp)} tensor-parallel ranks of one batch "
+                f"(--tensor-model-parallel-size {tp_size} without --sequence-parallel, "
+                f"--expert-model-parallel-size {ep_size}): they would be counted once per rank. "
+                "Add --sequence-parallel (each TP rank then routes its own tokens), use "
+                f"--expert-model-parallel-size 1, or another gate (allowed here: "
+                f"{', '.join(g for g in sorted(GATES) if g not in GROUP_COUNTING_GATES)})")
 
     @torch.no_grad()
     def _init_weights(self):

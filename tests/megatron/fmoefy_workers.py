@@ -347,3 +347,31 @@ def spec_layers_take_their_layer_numbers(rank, world):
     table = stats.collect(2, 4)
     return {"numbers": numbers, "layers": sorted(table),
             "load_sums": [round(sum(s["load"]), 6) for s in table.values()]}
+
+
+def group_counting_gates_under_tp_without_sp(rank, world):
+    """TP=2 x EP=2 on two ranks without sequence parallel: both TP ranks hold one batch and the
+    expert-parallel group is those two ranks. The switch, dc and swipe gates count the demand over
+    that group, once per rank: refused, naming the flags. With sequence parallel, or another
+    gate, the layer builds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from fastmoe_megatron.megatron import cpu_compat
+    from fastmoe_megatron.megatron.layer import FMoEConfig, MegatronMLP
+
+    cpu_compat.apply()
+    parallel_state.initialize_model_parallel(2, 1, expert_model_parallel_size=2,
+                                             expert_tensor_parallel_size=1)
+    model_parallel_cuda_manual_seed(1)
+    out = {}
+    for gate in ("switch", "dc", "swipe", "gshard", "naive"):
+        for sp in (False, True):
+            cfg = _config(tensor_model_parallel_size=2, sequence_parallel=sp)
+            try:
+                MegatronMLP(cfg, FMoEConfig(num_experts=4, top_k=1 if gate == "switch" else 2,
+                                            gate=gate), layer_number=1)
+                out[f"{gate}/{sp}"] = "built"
+            except ValueError as exc:
+                out[f"{gate}/{sp}"] = str(exc)
+    return out

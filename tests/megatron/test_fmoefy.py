@@ -90,6 +90,23 @@ def test_layer_spec_moe_layers_know_their_layer_number():
     assert out["load_sums"] == [1.0, 1.0], out
 
 
+def test_group_counting_gates_refuse_tp_ranks_of_one_batch_in_the_ep_group():
+    """Without sequence parallel the TP ranks share a batch; at TP=2 x EP=2 their experts'
+    group is those ranks, and the switch / dc / swipe gates counted each token twice (capacity
+    granted in rank order: routing unlike EP=1's; measured: other losses than EP=1)."""
+    out = run_workers(w.group_counting_gates_under_tp_without_sp, 2, timeout=240,
+                      threads_per_worker=1)[0]
+    for gate in ("switch", "dc", "swipe"):
+        msg = out[f"{gate}/False"]
+        for part in (f"--balance-strategy {gate}", "--tensor-model-parallel-size 2 without "
+                     "--sequence-parallel", "--expert-model-parallel-size 2",
+                     "Add --sequence-parallel"):
+            assert part in msg, (gate, msg)
+        assert out[f"{gate}/True"] == "built", out
+    for gate in ("gshard", "naive"):
+        assert out[f"{gate}/False"] == out[f"{gate}/True"] == "built", out
+
+
 def test_dist_checkpoint_ep2_restores_every_ranks_experts(tmp_path):
     run_workers(w.checkpoint_restores_experts, 2, timeout=420, args=(str(tmp_path / "ckpt"),),
                 threads_per_worker=1)
