@@ -41,6 +41,32 @@ def test_sequence_parallel_keeps_the_gate_loss_gradient():
         assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4), (key, runs)
 
 
+def test_grad_norms_and_losses_match_the_one_process_run():
+    """The gradient norm used for clipping (and the losses) of multi-rank layouts against one
+    process holding the whole model and batch, where no norm needs de-duplicating: expert replicas
+    (EP 1 < DP 2) and TP=2 x EP=2, both with the distributed optimizer. The model is the same at
+    every layout (per-expert seeds; the vocabulary padded to the same size), the naive gate and a
+    z-loss (which the aux-loss gradient path carries) route alike everywhere."""
+    base = ["--balance-strategy", "naive", "--fmoe-z-loss-weight", "0.1",
+            "--balance-loss-weight", "1.0", "--global-batch-size", "8",
+            "--use-distributed-optimizer"]
+    layouts = {
+        "one": (1, ["--make-vocab-size-divisible-by", "128"]),
+        "dp2-ep1": (2, ["--expert-model-parallel-size", "1",
+                        "--make-vocab-size-divisible-by", "128"]),
+        "tp2-ep2": (2, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                        "--make-vocab-size-divisible-by", "64"]),
+    }
+    runs = {name: run_workers(w.losses_and_norms, world, timeout=420, threads_per_worker=1,
+                              args=(base + extra, 2))
+            for name, (world, extra) in layouts.items()}
+    ref = runs["one"][0]
+    for name, out in runs.items():
+        for rank_out in out:
+            for key in ("losses", "norms"):
+                assert rank_out[key] == pytest.approx(ref[key], rel=2e-6), (name, key, rank_out, ref)
+
+
 @pytest.mark.parametrize("world,extra", [
     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),  # and DP=2
