@@ -153,6 +153,13 @@ def fmoefy(model, fmoe_num_experts=None, distributed_experts=True, hidden_hidden
                 "dense MLPs' parameters, so the experts would not be reduced or optimised)")
     for chunk in chunks:
         for layer in transformer_layers(chunk):
+            if type(layer.mlp).__name__ == "MoELayer":  # megatron-core's own (num_moe_experts)
+                raise ValueError(
+                    f"layer {getattr(layer, 'layer_number', '?')}'s MLP is megatron-core's own "
+                    "MoELayer: fmoefy replaces dense MLPs; build the model without "
+                    "num_moe_experts (--num-experts) to use fmoefy's experts instead")
+    for chunk in chunks:
+        for layer in transformer_layers(chunk):
             # Legacy ParallelTransformerLayer keeps no config (its MegatronModule gets none): use
             # the model's, which legacy GPTModel holds.
             config = getattr(layer, "config", None) or getattr(unwrap(chunk), "config", None)

@@ -274,9 +274,10 @@ def spec_keeps_a_fused_pre_mlp_norm(rank, world):
 def fmoefy_matches_the_models_dtype_and_refuses_ddp(rank, world):
     """fmoefy of a model already in bf16 (Float16Module, whose wrapper fmoefy looks through): the
     MoE layers are bf16 like the rest, and the model runs forward and backward (its fp32 experts
-    failed the first forward: 'mat1 and mat2 must have the same dtype'). A model already wrapped in megatron-core's DDP is refused: its buffers knew only the
-    dense MLPs' parameters (the experts were never reduced; the distributed optimizer raised
-    KeyError)."""
+    failed the first forward: 'mat1 and mat2 must have the same dtype'). A model already wrapped
+    in megatron-core's DDP is refused: its buffers knew only the dense MLPs' parameters (the
+    experts were never reduced; the distributed optimizer raised KeyError). So is a model with
+    megatron-core's own MoE layers."""
     _megatron_setup()
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -311,6 +312,17 @@ def fmoefy_matches_the_models_dtype_and_refuses_ddp(rank, world):
     except ValueError as exc:
         out["ddp"] = str(exc)
     out["ddp_mlps"] = [type(layer.mlp).__name__ for layer in ddp.module.decoder.layers]
+    # A model with megatron-core's own MoE layers: they were replaced by experts of the dense
+    # width without a word (shared experts dropped).
+    moe_cfg = _config(num_moe_experts=4, moe_router_topk=2)
+    own = GPTModel(config=moe_cfg, vocab_size=128, max_sequence_length=16,
+                   transformer_layer_spec=get_gpt_layer_local_spec(num_experts=4))
+    try:
+        fmoefy(own, fmoe_num_experts=4, top_k=2)
+        out["own_moe"] = "no error"
+    except ValueError as exc:
+        out["own_moe"] = str(exc)
+    out["own_moe_mlps"] = [type(layer.mlp).__name__ for layer in own.decoder.layers]
     return out
 
 

@@ -82,6 +82,8 @@ def test_moe_layers_take_the_models_dtype_and_ddp_wrapped_models_are_refused():
     assert "call fmoefy before wrapping the model in data parallel" in out["ddp"], out
     assert "DistributedDataParallel" in out["ddp"], out
     assert out["ddp_mlps"] == ["MLP", "MLP"], out  # refused before any layer was replaced
+    assert "megatron-core's own MoELayer" in out["own_moe"], out
+    assert out["own_moe_mlps"] == ["MoELayer", "MoELayer"], out
 
 
 def test_layer_spec_moe_layers_know_their_layer_number():
