@@ -673,17 +673,21 @@ def _free_port() -> int:
 
 
 def train(args, use_cuda: bool) -> TrainResult:
-    """Builds the model and trains it (``_train``); then restores the SIGTERM handler that
+    """Builds the model and trains it (``_train``); then, also when training raised, closes the
+    tensorboard writer (flushing what was logged) and restores the SIGTERM handler that
     ``--exit-signal-handler`` replaces, so that an in-process caller gets its own back."""
     previous = signal.getsignal(signal.SIGTERM)
+    closers = []  # what _train opened that must be closed also when it raises (tensorboard)
     try:
-        return _train(args, use_cuda)
+        return _train(args, use_cuda, closers)
     finally:
+        for close in closers:
+            close()
         if args.exit_signal_handler and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train(args, use_cuda: bool) -> TrainResult:
+def _train(args, use_cuda: bool, closers: list) -> TrainResult:
     if not use_cuda:
         from . import cpu_compat
 
@@ -705,6 +709,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
     from .layer import set_balance_loss_scale
     from .tokenizer import build_tokenizer
 
+    stats.reset()  # an in-process caller's earlier run (one that raised) left its records
     t_start = time.time()
     if not use_cuda and args.threads:
         torch.set_num_threads(args.threads)
@@ -812,6 +817,7 @@ def _train(args, use_cuda: bool) -> TrainResult:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(args.tensorboard_dir)
+            closers.append(writer.close)  # closed (its file, its thread) also when training raises
         except ImportError:
             print("warning: tensorboard is not installed; --tensorboard-dir ignored", file=sys.stderr)
 

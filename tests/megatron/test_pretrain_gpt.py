@@ -2,6 +2,9 @@
 2 processes EP=2; 4 processes TP=2 with sequence parallel x EP=2; PP=2 x EP=2; DP=4 with EP=2
 (expert-data-parallel replicas). Each trains a few iterations and checks the loss, the experts,
 the dense weights and the gradient norm across ranks (ptg_workers.py)."""
+import json
+import re
+
 import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
@@ -177,6 +180,23 @@ def test_a_checkpoint_due_is_saved_before_its_evaluation(tmp_path, iters, extra)
     read only when evaluating; a GPU's memory at the eval capacity fails the same way) used to
     come before the checkpoint of its iteration, periodic or the last: the run stopped and lost
     everything since the previous save. The checkpoint now comes first."""
+    from fastmoe_megatron.megatron import checkpointing as ckpt
+
+    proc = _run_with_a_bad_valid_split(
+        tmp_path, ["--train-iters", str(iters), "--eval-interval", "2", "--eval-iters", "2",
+                   "--save", "ck"] + extra)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "holds token id 300, beyond this run's vocabulary" in proc.stderr, proc.stderr[-3000:]
+    assert "validation at iter" not in proc.stdout
+    assert ckpt.latest_iteration(tmp_path / "ck") == 2, proc.stdout[-2000:]
+    ckpt.verify(tmp_path / "ck", distributed=False)
+
+
+def _run_with_a_bad_valid_split(tmp_path, argv, code=None):
+    """pretrain_gpt in a subprocess on a corpus whose valid split (split 80,20: its last 10
+    documents) holds token id 300, beyond the byte-level vocabulary: an evaluation fails, and
+    only an evaluation reads it. ``code``: Python run instead of the module, with ``argv`` in
+    sys.argv[1:]."""
     import os
     import subprocess
     import sys
@@ -186,27 +206,83 @@ def test_a_checkpoint_due_is_saved_before_its_evaluation(tmp_path, iters, extra)
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from fastmoe_megatron.megatron import checkpointing as ckpt
-
     root = Path(__file__).resolve().parents[2]
     builder = IndexedDatasetBuilder(str(tmp_path / "corpus.bin"), dtype=np.uint16)
     rng = np.random.default_rng(0)
-    for i in range(50):  # split 80,20: the last 10 documents are the valid split's
+    for i in range(50):
         doc = [300] * 300 if i >= 40 else rng.integers(0, 256, 300).tolist()
         builder.add_document(torch.tensor(doc + [256]), [301])
     builder.finalize(str(tmp_path / "corpus.idx"))
     argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "32", "--micro-batch-size", "2", "--threads", "1",
-            "--train-iters", str(iters), "--data-path", "corpus", "--split", "80,20,0",
-            "--eval-interval", "2", "--eval-iters", "2", "--save", "ck"] + extra
+            "--data-path", "corpus", "--split", "80,20,0"] + argv
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, "-m", "fastmoe_megatron.megatron.pretrain_gpt", *argv],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "holds token id 300, beyond this run's vocabulary" in proc.stderr, proc.stderr[-3000:]
-    assert "validation at iter" not in proc.stdout
-    assert ckpt.latest_iteration(tmp_path / "ck") == 2, proc.stdout[-2000:]
-    ckpt.verify(tmp_path / "ck", distributed=False)
+    command = ["-m", "fastmoe_megatron.megatron.pretrain_gpt"] if code is None else ["-c", code]
+    return subprocess.run([sys.executable, *command, *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _scalars(folder) -> dict:
+    """{tag: [(step, value), ...]} of the tensorboard event files in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_each_logged_figure_also_from_a_run_that_fails(tmp_path):
+    """--tensorboard-dir gets every figure of the progress lines at its iteration, with the
+    printed values; a run that raises (here its evaluation at iteration 2 reads bad token ids)
+    has written those logged before, read back in the same process, as an in-process caller
+    would (train() closes the writer also when training raises)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e .[test])")
+    code = ("import sys, json\n"
+            "from fastmoe_megatron.megatron.pretrain_gpt import run\n"
+            "from tests.megatron.test_pretrain_gpt import _scalars\n"
+            "try:\n    run(sys.argv[1:])\nexcept Exception as exc:\n"
+            "    print('raised', type(exc).__name__, flush=True)\n"
+            "print('SCALARS', json.dumps(_scalars('tb')), flush=True)\n")
+    proc = _run_with_a_bad_valid_split(
+        tmp_path, ["--fmoefy", "--fmoe-num-experts", "2", "--train-iters", "4",
+                   "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+                   "--tensorboard-dir", "tb"], code=code)
+    assert proc.returncode == 0 and "raised DataConfigError" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    scalars = json.loads(proc.stdout.split("SCALARS ", 1)[1])
+    for tag in ("lm loss", "balance loss", "grad norm", "learning rate", "tokens per second",
+                "layer 1/balance loss", "layer 1/expert 0 load", "layer 1/expert 1 load"):
+        assert [step for step, _ in scalars.get(tag, [])] == [1, 2], (tag, sorted(scalars))
+    logged = [float(x) for x in re.findall(r"lm loss ([0-9.]+)", proc.stdout)]
+    assert [round(v, 4) for _, v in scalars["lm loss"]] == logged[:2], proc.stdout[-2000:]
+    loads = [v for tag in ("layer 1/expert 0 load", "layer 1/expert 1 load")
+             for _, v in scalars[tag]]
+    assert abs(loads[0] + loads[2] - 1) < 1e-6 and abs(loads[1] + loads[3] - 1) < 1e-6, loads
+
+
+def test_a_run_after_one_that_failed_logs_only_its_own_expert_load(tmp_path):
+    """In one process (an in-process caller), a run that raised between two progress lines left
+    its balance losses and expert loads in the accumulators, and the next run's first progress
+    line included them. Here the next run's lines equal those of a third, identical run."""
+    code = ("import sys\n"
+            "from fastmoe_megatron.megatron.pretrain_gpt import run\n"
+            "try:\n"
+            "    run(sys.argv[1:] + ['--train-iters', '4', '--log-interval', '4',\n"
+            "                        '--eval-interval', '2', '--eval-iters', '1'])\n"
+            "except Exception as exc:\n"
+            "    print('raised', type(exc).__name__, flush=True)\n"
+            "for _ in range(2):\n"
+            "    print('RUN', flush=True)\n"
+            "    run(sys.argv[1:] + ['--train-iters', '2', '--log-interval', '2'])\n")
+    proc = _run_with_a_bad_valid_split(
+        tmp_path, ["--fmoefy", "--fmoe-num-experts", "4", "--balance-strategy", "gshard"], code=code)
+    assert proc.returncode == 0 and "raised DataConfigError" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    after_failure, fresh = [
+        [re.sub(r"\|[^|]*tokens/s.*", "", line) for line in run.splitlines()
+         if "expert load" in line or "balance loss" in line]
+        for run in proc.stdout.split("RUN\n")[1:]]
+    assert len(fresh) == 4 and after_failure == fresh, (after_failure, fresh)
 
 
 @pytest.mark.parametrize("config,world,experts_per_rank", [
