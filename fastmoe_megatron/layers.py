@@ -318,10 +318,14 @@ class FMoE(nn.Module):
             raise TypeError(f"{name} returned expert ids (idx) of dtype {idx.dtype}; they must be "
                             "int64, as torch.topk's indices are (-1 for a dropped slot)")
         want = (n, self.top_k)
-        # FastMoE's gates may return flat [T*K] indices and [T, 1, K] scores.
-        if idx.shape != want and idx.numel() == n * self.top_k:
+
+        def token_major(t):  # FastMoE's flat [T*K] indices and [T, 1, K] scores, not [K, T]
+            return t.shape != want and t.numel() == n * self.top_k \
+                and (t.dim() == 1 or t.shape[0] == n)
+
+        if token_major(idx):
             idx = idx.reshape(want)
-        if score.shape != want and score.numel() == n * self.top_k:
+        if token_major(score):
             score = score.reshape(want)
         if idx.shape != want or score.shape != idx.shape:
             raise RuntimeError(f"{type(self.gate).__name__} returned idx {tuple(idx.shape)} and score "

@@ -189,6 +189,16 @@ def test_gate_output_of_another_kind_is_refused_naming_the_gate(fn, message):
     assert ok(torch.randn(3, D)).shape == (3, D)
 
 
+def test_gate_output_of_slots_by_tokens_is_refused():
+    """[top_k, tokens] ids and scores (transposed) hold as many elements as [tokens, top_k]:
+    they were reshaped into it and routed the wrong tokens' choices without an error."""
+    ids = lambda x: (_ids(x).t().contiguous(), torch.ones(2, x.shape[0]))  # noqa: E731
+    layer = FMoETransformerMLP(num_expert=2, d_model=D, d_hidden=H, top_k=2, gate=ReturningGate(ids))
+    with pytest.raises(RuntimeError, match=re.escape(
+            "ReturningGate returned idx (2, 3) and score (2, 3); expected [3, 2] each")):
+        layer(torch.randn(3, D))
+
+
 def test_mask_dict_with_scalar_fills():
     torch.manual_seed(3)
     mask = torch.tensor([0, 1, 0, 2, 0, 0, 1, 0, 0, 0, 0])
