@@ -93,9 +93,16 @@ def cmd_build(args) -> int:
     os.environ["FMOE_NATIVE"] = "1"
     if args.cuda:
         os.environ["FMOE_CUDA_OPS"] = "1"
-    _native.load("cpu")
-    if args.cuda:
-        _native.load("cuda")
+    try:
+        _native.load("cpu")
+        if args.cuda:
+            _native.load("cuda")
+    except RuntimeError as exc:  # the compiler's message, not a traceback through torch's build
+        cause = exc.__cause__
+        print(f"{exc}: " + (f"{type(cause).__name__}: {cause}" if cause is not None else "")
+              + "\n(FMOE_BUILD_VERBOSE=1 shows the compiler's commands and output)",
+              file=sys.stderr)
+        return 1
     print("fastmoe_megatron: native ops ready:", ", ".join(
         k for k, v in _native.status().items() if v is True))
     return 0

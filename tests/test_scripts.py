@@ -97,6 +97,19 @@ def test_info_says_why_a_forced_native_backend_has_no_kernels():
             "tensors (cpu ops: disabled by FMOE_NATIVE=0)") in layer.stderr, layer.stderr
 
 
+def test_build_failure_is_the_compilers_message_not_a_traceback(tmp_path):
+    """`python -m fastmoe_megatron build` with a compiler that fails ended in a traceback through
+    torch's extension builder; it says what failed and how to see the compiler's output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CXX="/bin/false", FMOE_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "fastmoe_megatron", "build"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert ("fastmoe_megatron: building the native cpu ops failed: CalledProcessError: Command "
+            "'['/bin/false'") in out.stderr, out.stderr
+    assert "FMOE_BUILD_VERBOSE=1 shows the compiler's commands and output" in out.stderr
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_pretrain_megatron_lm_script_prints_its_usage(flag):
     """It took --help for the checkout: "no such script: --help", status 2."""
