@@ -16,7 +16,8 @@ script parses its own arguments; the patches add the flags below to its parser a
 version, or a checkout that already carries the source patch, stops with one line and status 2
 before anything is patched (``FMOE_MEGATRON_UNCHECKED=1`` tries an unchecked version anyway).
 
---fmoefy flags (Megatron-LM's ``--help`` lists them too, in the group "fastmoe-megatron"):
+--fmoefy flags (Megatron-LM's ``--help`` lists them too, in the group
+"fastmoe-megatron (MoE through --fmoefy)"):
 
   --fmoefy                          replace every transformer layer's MLP with a fastmoe_megatron
                                     MoE layer (megatron-core GPT, and legacy GPT through
