@@ -253,6 +253,13 @@ class FMoE(nn.Module):
         total = sum(sizes)
         outs = [expert(part, torch.tensor([n])) if _takes_count(type(expert)) else expert(part)
                 for expert, part, n in zip(self.experts, torch.split(inp[:total], sizes), sizes)]
+        for i, (out, part) in enumerate(zip(outs, torch.split(inp[:total], sizes))):
+            if not torch.is_tensor(out) or out.shape != part.shape:
+                got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+                raise ValueError(
+                    f"expert {i} ({type(self.experts[i]).__name__}) returned {got} for rows of "
+                    f"{tuple(part.shape)}: an FMoE expert maps rows to rows of the same shape "
+                    "(the layer's output has its input's shape, d_model wide)")
         pad = inp.new_zeros((inp.shape[0] - total,) + tuple(inp.shape[1:]))
         return torch.cat(outs + [pad]) if outs else pad
 

@@ -199,6 +199,16 @@ def test_gate_output_of_slots_by_tokens_is_refused():
         layer(torch.randn(3, D))
 
 
+def test_experts_of_another_output_width_are_refused_by_name():
+    """An expert wider at its output than d_model failed in torch.cat ("Sizes of tensors must
+    match except in dimension 0"), which did not say which module was at fault."""
+    layer = FMoE(num_expert=2, d_model=D, top_k=2, expert=lambda d: nn.Linear(d, 2 * d))
+    with pytest.raises(ValueError, match=re.escape(
+            f"expert 0 (Linear) returned (3, {2 * D}) for rows of (3, {D}): an FMoE expert maps "
+            "rows to rows of the same shape")):
+        layer(torch.randn(3, D))
+
+
 def test_mask_dict_with_scalar_fills():
     torch.manual_seed(3)
     mask = torch.tensor([0, 1, 0, 2, 0, 0, 1, 0, 0, 0, 0])
