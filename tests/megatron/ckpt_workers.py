@@ -346,7 +346,13 @@ def ep1_suite(rank, world, sources, ref, save_to, merged_path, corrupt_root):
         "untracked": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "untracked")])),
         "partial": _error_of(lambda: run(
             base + ["--load", str(Path(corrupt_root).parent / "partial" / "iter_0000003")])),
-        "missing": _error_of(lambda: run(base + ["--load", str(Path(corrupt_root).parent / "new")])),
+        # A first run: a --load folder that does not exist yet starts from scratch; a conversion
+        # (--skip-train) of it is a flag error (it saved a fresh model as the converted one).
+        "missing": _error_of(lambda: run(
+            TINY + RESUME + ["--train-iters", "1", "--expert-model-parallel-size", "1",
+                             "--load", str(Path(corrupt_root).parent / "new")])),
+        "missing_skip_train": _error_of(lambda: run(
+            base + ["--load", str(Path(corrupt_root).parent / "new")])),
         # The shapes fit; the attention heads do not.
         "heads": _error_of(lambda: run(base + ["--load", sources[0],
                                                "--num-attention-heads", "8"])),

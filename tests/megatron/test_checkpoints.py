@@ -444,6 +444,8 @@ def test_load_never_starts_from_scratch_beside_checkpoints(at_ep1, work):
     err = at_ep1["errors"]["partial"]
     assert err.startswith("CheckpointError") and "partial checkpoint" in err, err
     assert at_ep1["errors"]["missing"] == "no error"  # a first run: --load of a new folder
+    err = at_ep1["errors"]["missing_skip_train"]
+    assert err.startswith("ValueError") and "no such folder; --skip-train converts" in err, err
 
 
 def test_a_first_save_killed_before_the_latest_file_resumes(at_ep1):
