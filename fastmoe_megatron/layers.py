@@ -251,9 +251,10 @@ class FMoE(nn.Module):
             return self.experts(inp, fwd_expert_count)
         sizes = [int(c) for c in fwd_expert_count.tolist()]
         total = sum(sizes)
+        parts = torch.split(inp[:total], sizes)
         outs = [expert(part, torch.tensor([n])) if _takes_count(type(expert)) else expert(part)
-                for expert, part, n in zip(self.experts, torch.split(inp[:total], sizes), sizes)]
-        for i, (out, part) in enumerate(zip(outs, torch.split(inp[:total], sizes))):
+                for expert, part, n in zip(self.experts, parts, sizes)]
+        for i, (out, part) in enumerate(zip(outs, parts)):
             if not torch.is_tensor(out) or out.shape != part.shape:
                 got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
                 raise ValueError(
